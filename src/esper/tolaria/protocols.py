@@ -1,0 +1,105 @@
+"""The small interfaces Tolaria uses to reach Kasmina, Tamiyo and Oona.
+
+Tolaria depends on these protocols only; the reference implementations in `esper.kasmina`,
+`esper.tamiyo` and `esper.oona` are swappable. Every type crossing them is a Leyline message
+or a plain value type defined here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from esper.leyline import AdaptationCommand, BusEnvelope, SeedState, SystemStatePacket
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    """What applying one AdaptationCommand did.
+
+    `ok=False` means nothing changed: the model, seeds and counters are exactly as before.
+    Parameter names are fully qualified names from `model.named_parameters()`.
+    """
+
+    ok: bool
+    reason: str
+    seed_id: str = ""
+    added_params: tuple[str, ...] = ()
+    removed_params: tuple[str, ...] = ()
+    reshaped_params: tuple[str, ...] = ()
+
+    @property
+    def structure_changed(self) -> bool:
+        return bool(self.added_params or self.removed_params or self.reshaped_params)
+
+
+@dataclass(frozen=True)
+class SeedLossTerm:
+    """One seed's own loss contribution for the aggregator (see ARCHITECTURE.md, multi-seed semantics).
+
+    `loss` is the task loss with this seed applied at full strength on *detached* host activations,
+    so host parameters upstream of the slot receive no gradient from it.
+    """
+
+    seed_id: str
+    stage: int  # SeedLifecycleStage
+    alpha: float
+    in_evaluation: bool
+    loss: torch.Tensor
+    batch_size: int
+    param_names: tuple[str, ...] = field(default_factory=tuple)
+
+
+@runtime_checkable
+class TamiyoClient(Protocol):
+    """A strategic controller: one packet in, one command out, once per epoch."""
+
+    def evaluate_epoch(self, packet: SystemStatePacket) -> AdaptationCommand: ...
+
+
+@runtime_checkable
+class StatefulComponent(Protocol):
+    """Anything whose state belongs in a snapshot."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+class ExecutionLayer(Protocol):
+    """Kasmina as Tolaria sees it."""
+
+    @property
+    def model(self) -> nn.Module: ...
+
+    def apply_command(self, command: AdaptationCommand) -> ApplyResult: ...
+
+    def on_step(self) -> None: ...
+
+    def on_epoch_end(self, epoch: int, val_loss: float, val_accuracy: float) -> None: ...
+
+    def export_seed_states(self) -> list[SeedState]: ...
+
+    def seed_loss_terms(
+        self, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    ) -> list[SeedLossTerm]: ...
+
+    def manifest(self) -> dict[str, Any]: ...
+
+    def load_manifest(self, manifest: Mapping[str, Any]) -> ApplyResult: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+class OonaBus(Protocol):
+    """A message bus carrying Leyline envelopes on named streams."""
+
+    def publish(self, stream: str, envelope: BusEnvelope) -> str: ...
+
+    def close(self) -> None: ...
