@@ -1,0 +1,51 @@
+# Tolaria: `make demo` runs the main job; `make test` runs the whole default test suite.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+DEV_STAMP := $(STAMP)-dev
+RUN_DIR ?= runs/demo
+
+.PHONY: demo test test-slow bench bench-quick lint proto redis-installed clean
+
+$(STAMP):
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e .
+	touch $(STAMP)
+
+$(DEV_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(DEV_STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/tolaria run examples/digits.toml --run-dir $(RUN_DIR)
+
+redis-installed:
+	@command -v redis-server >/dev/null || { \
+	  echo "installing redis-server (apt)"; \
+	  (apt-get update -q && apt-get install -y -q redis-server) >/dev/null || \
+	  { echo "could not install redis-server: install it with your package manager"; exit 1; }; }
+
+lint: $(DEV_STAMP)
+	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/mypy
+
+test: $(DEV_STAMP) redis-installed lint
+	scripts/with_redis.sh $(PY) -m pytest -q
+
+test-slow: $(DEV_STAMP) redis-installed
+	scripts/with_redis.sh $(PY) -m pytest -q -m slow
+
+bench: $(STAMP) redis-installed
+	scripts/with_redis.sh bash -c '$(VENV)/bin/tolaria bench --oona "$$REDIS_URL" --json bench.json'
+
+bench-quick: $(STAMP) redis-installed
+	scripts/with_redis.sh bash -c '$(VENV)/bin/tolaria bench --quick --oona "$$REDIS_URL" --json bench.json'
+
+proto: $(DEV_STAMP)
+	cd src && ../$(PY) -m grpc_tools.protoc -I. --python_out=. --pyi_out=. esper/leyline/leyline.proto
+
+clean:
+	rm -rf runs .pytest_cache .mypy_cache .ruff_cache bench.json

@@ -1,0 +1,204 @@
+"""Typed, validated configuration for a Tolaria run, loadable from TOML.
+
+One pydantic model per component; unknown keys and bad values are errors naming the key and
+the fix (`ConfigError`). TOML sections map one to one onto the fields of `TolariaConfig`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or value is invalid; the message names the key and how to fix it."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Section):
+    name: str = Field("tolaria", description="Run name: used for the run id and the emergency channel name.")
+    epochs: int = Field(20, ge=1, description="Epochs to train.")
+    seed: int = Field(0, ge=0, description="Seed for torch, numpy and python RNGs and for the data order.")
+    deterministic: bool = Field(True, description="Use deterministic torch algorithms (bit-exact resume).")
+    morphogenesis: bool = Field(True, description="Let Tamiyo grow the model; false trains the host alone.")
+    threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default.")
+
+
+class DataConfig(Section):
+    dataset: Literal["digits", "synthetic"] = Field("digits", description="Bundled data set.")
+    batch_size: int = Field(32, ge=1, description="Training batch size.")
+    val_fraction: float = Field(0.3, gt=0, lt=1, description="Fraction held out for validation.")
+    split_seed: int = Field(0, ge=0, description="Seed of the train/validation split.")
+    synthetic_samples: int = Field(2048, ge=64, description="Samples for the synthetic data set.")
+    synthetic_features: int = Field(64, ge=2, description="Features for the synthetic data set.")
+
+
+class ModelConfig(Section):
+    kind: Literal["mlp"] = Field("mlp", description="Host architecture.")
+    hidden: list[int] = Field(default_factory=lambda: [16], description="Hidden layer widths of the host MLP.")
+    slots: list[str] = Field(default_factory=list, description="Module names where Kasmina attaches seed slots.")
+
+    @model_validator(mode="after")
+    def _widths_positive(self) -> ModelConfig:
+        if not self.hidden or any(w < 1 for w in self.hidden):
+            raise ValueError("model.hidden must list at least one positive width, e.g. hidden = [16]")
+        return self
+
+
+class OptimizerConfig(Section):
+    name: Literal["sgd", "adam", "adamw", "rmsprop"] = Field("adam", description="torch.optim optimizer.")
+    lr: float = Field(3e-3, gt=0, description="Base learning rate of the host group.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="Momentum (sgd, rmsprop).")
+    weight_decay: float = Field(0.0, ge=0, description="Weight decay.")
+
+
+class LRConfig(Section):
+    host_policy: Literal["cosine", "constant", "step", "morpho_adaptive"] = Field(
+        "cosine", description="Policy of the host group.")
+    warmup_steps: int = Field(20, ge=0, description="Host warm-up steps (cosine).")
+    min_lr_ratio: float = Field(0.05, ge=0, le=1, description="Cosine floor as a fraction of the base LR.")
+    seed_warmup_steps: int = Field(20, ge=0, description="Warm-up steps of a new seed's group.")
+    seed_lr_ratio: float = Field(1.0, gt=0, description="Seed group base LR as a fraction of the host base LR.")
+    tolerance: float = Field(1e-6, gt=0, description="Relative tolerance of the out-of-band LR check.")
+
+
+class BoundaryConfig(Section):
+    """Per-phase budgets of Tolaria's own boundary work (validation excluded), from the design."""
+
+    state_assembly_ms: float = Field(3.5, gt=0)
+    tamiyo_ms: float = Field(12.0, gt=0)
+    apply_ms: float = Field(1.5, gt=0)
+    check_ms: float = Field(1.0, gt=0)
+    total_ms: float = Field(18.0, gt=0)
+
+
+class HandshakeConfig(Section):
+    tamiyo_timeout_s: float = Field(2.0, gt=0, description="Hard deadline of one Tamiyo call.")
+    command_max_age_s: float = Field(60.0, gt=0, description="Commands issued longer ago are expired.")
+    max_abandoned_workers: int = Field(4, ge=1, description="Hung Tamiyo calls tolerated before calls are refused.")
+
+
+class BreakerConfig(Section):
+    failure_threshold: int = Field(3, ge=1, description="Consecutive failures that open a breaker.")
+    cooldown_calls: int = Field(2, ge=1, description="Refused calls while OPEN before a HALF_OPEN probe.")
+
+
+class ConservativeConfig(Section):
+    healthy_epochs_to_exit: int = Field(2, ge=1, description="Healthy boundaries with all breakers closed to leave.")
+    tamiyo_timeout_factor: float = Field(0.5, gt=0, le=1, description="Tamiyo deadline multiplier while conservative.")
+
+
+class TelemetryConfig(Section):
+    queue_size: int = Field(10_000, ge=16, description="Bounded queue of normal telemetry.")
+    step_interval: int = Field(50, ge=0, description="Publish step metrics every N steps (0: only per epoch).")
+    jsonl: bool = Field(True, description="Append telemetry to RUN_DIR/telemetry.jsonl (in-process bus).")
+
+
+class OonaConfig(Section):
+    url: str = Field("", description="redis://HOST:PORT/DB for Redis Streams; empty = in-process bus.")
+    remote_tamiyo: bool = Field(False, description="Ask a `tamiyo serve` worker over Oona instead of in-process.")
+
+
+class CheckpointConfig(Section):
+    enabled: bool = Field(True, description="Write durable checkpoints to RUN_DIR/checkpoints.")
+    every_epochs: int = Field(1, ge=1, description="Checkpoint cadence in epochs.")
+    keep_last: int = Field(3, ge=1, description="Committed checkpoints kept on disk.")
+
+
+class SnapshotConfig(Section):
+    capacity: int = Field(5, ge=1, description="In-memory snapshots kept for fast rollback.")
+    every_steps: int = Field(0, ge=0, description="Also snapshot every N steps (0: epoch boundaries only).")
+    max_mb: float = Field(2048.0, gt=0, description="Memory cap of the snapshot cache.")
+
+
+class EmergencyConfig(Section):
+    spike_factor: float = Field(15.0, gt=1, description="Loss above factor x running baseline is a SEVERE spike.")
+    accuracy_drop: float = Field(0.25, gt=0, le=1, description="Validation accuracy drop vs best that is MAJOR.")
+    watchdog_s: float = Field(60.0, gt=0, description="No step progress for this long is CRITICAL.")
+    spike_lr_factor: float = Field(0.5, gt=0, le=1, description="LR multiplier applied after a spike recovery.")
+
+
+class ProfileConfig(Section):
+    enabled: bool = Field(False, description="Record spans and write RUN_DIR/trace.json (Chrome trace).")
+
+
+class TolariaConfig(Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    lr: LRConfig = Field(default_factory=LRConfig)
+    aggregation: dict[str, Any] = Field(default_factory=dict, description="esper.tolaria.aggregation config.")
+    kasmina: dict[str, Any] = Field(default_factory=dict, description="esper.kasmina config.")
+    tamiyo: dict[str, Any] = Field(default_factory=dict, description="esper.tamiyo heuristic config.")
+    boundary: BoundaryConfig = Field(default_factory=BoundaryConfig)
+    handshake: HandshakeConfig = Field(default_factory=HandshakeConfig)
+    breakers: BreakerConfig = Field(default_factory=BreakerConfig)
+    conservative: ConservativeConfig = Field(default_factory=ConservativeConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    oona: OonaConfig = Field(default_factory=OonaConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    snapshots: SnapshotConfig = Field(default_factory=SnapshotConfig)
+    emergency: EmergencyConfig = Field(default_factory=EmergencyConfig)
+    profile: ProfileConfig = Field(default_factory=ProfileConfig)
+
+    def sha256(self) -> str:
+        """Hash of the effective config, stored in snapshots so a resume notices a changed config."""
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key; remove it or check the spelling (see `tolaria config --help`)")
+        else:
+            lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def config_from_dict(data: dict[str, Any], *, source: str = "<dict>") -> TolariaConfig:
+    """Validate a nested dict; component sub-configs (kasmina, tamiyo, aggregation) are checked too."""
+    try:
+        config = TolariaConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None
+    _validate_components(config, source)
+    return config
+
+
+def _validate_components(config: TolariaConfig, source: str) -> None:
+    """Component configs are owned by their packages; validate them here so errors surface at load."""
+    from esper.kasmina import KasminaConfig
+    from esper.tamiyo import TamiyoConfig
+    from esper.tolaria.aggregation import AggregationConfig
+
+    for section, model in (("kasmina", KasminaConfig), ("tamiyo", TamiyoConfig), ("aggregation", AggregationConfig)):
+        try:
+            model.model_validate(getattr(config, section))
+        except ValidationError as exc:
+            message = _describe(exc, source).replace("\n  ", f"\n  {section}.")
+            raise ConfigError(message) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TolariaConfig:
+    """Load a TOML config; `overrides` is a nested dict merged over the file (CLI flags)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; pass a TOML file such as examples/digits.toml")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    for section, values in (overrides or {}).items():
+        data.setdefault(section, {}).update(values)
+    return config_from_dict(data, source=str(path))

@@ -1,0 +1,160 @@
+"""The Tamiyo handshake: one packet out, one verified command back, under a hard deadline.
+
+A Tamiyo call runs on a long-lived worker thread. The caller waits on that call's own result
+slot with a timeout and returns at the deadline whatever the worker does; a worker stuck in a
+hung call is abandoned (never joined) and a fresh worker takes the next call. Too many abandoned
+workers and calls are refused outright, so a controller that hangs every epoch cannot leak
+threads without bound.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from esper.leyline import (
+    COMMAND_SEED,
+    SEED_OP_GERMINATE,
+    AdaptationCommand,
+    LeylineError,
+    SystemStatePacket,
+    noop_command,
+    validate_command,
+)
+from esper.tolaria.protocols import TamiyoClient
+
+
+class HandshakeError(Exception):
+    """A Tamiyo call failed; `kind` is one of timeout, error, invalid, expired, refused, rejected."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class _Call:
+    __slots__ = ("fn", "arg", "done", "result", "error")
+
+    def __init__(self, fn: Callable[[Any], Any], arg: Any) -> None:
+        self.fn, self.arg = fn, arg
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+class DeadlineCaller:
+    """Runs calls on a reusable worker thread and returns at the deadline."""
+
+    def __init__(self, *, max_abandoned: int = 4, name: str = "tamiyo-call") -> None:
+        self._name = name
+        self._max_abandoned = max_abandoned
+        self.abandoned = 0
+        self._inbox: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        self._start_worker()
+
+    def _start_worker(self) -> None:
+        self._inbox = queue.SimpleQueue()
+        threading.Thread(target=self._work, args=(self._inbox,), name=self._name, daemon=True).start()
+
+    @staticmethod
+    def _work(inbox: queue.SimpleQueue[_Call | None]) -> None:
+        while (call := inbox.get()) is not None:
+            try:
+                call.result = call.fn(call.arg)
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller, who decides
+                call.error = exc
+            call.done.set()
+
+    def call(self, fn: Callable[[Any], Any], arg: Any, timeout_s: float) -> Any:
+        if self.abandoned >= self._max_abandoned:
+            raise HandshakeError("refused", f"{self.abandoned} calls are still hung; refusing new calls")
+        call = _Call(fn, arg)
+        self._inbox.put(call)
+        if not call.done.wait(timeout_s):
+            # The worker is stuck inside fn: leave it behind and give the next call a fresh one.
+            self.abandoned += 1
+            self._start_worker()
+            raise HandshakeError("timeout", f"no answer within {timeout_s * 1000:.0f} ms")
+        if call.error is not None:
+            raise HandshakeError("error", f"{type(call.error).__name__}: {call.error}") from call.error
+        return call.result
+
+    def close(self) -> None:
+        self._inbox.put(None)
+
+
+@dataclass(frozen=True)
+class HandshakeOutcome:
+    command: AdaptationCommand
+    fallback: bool
+    failure_kind: str = ""
+    failure: str = ""
+    latency_ms: float = 0.0
+
+
+class TamiyoHandshake:
+    """Calls Tamiyo with a deadline, verifies the answer, and falls back to a recorded no-op."""
+
+    def __init__(
+        self,
+        tamiyo: TamiyoClient,
+        *,
+        timeout_s: float,
+        command_max_age_s: float = 60.0,
+        max_abandoned: int = 4,
+        verifier: Callable[[AdaptationCommand], None] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.tamiyo = tamiyo
+        self.timeout_s = timeout_s
+        self.command_max_age_s = command_max_age_s
+        self.verifier = verifier
+        self._clock = clock
+        self._caller = DeadlineCaller(max_abandoned=max_abandoned)
+
+    def exchange(self, packet: SystemStatePacket, *, timeout_s: float | None = None) -> HandshakeOutcome:
+        start = time.perf_counter()
+        try:
+            answer = self._caller.call(self.tamiyo.evaluate_epoch, packet, timeout_s or self.timeout_s)
+            command = self.verify(answer)
+        except HandshakeError as exc:
+            return self._fallback(exc.kind, str(exc), start)
+        return HandshakeOutcome(command=command, fallback=False, latency_ms=(time.perf_counter() - start) * 1e3)
+
+    def verify(self, answer: object) -> AdaptationCommand:
+        """Structure, freshness and (where configured) signature; raises HandshakeError."""
+        if not isinstance(answer, AdaptationCommand):
+            raise HandshakeError("invalid", f"Tamiyo returned {type(answer).__name__}, not an AdaptationCommand")
+        try:
+            validate_command(answer)
+        except LeylineError as exc:
+            raise HandshakeError("invalid", str(exc)) from exc
+        if not answer.HasField("issued_at"):
+            raise HandshakeError("invalid", "command has no issued_at")
+        age = self._clock() - answer.issued_at.ToNanoseconds() / 1e9
+        if age > self.command_max_age_s:
+            raise HandshakeError("expired", f"command {answer.command_id} issued {age:.1f} s ago "
+                                 f"(limit {self.command_max_age_s:.0f} s)")
+        if self.verifier is not None:
+            try:
+                self.verifier(answer)
+            except (ValueError, LookupError) as exc:
+                raise HandshakeError("rejected", f"{type(exc).__name__}: {exc}") from exc
+        return answer
+
+    def _fallback(self, kind: str, message: str, start: float) -> HandshakeOutcome:
+        command = noop_command(issued_by="tolaria", reason=f"fallback: tamiyo {kind}: {message}")
+        command.annotations["fallback"] = kind
+        return HandshakeOutcome(command=command, fallback=True, failure_kind=kind, failure=message,
+                                latency_ms=(time.perf_counter() - start) * 1e3)
+
+    def close(self) -> None:
+        self._caller.close()
+
+
+def is_germination(command: AdaptationCommand) -> bool:
+    return command.command_type == COMMAND_SEED and command.seed_operation.operation == SEED_OP_GERMINATE

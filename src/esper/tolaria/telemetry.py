@@ -1,0 +1,217 @@
+"""Telemetry: Leyline `TelemetryPacket`s built on the training thread, published off it.
+
+Normal packets enter a bounded queue drained by one background publisher thread, so a step
+never waits on the bus. When the queue is full the lowest-priority packet goes first (the
+oldest of that priority); every drop is counted by priority. Emergency-priority packets bypass
+the queue and are published on the caller's thread to the emergency stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+from esper.leyline import (
+    BUS_MESSAGE_TYPE_EMERGENCY_SIGNAL,
+    BUS_MESSAGE_TYPE_TELEMETRY,
+    MESSAGE_PRIORITY_CRITICAL,
+    MESSAGE_PRIORITY_HIGH,
+    MESSAGE_PRIORITY_LOW,
+    MESSAGE_PRIORITY_NORMAL,
+    TELEMETRY_LEVEL_INFO,
+    BusEnvelope,
+    EmergencySignal,
+    MessagePriority,
+    MetricPoint,
+    TelemetryEvent,
+    TelemetryLevel,
+    TelemetryPacket,
+    new_id,
+    now_timestamp,
+)
+from esper.tolaria.protocols import OonaBus
+
+log = logging.getLogger(__name__)
+
+TELEMETRY_STREAM = "oona.telemetry"
+EMERGENCY_STREAM = "oona.emergency"
+_PRIORITIES = (MESSAGE_PRIORITY_LOW, MESSAGE_PRIORITY_NORMAL, MESSAGE_PRIORITY_HIGH)
+
+
+class PriorityDropQueue:
+    """Bounded queue with one deque per priority; when full, evicts the oldest lowest-priority item."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._queues: dict[int, deque[Any]] = {p: deque() for p in _PRIORITIES}
+        self._size = 0
+        self.dropped: dict[int, int] = {p: 0 for p in _PRIORITIES}
+        self._cond = threading.Condition()
+
+    def put(self, item: Any, priority: int) -> None:
+        with self._cond:
+            if self._size >= self.capacity and not self._evict_below_or_equal(priority):
+                self.dropped[priority] += 1
+                return
+            self._queues[priority].append(item)
+            self._size += 1
+            self._cond.notify()
+
+    def _evict_below_or_equal(self, priority: int) -> bool:
+        for p in _PRIORITIES:
+            if p > priority:
+                return False
+            if self._queues[p]:
+                self._queues[p].popleft()
+                self._size -= 1
+                self.dropped[p] += 1
+                return True
+        return False
+
+    def get(self, timeout: float) -> Any | None:
+        """Highest priority first; None after `timeout` with nothing queued."""
+        with self._cond:
+            if not self._size and not self._cond.wait_for(lambda: self._size > 0, timeout):
+                return None
+            for p in reversed(_PRIORITIES):
+                if self._queues[p]:
+                    self._size -= 1
+                    return self._queues[p].popleft()
+        return None
+
+    def __len__(self) -> int:
+        return self._size
+
+
+class TelemetryCollector:
+    """Builds telemetry packets and hands them to the bus without blocking the training thread."""
+
+    def __init__(self, bus: OonaBus, *, queue_size: int = 10_000, source: str = "tolaria",
+                 telemetry_stream: str = TELEMETRY_STREAM, emergency_stream: str = EMERGENCY_STREAM) -> None:
+        self.bus = bus
+        self.source = source
+        self.telemetry_stream = telemetry_stream
+        self.emergency_stream = emergency_stream
+        self.queue = PriorityDropQueue(queue_size)
+        self.published = 0
+        self.publish_failures = 0
+        self.emergency_published = 0
+        self.last_error = ""
+        self._stop = threading.Event()
+        self._idle = threading.Event()
+        self._thread = threading.Thread(target=self._drain, name="tolaria-telemetry", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------- building packets
+    def packet(
+        self,
+        metrics: Mapping[str, float] | None = None,
+        events: list[TelemetryEvent] | None = None,
+        *,
+        level: int = TELEMETRY_LEVEL_INFO,
+        attributes: Mapping[str, str] | None = None,
+    ) -> TelemetryPacket:
+        pkt = TelemetryPacket(packet_id=new_id(), source_subsystem=self.source, level=level)  # type: ignore[arg-type]
+        pkt.timestamp.CopyFrom(now_timestamp())
+        for name, value in (metrics or {}).items():
+            point = MetricPoint(name=name, value=float(value), unit=_unit(name))
+            if attributes:
+                point.attributes.update(attributes)
+            pkt.metrics.append(point)
+        if events:
+            pkt.events.extend(events)
+        return pkt
+
+    @staticmethod
+    def event(description: str, level: int = TELEMETRY_LEVEL_INFO, **attributes: object) -> TelemetryEvent:
+        evt = TelemetryEvent(event_id=new_id(), description=description, level=level)  # type: ignore[arg-type]
+        evt.attributes.update({k: str(v) for k, v in attributes.items()})
+        return evt
+
+    # ---------------------------------------------------------------- publishing
+    def publish(self, packet: TelemetryPacket, priority: int = MESSAGE_PRIORITY_NORMAL) -> None:
+        """Queue a packet; never blocks. CRITICAL priority bypasses the queue."""
+        if priority == MESSAGE_PRIORITY_CRITICAL:
+            self._send(self.emergency_stream, BUS_MESSAGE_TYPE_TELEMETRY, packet.SerializeToString(),
+                       priority, packet.packet_id)
+            return
+        self.queue.put(packet, priority)
+
+    def emit_event(self, description: str, level: int = TELEMETRY_LEVEL_INFO,
+                   priority: int = MESSAGE_PRIORITY_NORMAL, **attributes: object) -> None:
+        self.publish(self.packet(events=[self.event(description, level, **attributes)], level=level), priority)
+
+    def publish_emergency(self, signal: EmergencySignal) -> None:
+        """Emergency signals go straight to the emergency stream on the caller's thread."""
+        if self._send(self.emergency_stream, BUS_MESSAGE_TYPE_EMERGENCY_SIGNAL, signal.SerializeToString(),
+                      MESSAGE_PRIORITY_CRITICAL, new_id()):
+            self.emergency_published += 1
+
+    def _send(self, stream: str, message_type: int, payload: bytes, priority: int, event_id: str) -> bool:
+        envelope = BusEnvelope(message_type=message_type, payload=payload)  # type: ignore[arg-type]
+        envelope.attributes.update({"event_id": event_id, "priority": MessagePriority.Name(priority),  # type: ignore[arg-type]
+                                    "source_subsystem": self.source})
+        try:
+            self.bus.publish(stream, envelope)
+        except (OSError, ConnectionError, TimeoutError, RuntimeError) as exc:
+            # A dead bus must not stop training: count it, keep the last error for the summary.
+            self.publish_failures += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            return False
+        self.published += 1
+        return True
+
+    def _drain(self) -> None:
+        while not self._stop.is_set() or len(self.queue):
+            packet = self.queue.get(timeout=0.05)
+            if packet is None:
+                self._idle.set()
+                continue
+            self._idle.clear()
+            priority = _priority_of(packet)
+            if not self._send(self.telemetry_stream, BUS_MESSAGE_TYPE_TELEMETRY, packet.SerializeToString(),
+                              priority, packet.packet_id):
+                # Bus down: back off briefly so a dead Redis does not spin this thread.
+                time.sleep(0.05)
+
+    def flush(self, timeout_s: float = 5.0) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while len(self.queue) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        return not len(self.queue)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        self.flush(timeout_s)
+        self._stop.set()
+        self._thread.join(timeout_s)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "published": self.published,
+            "dropped": sum(self.queue.dropped.values()) + self.publish_failures,
+            "dropped_by_priority": {MessagePriority.Name(p).removeprefix("MESSAGE_PRIORITY_"): n  # type: ignore[arg-type]
+                                    for p, n in self.queue.dropped.items()},
+            "publish_failures": self.publish_failures,
+            "emergency_published": self.emergency_published,
+            "queued": len(self.queue),
+            "last_error": self.last_error,
+        }
+
+
+def _priority_of(packet: TelemetryPacket) -> int:
+    return MESSAGE_PRIORITY_HIGH if packet.level >= 2 else MESSAGE_PRIORITY_NORMAL
+
+
+def _unit(name: str) -> str:
+    for suffix, unit in (("_ms", "ms"), ("_s", "s"), ("_bytes", "bytes"), ("_total", "count"), ("accuracy", "ratio")):
+        if name.endswith(suffix):
+            return unit
+    return ""
+
+
+def level_name(level: int) -> str:
+    return TelemetryLevel.Name(level).removeprefix("TELEMETRY_LEVEL_")  # type: ignore[arg-type]

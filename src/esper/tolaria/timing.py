@@ -1,0 +1,51 @@
+"""Monotonic timing of named phases, with budgets and percentile summaries."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+import numpy as np
+
+
+class MonotonicTimer:
+    """Times phases with `time.perf_counter_ns`; keeps the last `window` samples per phase."""
+
+    def __init__(self, budgets_ms: Mapping[str, float], *, window: int = 10_000) -> None:
+        self.budgets_ms = dict(budgets_ms)
+        self._samples: dict[str, deque[float]] = {}
+        self._window = window
+        self.last: dict[str, float] = {}
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter_ns()
+        try:
+            yield
+        finally:
+            self.record(name, (time.perf_counter_ns() - start) / 1e6)
+
+    def record(self, name: str, ms: float) -> None:
+        self.last[name] = ms
+        self._samples.setdefault(name, deque(maxlen=self._window)).append(ms)
+
+    def over_budget(self, names: Mapping[str, float] | None = None) -> dict[str, float]:
+        """Phases whose last sample exceeded their budget: name -> measured ms."""
+        budgets = names if names is not None else self.budgets_ms
+        return {n: self.last[n] for n, b in budgets.items() if n in self.last and self.last[n] > b}
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {}
+        for name, values in self._samples.items():
+            arr = np.fromiter(values, dtype=np.float64)
+            out[name] = {
+                "p50": float(np.percentile(arr, 50)),
+                "p99": float(np.percentile(arr, 99)),
+                "max": float(arr.max()),
+                "count": int(arr.size),
+            }
+            if name in self.budgets_ms:
+                out[name]["budget"] = self.budgets_ms[name]
+        return out
