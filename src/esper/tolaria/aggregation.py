@@ -1,0 +1,419 @@
+"""Multi-seed loss and gradient aggregation.
+
+The trainer calls `GradientAggregator.backward` once per step, after the forward pass and
+before the optimizer step. It turns the host loss and each seed's own loss into gradients on
+the parameters, following ARCHITECTURE.md ("Seed lifecycle and gradient weights"):
+
+    L = L_host + Σ_i w_i · (b_i / b_host) · L_i
+
+where `w_i = seed_weight(term_i)` comes from the single `STAGE_WEIGHTS` table. Modes:
+
+- `none`: one backward of L (the fast path). With no weighted seed it is exactly
+  `host_loss.backward()`, so gradients are bitwise identical to a plain backward.
+- `pcgrad`: one backward for the host and one per weighted seed. On a seed's *shared*
+  parameters (those that get gradient from both the host loss and that seed's loss, minus the
+  seed's own parameters) a conflicting seed gradient is projected onto the normal plane of the
+  host gradient: `g_i ← g_i − (g_i·g_h / (‖g_h‖² + ε)) g_h` when `g_i·g_h < 0`. Dot products and
+  norms run over the shared parameters only (the subspace both gradients live in).
+- `average`: on shared parameters the gradient is the mean of the host gradient and the seed
+  gradients that reach it; elsewhere contributions add.
+- `priority`: per shared parameter tensor, a seed gradient whose dot product with the host
+  gradient is negative is dropped, so the host wins every conflict.
+
+Decisions never sync with the device: coefficients are computed with `torch.where` and applied
+with `torch._foreach_*` ops. Each step syncs exactly once, to read the stats (`.tolist()` of one
+stacked tensor). A non-finite loss or gradient sets every parameter's `.grad` to None, so the
+optimizer cannot use it; the caller skips the step.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import Tensor, nn
+
+from esper.leyline import (
+    SEED_STAGE_BLENDING,
+    SEED_STAGE_GERMINATED,
+    SEED_STAGE_PROBATIONARY,
+    SEED_STAGE_SHADOWING,
+    SEED_STAGE_TRAINING,
+)
+from esper.tolaria.protocols import SeedLossTerm
+
+ALPHA = "alpha"
+"""Marker in `STAGE_WEIGHTS`: the weight is the seed's blending alpha, clamped to [0, 1]."""
+
+STAGE_WEIGHTS: Mapping[int, float | str] = {
+    SEED_STAGE_GERMINATED: 0.01,
+    SEED_STAGE_TRAINING: 0.1,
+    SEED_STAGE_BLENDING: ALPHA,
+    SEED_STAGE_SHADOWING: 0.5,
+    SEED_STAGE_PROBATIONARY: 1.0,
+}
+"""The one map from Leyline `SeedLifecycleStage` to gradient weight. Stages not listed
+(UNKNOWN, DORMANT, FOSSILIZED, CULLED, EMBARGOED, RESETTING, TERMINATED) weigh 0."""
+
+
+def seed_weight(term: SeedLossTerm) -> float:
+    """The gradient weight of one seed term: 0 while the seed is being evaluated, else by stage."""
+    if term.in_evaluation:
+        return 0.0
+    weight = STAGE_WEIGHTS.get(term.stage, 0.0)
+    if weight == ALPHA:
+        return min(1.0, max(0.0, float(term.alpha)))
+    return float(weight)
+
+
+class AggregationConfig(BaseModel):
+    """How seed gradients are combined with the host gradient."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Literal["none", "pcgrad", "average", "priority"] = Field(
+        default="none", description="Combination rule: none (one backward, fastest), pcgrad, average, priority."
+    )
+    max_grad_norm: float | None = Field(
+        default=None, description="Clip the total gradient to this L2 norm (None: no clipping)."
+    )
+    eps: float = Field(
+        default=1e-12, description="Added to ‖g_h‖² in the PCGrad projection and to cosine denominators."
+    )
+
+    @field_validator("max_grad_norm")
+    @classmethod
+    def _positive_norm(cls, value: float | None) -> float | None:
+        if value is not None and not value > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None to disable clipping, got {value}")
+        return value
+
+    @field_validator("eps")
+    @classmethod
+    def _positive_eps(cls, value: float) -> float:
+        if not value > 0:
+            raise ValueError(f"eps must be > 0 (e.g. 1e-12), got {value}")
+        return value
+
+
+@dataclass
+class AggregationStats:
+    """What one `backward` did. `finite=False` means every `.grad` was set to None: skip the step.
+
+    `grad_norm` is the L2 norm of the whole total gradient before clipping (square root of the
+    sum of squares). Per seed: `weight`, `loss` (the unweighted L_i), `grad_norm` (of the
+    weighted seed gradient, before projection), `cosine_with_host` (on shared parameters),
+    `projected` (the seed gradient was changed by pcgrad/priority). In `none` mode seed gradients
+    are never separated, so `grad_norm` and `cosine_with_host` are NaN (not measured).
+    """
+
+    total_loss: float
+    finite: bool
+    grad_norm: float
+    seeds: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+@dataclass
+class _SeedGrads:
+    """One weighted seed's gradients, split into shared and own positions (indices into params)."""
+
+    term: SeedLossTerm
+    weight: float
+    grads: list[Tensor | None]
+    shared: list[int]
+    other: list[int]
+
+
+class GradientAggregator:
+    """Turns host + seed losses into `.grad` on the parameters (see module docstring).
+
+    Contract: on entry `.grad` should be None (`optimizer.zero_grad(set_to_none=True)`); a
+    gradient already present is accumulated into, like `Tensor.backward`. On exit, if
+    `stats.finite`, `.grad` holds the (clipped) total gradient; otherwise all `.grad` are None.
+    """
+
+    def __init__(self, config: AggregationConfig | None = None) -> None:
+        self.config = config or AggregationConfig()
+        self.steps = 0
+        self.nonfinite_steps = 0
+        self.projections: dict[str, int] = {}
+
+    def backward(
+        self,
+        host_loss: Tensor,
+        terms: Sequence[SeedLossTerm],
+        params: Mapping[str, nn.Parameter],
+        host_batch_size: int | None = None,
+    ) -> AggregationStats:
+        """Backpropagate `L_host + Σ w_i (b_i/b_host) L_i` per the configured mode.
+
+        `params` are the trainable parameters by name. `host_batch_size` is b_host; None means
+        every term used the host's batch (ratio 1).
+        """
+        names = [n for n, p in params.items() if p.requires_grad]
+        plist = [params[n] for n in names]
+        weighted = [(t, w * _ratio(t, host_batch_size)) for t in terms if (w := seed_weight(t)) > 0]
+        if self.config.mode == "none" or not weighted:
+            extras = self._backward_fused(host_loss, weighted)
+        else:
+            extras = self._backward_split(host_loss, weighted, names, plist)
+        return self._finish(host_loss, terms, weighted, plist, extras)
+
+    # -- fast path -------------------------------------------------------------------------
+    def _backward_fused(self, host_loss: Tensor, weighted: list[tuple[SeedLossTerm, float]]) -> list[Tensor]:
+        total = host_loss
+        for term, scale in weighted:
+            total = total + scale * term.loss
+        total.backward()
+        nan = torch.full((len(weighted),), math.nan, device=host_loss.device)
+        # grad_norm, cosine, projected per seed: not measured on the fused path.
+        return [nan, nan, torch.zeros_like(nan)]
+
+    # -- split path: host and each seed separately ----------------------------------------
+    def _backward_split(
+        self,
+        host_loss: Tensor,
+        weighted: list[tuple[SeedLossTerm, float]],
+        names: list[str],
+        plist: list[nn.Parameter],
+    ) -> list[Tensor]:
+        # Graphs may share nodes (a seed's output feeds both losses), so keep them until the last call.
+        gh: list[Tensor | None] = list(torch.autograd.grad(host_loss, plist, retain_graph=True, allow_unused=True))
+        seeds: list[_SeedGrads] = []
+        for k, (term, scale) in enumerate(weighted):
+            last = k == len(weighted) - 1
+            grads = torch.autograd.grad(scale * term.loss, plist, retain_graph=not last, allow_unused=True)
+            gi: list[Tensor | None] = list(grads)
+            seeds.append(_split_positions(term, scale, gi, gh, names))
+        dev = host_loss.device
+        host_sq = _sq_norms(gh, dev)
+        per_seed = [_seed_geometry(s, gh, host_sq, self.config.eps, dev) for s in seeds]
+        total = gh
+        if self.config.mode == "pcgrad":
+            _combine_pcgrad(total, seeds, per_seed)
+        elif self.config.mode == "average":
+            _combine_average(total, seeds)
+        else:
+            projected = _combine_priority(total, seeds, dev)
+            per_seed = [(g[0], g[1], g[2], p) for g, p in zip(per_seed, projected, strict=True)]
+        _add_own(total, seeds)
+        _accumulate(plist, total)
+        norms = torch.stack([g[0] for g in per_seed])
+        cosines = torch.stack([g[1] for g in per_seed])
+        flags = torch.stack([g[3].to(norms.dtype) for g in per_seed])
+        return [norms, cosines, flags]
+
+    # -- stats, clipping, non-finite handling ---------------------------------------------
+    def _finish(
+        self,
+        host_loss: Tensor,
+        terms: Sequence[SeedLossTerm],
+        weighted: list[tuple[SeedLossTerm, float]],
+        plist: list[nn.Parameter],
+        extras: list[Tensor],
+    ) -> AggregationStats:
+        dev = host_loss.device
+        grads = [p.grad for p in plist if p.grad is not None]
+        if self.config.max_grad_norm is not None and grads:
+            norm = torch.nn.utils.clip_grad_norm_(plist, self.config.max_grad_norm, foreach=True)
+        else:
+            norm = _total_norm(grads, dev)
+        total_loss = host_loss.detach().float()
+        for term, scale in weighted:
+            total_loss = total_loss + scale * term.loss.detach().float()
+        seed_losses = [t.loss.detach().float().reshape(()) for t, _ in weighted]
+        head = torch.stack([total_loss.reshape(()), norm.detach().float().reshape(()).to(dev)] + seed_losses)
+        values = torch.cat([head] + [e.float().to(dev) for e in extras]).tolist()  # the one sync
+        finite = math.isfinite(values[0]) and math.isfinite(values[1])
+        self.steps += 1
+        if not finite:
+            self.nonfinite_steps += 1
+            for p in plist:
+                p.grad = None
+        return AggregationStats(
+            total_loss=values[0],
+            finite=finite,
+            grad_norm=values[1],
+            seeds=self._seed_stats(terms, weighted, values[2:]),
+        )
+
+    def _seed_stats(
+        self, terms: Sequence[SeedLossTerm], weighted: list[tuple[SeedLossTerm, float]], values: list[float]
+    ) -> dict[str, dict[str, float]]:
+        n = len(weighted)
+        out: dict[str, dict[str, float]] = {}
+        for k, (term, _) in enumerate(weighted):
+            projected = values[3 * n + k] > 0.5
+            out[term.seed_id] = {
+                "weight": seed_weight(term),
+                "loss": values[k],
+                "grad_norm": values[n + k],
+                "cosine_with_host": values[2 * n + k],
+                "projected": projected,
+            }
+            if projected:
+                self.projections[term.seed_id] = self.projections.get(term.seed_id, 0) + 1
+        for term in terms:
+            if term.seed_id not in out:
+                # Zero-weight seeds took no part in the backward; report their loss as not computed.
+                out[term.seed_id] = {
+                    "weight": 0.0,
+                    "loss": math.nan,
+                    "grad_norm": 0.0,
+                    "cosine_with_host": math.nan,
+                    "projected": False,
+                }
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """Running counters (the config is not state: it comes from the run's config)."""
+        return {"steps": self.steps, "nonfinite_steps": self.nonfinite_steps, "projections": dict(self.projections)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.steps = int(state["steps"])
+        self.nonfinite_steps = int(state["nonfinite_steps"])
+        self.projections = {str(k): int(v) for k, v in state["projections"].items()}
+
+
+def _ratio(term: SeedLossTerm, host_batch_size: int | None) -> float:
+    if host_batch_size is None:
+        return 1.0
+    if host_batch_size <= 0:
+        raise ValueError(f"host_batch_size must be > 0, got {host_batch_size}; pass the host batch's length")
+    return term.batch_size / host_batch_size
+
+
+def _split_positions(
+    term: SeedLossTerm, scale: float, gi: list[Tensor | None], gh: list[Tensor | None], names: list[str]
+) -> _SeedGrads:
+    own = set(term.param_names)
+    shared: list[int] = []
+    other: list[int] = []
+    for idx, g in enumerate(gi):
+        if g is None:
+            continue
+        if gh[idx] is not None and names[idx] not in own:
+            shared.append(idx)
+        else:
+            other.append(idx)
+    return _SeedGrads(term=term, weight=scale, grads=gi, shared=shared, other=other)
+
+
+def _sq_norms(grads: Sequence[Tensor | None], dev: torch.device) -> list[Tensor | None]:
+    """Per-tensor squared L2 norms (None stays None), computed with one foreach kernel."""
+    present = [g for g in grads if g is not None]
+    norms = iter(torch._foreach_norm(present)) if present else iter(())
+    return [None if g is None else next(norms).square() for g in grads]
+
+
+def _seed_geometry(
+    s: _SeedGrads, gh: list[Tensor | None], host_sq: list[Tensor | None], eps: float, dev: torch.device
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(‖g_i‖, cos(g_i, g_h) on shared, projection coefficient c_i, projected flag), all on device."""
+    zero = torch.zeros((), device=dev)
+    present = [g for g in s.grads if g is not None]
+    seed_sq = torch.stack(torch._foreach_norm(present)).square().sum() if present else zero
+    if not s.shared:
+        return seed_sq.sqrt(), zero.clone(), zero.clone(), torch.zeros((), dtype=torch.bool, device=dev)
+    dots = torch.stack([_dot(s.grads[i], gh[i]) for i in s.shared])
+    dot = dots.sum()
+    h2 = torch.stack([_present(host_sq[i]) for i in s.shared]).sum()
+    shared_sq = torch.stack([_present(s.grads[i]).square().sum() for i in s.shared]).sum()
+    cosine = dot / (shared_sq.sqrt() * h2.sqrt() + eps)
+    conflict = dot < 0
+    coef = torch.where(conflict, dot / (h2 + eps), zero)
+    return seed_sq.sqrt(), cosine, coef, conflict
+
+
+def _present(t: Tensor | None) -> Tensor:
+    if t is None:
+        raise RuntimeError("internal: a shared position lost its gradient; report this as a bug in aggregation.py")
+    return t
+
+
+def _dot(a: Tensor | None, b: Tensor | None) -> Tensor:
+    return torch.dot(_present(a).reshape(-1), _present(b).reshape(-1))
+
+
+def _groups_by_membership(seeds: list[_SeedGrads]) -> dict[tuple[int, ...], list[int]]:
+    """Shared parameter positions grouped by which seeds share them (usually one or two groups)."""
+    members: dict[int, list[int]] = {}
+    for k, s in enumerate(seeds):
+        for idx in s.shared:
+            members.setdefault(idx, []).append(k)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for idx, ks in members.items():
+        groups.setdefault(tuple(ks), []).append(idx)
+    return groups
+
+
+def _combine_pcgrad(
+    total: list[Tensor | None], seeds: list[_SeedGrads], geometry: list[tuple[Tensor, Tensor, Tensor, Tensor]]
+) -> None:
+    """total = g_h·(1 − Σ_i c_i) + Σ_i g_i on shared positions, which equals Σ_i (projected g_i) + g_h."""
+    for ks, idxs in _groups_by_membership(seeds).items():
+        factor = 1.0 - torch.stack([geometry[k][2] for k in ks]).sum()
+        torch._foreach_mul_([_present(total[i]) for i in idxs], factor)
+    for s in seeds:
+        _add_at(total, s.grads, s.shared)
+
+
+def _combine_average(total: list[Tensor | None], seeds: list[_SeedGrads]) -> None:
+    for s in seeds:
+        _add_at(total, s.grads, s.shared)
+    for ks, idxs in _groups_by_membership(seeds).items():
+        torch._foreach_mul_([_present(total[i]) for i in idxs], 1.0 / (1 + len(ks)))
+
+
+def _combine_priority(total: list[Tensor | None], seeds: list[_SeedGrads], dev: torch.device) -> list[Tensor]:
+    """Drop each seed's gradient on shared tensors where it conflicts with the host's; return flags."""
+    flags: list[Tensor] = []
+    for s in seeds:
+        if not s.shared:
+            flags.append(torch.zeros((), dtype=torch.bool, device=dev))
+            continue
+        dots = torch.stack([_dot(s.grads[i], total[i]) for i in s.shared])
+        keep = (dots >= 0).to(_present(s.grads[s.shared[0]]).dtype)
+        kept = [_present(s.grads[i]) for i in s.shared]
+        torch._foreach_mul_(kept, list(keep.unbind()))
+        flags.append((dots < 0).any())
+    for s in seeds:
+        _add_at(total, s.grads, s.shared)
+    return flags
+
+
+def _add_own(total: list[Tensor | None], seeds: list[_SeedGrads]) -> None:
+    """Seed gradients on positions that are not shared (own params, host-free params) just add."""
+    for s in seeds:
+        _add_at(total, s.grads, s.other)
+
+
+def _add_at(total: list[Tensor | None], grads: list[Tensor | None], idxs: list[int]) -> None:
+    rest: list[int] = []
+    for i in idxs:
+        if total[i] is None:
+            total[i] = grads[i]
+        else:
+            rest.append(i)
+    if rest:
+        torch._foreach_add_([_present(total[i]) for i in rest], [_present(grads[i]) for i in rest])
+
+
+def _accumulate(plist: list[nn.Parameter], total: list[Tensor | None]) -> None:
+    for p, g in zip(plist, total, strict=True):
+        if g is None:
+            continue
+        if p.grad is None:
+            p.grad = g
+        else:
+            p.grad.add_(g)
+
+
+def _total_norm(grads: list[Tensor], dev: torch.device) -> Tensor:
+    if not grads:
+        return torch.zeros((), device=dev)
+    return torch.stack(torch._foreach_norm(grads)).square().sum().sqrt()
