@@ -1,0 +1,44 @@
+"""Kasmina's configuration: the `[kasmina]` section of Tolaria's TOML config."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from esper.kasmina.blueprints import BLUEPRINTS
+
+
+class KasminaConfig(BaseModel):
+    """Settings of the Kasmina execution layer. Unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_training_steps: int = Field(default=50, ge=0)
+    """Isolated optimizer steps a seed must spend in TRAINING before START_GRAFTING is allowed."""
+
+    blend_steps: int = Field(default=100, ge=1)
+    """Length of the BLENDING window in steps: alpha ramps from 0 to exactly 1 over it."""
+
+    alpha_steepness: float = Field(default=8.0, gt=0.0)
+    """Steepness of the sigmoid alpha ramp (larger = sharper middle, flatter ends)."""
+
+    evaluation_steps: int = Field(default=20, ge=1)
+    """Steps of the evaluation window opened by EVALUATE (own-loss weight 0 while it lasts)."""
+
+    fossilize_tolerance: float = Field(default=0.01, ge=0.0)
+    """FOSSILIZE needs val loss now <= val loss when blending began * (1 + tolerance)."""
+
+    default_blueprint: str = "residual_mlp"
+    """Blueprint used when a GERMINATE command leaves `blueprint_id` empty."""
+
+    seed_hidden: int = Field(default=64, ge=1)
+    """Hidden width of `residual_mlp` and channel width of `conv_residual` seeds."""
+
+    adapter_dim: int = Field(default=16, ge=1)
+    """Bottleneck width of `bottleneck_adapter` seeds."""
+
+    @field_validator("default_blueprint")
+    @classmethod
+    def _known_blueprint(cls, value: str) -> str:
+        if value not in BLUEPRINTS:
+            raise ValueError(f"kasmina.default_blueprint {value!r} is unknown; use one of {sorted(BLUEPRINTS)}")
+        return value

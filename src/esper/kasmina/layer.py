@@ -1,0 +1,506 @@
+"""KasminaLayer: seed slots inside a host model, driven by Leyline AdaptationCommands.
+
+The host is never rewritten. Seeds live in `model.kasmina_seeds` (an `nn.ModuleDict`), so host
+parameter names never change and seed parameters are `kasmina_seeds.<seed_id>.body.<...>`.
+A slot is a module of the host (a name from `model.named_modules()`); a forward hook on it
+replaces its output `h` by the blended output (see KASMINA.md for the exact form). Hooks are
+attached only to slots that hold a seed, so a model without seeds pays nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from esper.kasmina.alpha import alpha_at
+from esper.kasmina.blueprints import BlueprintError, BlueprintSpec, build_blueprint
+from esper.kasmina.config import KasminaConfig
+from esper.kasmina.export import seed_states
+from esper.kasmina.lifecycle import (
+    APPLIED_STAGES,
+    TRANSITIONS,
+    SeedRecord,
+    check_transition,
+    op_name,
+    stage_name,
+)
+from esper.kasmina.manifest import ManifestError, manifest_to_json, parse_manifest
+from esper.leyline import (
+    COMMAND_SEED,
+    SEED_OP_GERMINATE,
+    SEED_OP_UNKNOWN,
+    SEED_STAGE_BLENDING,
+    SEED_STAGE_CULLED,
+    SEED_STAGE_FOSSILIZED,
+    SEED_STAGE_GERMINATED,
+    SEED_STAGE_SHADOWING,
+    AdaptationCommand,
+    CommandType,
+    SeedState,
+)
+from esper.tolaria.protocols import ApplyResult, SeedLossTerm
+
+SEED_CONTAINER = "kasmina_seeds"
+_SEED_ID = re.compile(r"seed\d+")
+
+
+class SeedModule(nn.Module):
+    """One seed: a blueprint `body` and its blending weight `alpha` (a 0-dim buffer, changed in place)."""
+
+    alpha: torch.Tensor
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+        self.register_buffer("alpha", torch.zeros(()))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.body(h)
+
+
+class SeedContainer(nn.ModuleDict):
+    """`model.kasmina_seeds`: the seeds by id. Its forward is the identity.
+
+    Why: an `nn.Sequential` host calls every child in order, this container included, so it
+    must pass its input through unchanged (for such hosts `len(model)` grows by one and the
+    container is the last element).
+    """
+
+    def forward(self, x: Any) -> Any:
+        return x
+
+
+def _fail(reason: str, seed_id: str = "") -> ApplyResult:
+    return ApplyResult(ok=False, reason=reason, seed_id=seed_id)
+
+
+class KasminaLayer:
+    """The execution layer (implements `esper.tolaria.protocols.ExecutionLayer`).
+
+    Activation shapes: a seed is built from the per-sample shape of its slot's output. Shapes are
+    recorded by one-time probe hooks on the first forward pass, or at construction if
+    `example_input` is given (a no-grad forward in eval mode; module modes are restored).
+    Germinating before any shape is known is an error result that says so.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        slots: Sequence[str],
+        *,
+        config: KasminaConfig | None = None,
+        seed: int = 0,
+        example_input: torch.Tensor | None = None,
+    ) -> None:
+        self._model = model
+        self._config = config or KasminaConfig()
+        self._seed = seed
+        self._slots = tuple(slots)
+        self._slot_modules = self._resolve_slots(model, self._slots)
+        if hasattr(model, SEED_CONTAINER):
+            raise ValueError(f"model already has a `{SEED_CONTAINER}` attribute: attach one KasminaLayer per model")
+        self._container = SeedContainer()
+        model.add_module(SEED_CONTAINER, self._container)
+        self._records: dict[str, SeedRecord] = {}
+        self._seed_counter = 0
+        self._epoch = 0
+        self._last_val_loss: float | None = None
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._shape_errors: dict[str, str] = {}
+        self._hooks: dict[str, RemovableHandle] = {}
+        self._chains: dict[str, list[tuple[str, SeedModule, bool]]] = {s: [] for s in self._slots}
+        self._own_loss: SeedRecord | None = None
+        self._probes = {s: m.register_forward_hook(self._make_probe(s)) for s, m in self._slot_modules.items()}
+        if example_input is not None:
+            self._probe_once(example_input)
+
+    # ------------------------------------------------------------------ construction helpers
+
+    @staticmethod
+    def _resolve_slots(model: nn.Module, slots: tuple[str, ...]) -> dict[str, nn.Module]:
+        if not slots:
+            raise ValueError("KasminaLayer needs at least one slot: pass module names from model.named_modules()")
+        if len(set(slots)) != len(slots):
+            raise ValueError(f"slots {list(slots)} repeat a name: list each slot once")
+        modules = dict(model.named_modules())
+        valid = [name for name in modules if name]
+        resolved: dict[str, nn.Module] = {}
+        for slot in slots:
+            if slot not in modules or not slot:
+                raise ValueError(f"unknown slot {slot!r}: not a submodule of the model; valid slots: {valid}")
+            if _SEED_ID.fullmatch(slot):
+                raise ValueError(f"slot {slot!r} looks like a seed id (seedN); seed ids and slot names must differ")
+            resolved[slot] = modules[slot]
+        return resolved
+
+    def _make_probe(self, slot: str) -> Callable[[nn.Module, Any, Any], None]:
+        def probe(module: nn.Module, args: Any, output: Any) -> None:
+            if isinstance(output, torch.Tensor) and output.dim() >= 1:
+                self._shapes.setdefault(slot, tuple(output.shape[1:]))
+            else:
+                self._shape_errors[slot] = f"slot {slot!r} outputs {type(output).__name__}, seeds need a batched tensor"
+            handle = self._probes.pop(slot, None)
+            if handle is not None:
+                handle.remove()
+
+        return probe
+
+    def _probe_once(self, example_input: torch.Tensor) -> None:
+        modes = [(m, m.training) for m in self._model.modules()]
+        self._model.eval()  # no BatchNorm statistics change from a probe
+        try:
+            with torch.no_grad():
+                self._model(example_input)
+        finally:
+            for module, training in modes:
+                module.training = training
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def model(self) -> nn.Module:
+        return self._model
+
+    @property
+    def config(self) -> KasminaConfig:
+        return self._config
+
+    @property
+    def slots(self) -> tuple[str, ...]:
+        return self._slots
+
+    def seed_record(self, seed_id: str) -> SeedRecord:
+        """The record of `seed_id` (read it, do not mutate it). KeyError if unknown."""
+        return self._records[seed_id]
+
+    def live_seed(self, slot: str) -> SeedRecord | None:
+        """The live (not fossilized, not culled) seed occupying `slot`, if any."""
+        for record in self._records.values():
+            if record.slot == slot and record.live:
+                return record
+        return None
+
+    # ------------------------------------------------------------------ commands
+
+    def apply_command(self, command: AdaptationCommand) -> ApplyResult:
+        """Apply one command. A rejected command returns ok=False and changes nothing."""
+        if command.command_type != COMMAND_SEED:
+            name = CommandType.Name(command.command_type)  # type: ignore[arg-type]
+            return ApplyResult(ok=True, reason=f"{name}: nothing for Kasmina to do")
+        if command.WhichOneof("payload") != "seed_operation":
+            return _fail("COMMAND_SEED without a seed_operation payload: build it with esper.leyline.seed_command")
+        op = command.seed_operation.operation
+        if op == SEED_OP_UNKNOWN:
+            return _fail("COMMAND_SEED with SEED_OP_UNKNOWN: set seed_operation.operation")
+        if op == SEED_OP_GERMINATE:
+            return self._germinate(command.target_seed_id, command.seed_operation.blueprint_id)
+        return self._transition(command.target_seed_id, op)
+
+    def _germinate(self, slot: str, blueprint: str) -> ApplyResult:
+        if slot not in self._slot_modules:
+            valid = list(self._slots)
+            return _fail(f"GERMINATE: unknown slot {slot!r}; target_seed_id must name a slot, one of {valid}")
+        occupant = self.live_seed(slot)
+        if occupant is not None:
+            return _fail(
+                f"GERMINATE: slot {slot!r} is occupied by {occupant.seed_id} ({stage_name(occupant.stage)}); "
+                "fossilize or cull it first"
+            )
+        shape = self._shapes.get(slot)
+        if shape is None:
+            why = self._shape_errors.get(slot, f"no activation shape observed at slot {slot!r}")
+            return _fail(f"GERMINATE: {why}; run one forward pass first or pass example_input to KasminaLayer")
+        blueprint = blueprint or self._config.default_blueprint
+        spec = BlueprintSpec(hidden=self._config.seed_hidden, adapter_dim=self._config.adapter_dim)
+        seed_id = f"seed{self._seed_counter + 1}"
+        try:
+            module = self._build(seed_id, slot, blueprint, shape, spec)
+        except BlueprintError as exc:
+            return _fail(f"GERMINATE: {exc}")
+        self._seed_counter += 1
+        record = SeedRecord(
+            seed_id=seed_id, slot=slot, blueprint=blueprint, shape=shape, stage=SEED_STAGE_GERMINATED,
+            created_epoch=self._epoch, hidden=spec.hidden, adapter_dim=spec.adapter_dim,
+            val_loss_at_germination=self._last_val_loss,
+        )
+        record.enter(SEED_STAGE_GERMINATED, self._epoch, self._last_val_loss)
+        self._records[seed_id] = record
+        self._container[seed_id] = module
+        self._refresh_slot(slot)
+        return ApplyResult(
+            ok=True, reason=f"germinated {seed_id} ({blueprint}) in slot {slot}", seed_id=seed_id,
+            added_params=self.param_names(seed_id),
+        )
+
+    def _build(
+        self, seed_id: str, slot: str, blueprint: str, shape: tuple[int, ...], spec: BlueprintSpec
+    ) -> SeedModule:
+        digest = hashlib.sha256(f"{self._seed}:{seed_id}".encode()).digest()
+        generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+        module = SeedModule(build_blueprint(blueprint, shape, spec, generator))
+        anchor = next(self._slot_modules[slot].parameters(), None) or next(self._model.parameters(), None)
+        if anchor is not None:
+            module = module.to(device=anchor.device, dtype=anchor.dtype)
+        return module
+
+    def _transition(self, seed_id: str, op: int) -> ApplyResult:
+        record = self._records.get(seed_id)
+        if record is None or record.stage == SEED_STAGE_CULLED:
+            known = [r.seed_id for r in self._records.values() if r.stage != SEED_STAGE_CULLED]
+            state = "was culled" if record is not None else "is unknown"
+            return _fail(f"{op_name(op)}: seed id {seed_id!r} {state}; existing seeds: {known}", seed_id)
+        error = check_transition(record, op, self._config, self._last_val_loss)
+        if error is not None:
+            return _fail(f"{op_name(op)}: {error}", seed_id)
+        return self._commit_transition(record, op)
+
+    def _commit_transition(self, record: SeedRecord, op: int) -> ApplyResult:
+        target = TRANSITIONS[op].target
+        seed_id = record.seed_id
+        module = self._seed_module(seed_id)
+        if target is None:  # EVALUATE
+            record.eval_steps_left = self._config.evaluation_steps
+            reason = f"{seed_id}: evaluation window of {record.eval_steps_left} steps"
+            return ApplyResult(ok=True, reason=reason, seed_id=seed_id)
+        record.enter(target, self._epoch, self._last_val_loss)
+        removed: tuple[str, ...] = ()
+        if target == SEED_STAGE_BLENDING:
+            record.blend_step, record.alpha = 0, 0.0
+            record.val_loss_at_blend_start = self._last_val_loss
+            module.alpha.fill_(0.0)
+        elif target == SEED_STAGE_SHADOWING:
+            record.alpha = 1.0
+            module.alpha.fill_(1.0)
+        elif target == SEED_STAGE_FOSSILIZED:
+            record.eval_steps_left = 0
+            for param in module.parameters():
+                param.requires_grad_(False)
+                param.grad = None
+        elif target == SEED_STAGE_CULLED:
+            removed = self.param_names(seed_id)
+            record.eval_steps_left, record.alpha = 0, 0.0
+            del self._container[seed_id]
+        self._refresh_slot(record.slot)
+        return ApplyResult(
+            ok=True, reason=f"{seed_id}: {op_name(op)} -> {stage_name(target)}", seed_id=seed_id, removed_params=removed
+        )
+
+    def _seed_module(self, seed_id: str) -> SeedModule:
+        module = self._container[seed_id]
+        if not isinstance(module, SeedModule):
+            raise TypeError(f"{SEED_CONTAINER}.{seed_id} is a {type(module).__name__}, not a SeedModule")
+        return module
+
+    def param_names(self, seed_id: str) -> tuple[str, ...]:
+        """Fully qualified names (as in `model.named_parameters()`) of seed `seed_id`'s parameters."""
+        if seed_id not in self._container:
+            return ()
+        prefix = f"{SEED_CONTAINER}.{seed_id}."
+        return tuple(prefix + name for name, _ in self._container[seed_id].named_parameters())
+
+    # ------------------------------------------------------------------ hooks
+
+    def _refresh_slot(self, slot: str) -> None:
+        """Recompute the slot's blend chain and attach/detach its hook (hooks only where seeds are)."""
+        records = [r for r in self._records.values() if r.slot == slot]
+        self._chains[slot] = [
+            (r.seed_id, self._seed_module(r.seed_id), r.stage == SEED_STAGE_BLENDING)
+            for r in records
+            if r.stage in APPLIED_STAGES
+        ]
+        needed = any(r.stage in APPLIED_STAGES or r.live for r in records)
+        if needed and slot not in self._hooks:
+            self._hooks[slot] = self._slot_modules[slot].register_forward_hook(self._make_hook(slot))
+        elif not needed and slot in self._hooks:
+            self._hooks.pop(slot).remove()
+
+    def _make_hook(self, slot: str) -> Callable[[nn.Module, Any, Any], torch.Tensor | None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> torch.Tensor | None:
+            chain = self._chains[slot]
+            own = self._own_loss
+            if own is not None and own.slot != slot:
+                own = None
+            if not chain and own is None:
+                return None
+            if not isinstance(output, torch.Tensor):
+                raise TypeError(f"Kasmina slot {slot!r} outputs {type(output).__name__}; seeds need a tensor output")
+            h = output
+            for seed_id, seed, blend in chain:
+                if own is not None and seed_id == own.seed_id:
+                    continue
+                h = h + seed.alpha * seed(h) if blend else h + seed(h)
+            if own is not None:
+                detached = h.detach()  # the seed's own loss must not reach host layers upstream
+                h = detached + self._container[own.seed_id](detached)
+            return h
+
+        return hook
+
+    # ------------------------------------------------------------------ training-time calls
+
+    def on_step(self) -> None:
+        """Advance every live seed by one optimizer step (step counters, alpha while BLENDING)."""
+        for record in self._records.values():
+            if not record.live:
+                continue
+            record.steps_in_stage += 1
+            record.total_steps += 1
+            if record.eval_steps_left:
+                record.eval_steps_left -= 1
+            if record.stage == SEED_STAGE_BLENDING and record.blend_step < self._config.blend_steps:
+                record.blend_step += 1
+                record.alpha = alpha_at(record.blend_step, self._config.blend_steps, self._config.alpha_steepness)
+                self._seed_module(record.seed_id).alpha.fill_(record.alpha)
+
+    def on_epoch_end(self, epoch: int, val_loss: float, val_accuracy: float) -> None:
+        """Record the epoch's validation result; gates and exported metrics use it."""
+        self._epoch = epoch
+        self._last_val_loss = float(val_loss)
+        for record in self._records.values():
+            if record.stage == SEED_STAGE_CULLED:
+                continue
+            record.age_epochs += 1
+            if record.live:
+                record.epochs_in_stage += 1
+
+    def seed_loss_terms(
+        self, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    ) -> list[SeedLossTerm]:
+        """One own-loss term per live seed: a forward with that seed at full strength on detached `h`.
+
+        Costs one extra forward pass per live seed. Other slots behave as in the main forward.
+        """
+        terms: list[SeedLossTerm] = []
+        for record in [r for r in self._records.values() if r.live]:
+            self._own_loss = record
+            try:
+                loss = loss_fn(self._model(inputs), targets)
+            finally:
+                self._own_loss = None
+            terms.append(
+                SeedLossTerm(
+                    seed_id=record.seed_id, stage=record.stage, alpha=record.alpha, in_evaluation=record.in_evaluation,
+                    loss=loss, batch_size=int(inputs.shape[0]), param_names=self.param_names(record.seed_id),
+                )
+            )
+        return terms
+
+    # ------------------------------------------------------------------ export and summaries
+
+    def export_seed_states(self) -> list[SeedState]:
+        """DORMANT states for free slots (seed_id = slot name), then one per non-culled seed."""
+        free = [(i, s) for i, s in enumerate(self._slots) if self.live_seed(s) is None]
+        seeds = [r for r in self._records.values() if r.stage != SEED_STAGE_CULLED]
+        modules = {r.seed_id: self._seed_module(r.seed_id) for r in seeds}
+        return seed_states(free, seeds, modules, self._slots, self._last_val_loss)
+
+    def seeds_summary(self) -> list[dict[str, Any]]:
+        """Every seed ever germinated with its stage history by epoch (for Tolaria's summary.json)."""
+        return [
+            {
+                "seed_id": r.seed_id, "slot": r.slot, "blueprint": r.blueprint, "stage": stage_name(r.stage),
+                "params": sum(p.numel() for p in self._container[r.seed_id].parameters())
+                if r.seed_id in self._container else 0,
+                "history": [{"epoch": e, "stage": stage_name(s)} for e, s in r.history],
+            }
+            for r in self._records.values()
+        ]
+
+    def param_count(self) -> int:
+        """Parameters of the grown model (host + seeds still present)."""
+        return sum(p.numel() for p in self._model.parameters())
+
+    # ------------------------------------------------------------------ state
+
+    def manifest(self) -> dict[str, Any]:
+        """The grown structure and every counter, as JSON-serializable values."""
+        return manifest_to_json(
+            layer_seed=self._seed, slots=self._slots, seed_counter=self._seed_counter, epoch=self._epoch,
+            last_val_loss=self._last_val_loss, shapes=self._shapes, records=list(self._records.values()),
+        )
+
+    def load_manifest(self, manifest: Mapping[str, Any]) -> ApplyResult:
+        """Make this layer's structure and counters those of `manifest`.
+
+        Seeds already present with the same id and architecture are kept; others are removed or
+        built. Weights are not in the manifest: load `model.load_state_dict(saved)` afterwards.
+        Any inconsistency returns ok=False and changes nothing.
+        """
+        try:
+            parsed = parse_manifest(manifest)
+        except ManifestError as exc:
+            return _fail(f"load_manifest: {exc}")
+        if list(parsed.slots) != list(self._slots) or parsed.layer_seed != self._seed:
+            return _fail(
+                f"load_manifest: manifest was written for slots {list(parsed.slots)} and seed {parsed.layer_seed}, "
+                f"this layer has slots {list(self._slots)} and seed {self._seed}; construct KasminaLayer to match"
+            )
+        keep, build = self._plan_rebuild(parsed.records)
+        try:
+            built = {
+                r.seed_id: self._build(r.seed_id, r.slot, r.blueprint, r.shape, BlueprintSpec(r.hidden, r.adapter_dim))
+                for r in build
+            }
+        except BlueprintError as exc:
+            return _fail(f"load_manifest: {exc}")
+        old_names = {n for sid in self._container for n in self.param_names(sid)}
+        for seed_id in [sid for sid in self._container if sid not in keep]:
+            del self._container[seed_id]
+        for seed_id, module in built.items():
+            self._container[seed_id] = module
+        self._records = {r.seed_id: r for r in parsed.records}
+        self._seed_counter, self._epoch, self._last_val_loss = parsed.seed_counter, parsed.epoch, parsed.last_val_loss
+        self._shapes.update(parsed.shapes)
+        self._sync_modules_to_records()
+        new_names = {n for sid in self._container for n in self.param_names(sid)}
+        rebuilt = {n for sid in built for n in self.param_names(sid)} & old_names
+        return ApplyResult(
+            ok=True, reason=f"loaded manifest with {len(self._container)} seed modules",
+            added_params=tuple(sorted(new_names - old_names)), removed_params=tuple(sorted(old_names - new_names)),
+            reshaped_params=tuple(sorted(rebuilt)),
+        )
+
+    def _plan_rebuild(self, records: list[SeedRecord]) -> tuple[set[str], list[SeedRecord]]:
+        keep: set[str] = set()
+        build: list[SeedRecord] = []
+        for record in records:
+            if record.stage == SEED_STAGE_CULLED:
+                continue
+            current = self._records.get(record.seed_id)
+            same = current is not None and record.seed_id in self._container and (
+                (current.slot, current.blueprint, current.shape, current.hidden, current.adapter_dim)
+                == (record.slot, record.blueprint, record.shape, record.hidden, record.adapter_dim)
+            )
+            if same:
+                keep.add(record.seed_id)
+            else:
+                build.append(record)
+        return keep, build
+
+    def _sync_modules_to_records(self) -> None:
+        for record in self._records.values():
+            if record.seed_id not in self._container:
+                continue
+            module = self._seed_module(record.seed_id)
+            module.alpha.fill_(record.alpha)
+            frozen = record.stage == SEED_STAGE_FOSSILIZED
+            for param in module.parameters():
+                param.requires_grad_(not frozen)
+        for slot in self._slots:
+            self._refresh_slot(slot)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Kasmina's own state. Every counter is in the manifest, so this wraps it."""
+        return {"manifest": self.manifest()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore `state_dict()` output; raises ValueError with the reason if it does not fit this layer."""
+        result = self.load_manifest(state["manifest"])
+        if not result.ok:
+            raise ValueError(result.reason)
