@@ -244,7 +244,10 @@ class KasminaLayer:
         digest = hashlib.sha256(f"{self._seed}:{seed_id}".encode()).digest()
         generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
         module = SeedModule(build_blueprint(blueprint, shape, spec, generator))
-        anchor = next(self._slot_modules[slot].parameters(), None) or next(self._model.parameters(), None)
+        # Device and dtype follow the host's parameters (the slot's own first, else the model's).
+        anchor = next(self._slot_modules[slot].parameters(), None)
+        if anchor is None:
+            anchor = next(self._model.parameters(), None)
         if anchor is not None:
             module = module.to(device=anchor.device, dtype=anchor.dtype)
         return module
