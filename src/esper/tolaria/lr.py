@@ -31,7 +31,9 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter
 HOST_GROUP = "host"
 
 
-class _Policy(BaseModel):
+class BasePolicy(BaseModel):
+    """Base of every LR policy: a pure function of (step, registration step, host LR, small state)."""
+
     model_config = ConfigDict(extra="forbid")
 
     def lr(self, step: int, start: int, host_lr: float) -> float:
@@ -48,7 +50,7 @@ class _Policy(BaseModel):
         """Stateless policies have nothing to restore."""
 
 
-class CosinePolicy(_Policy):
+class CosinePolicy(BasePolicy):
     """Linear warm-up to `base_lr` over `warmup_steps`, then cosine down to `min_lr` at `total_steps`."""
 
     kind: Literal["cosine"] = "cosine"
@@ -66,7 +68,7 @@ class CosinePolicy(_Policy):
         return self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-class SeedWarmupPolicy(_Policy):
+class SeedWarmupPolicy(BasePolicy):
     """Linear warm-up from 0 over `warmup_steps` from registration, then a fixed target.
 
     The target is `base_lr` when set, else `host_multiplier` × the host group's current LR.
@@ -84,7 +86,7 @@ class SeedWarmupPolicy(_Policy):
         return target * ramp
 
 
-class MorphoAdaptivePolicy(_Policy):
+class MorphoAdaptivePolicy(BasePolicy):
     """Plateau-driven: multiply by `factor` after `patience` validation reports without improvement.
 
     Improvement means `val_loss < best · (1 − threshold)`. The LR is `base_lr · factor^reductions`,
@@ -123,7 +125,7 @@ class MorphoAdaptivePolicy(_Policy):
         self._reductions = int(state["reductions"])
 
 
-class StepPolicy(_Policy):
+class StepPolicy(BasePolicy):
     """`base_lr · gamma^((step − start) // step_size)`."""
 
     kind: Literal["step"] = "step"
@@ -135,7 +137,7 @@ class StepPolicy(_Policy):
         return self.base_lr * self.gamma ** (max(0, step - start) // self.step_size)
 
 
-class ConstantPolicy(_Policy):
+class ConstantPolicy(BasePolicy):
     """A fixed LR."""
 
     kind: Literal["constant"] = "constant"
@@ -146,7 +148,7 @@ class ConstantPolicy(_Policy):
         return self.lr_value
 
 
-class FrozenPolicy(_Policy):
+class FrozenPolicy(BasePolicy):
     """LR 0: the group's parameters do not move (momentum/moments are kept)."""
 
     kind: Literal["frozen"] = "frozen"
@@ -162,9 +164,9 @@ LRPolicy = Annotated[
 _POLICY_ADAPTER: TypeAdapter[Any] = TypeAdapter(LRPolicy)
 
 
-def parse_policy(data: Mapping[str, Any]) -> _Policy:
+def parse_policy(data: Mapping[str, Any]) -> BasePolicy:
     """Build a policy from a config mapping with a `kind` key (raises pydantic ValidationError)."""
-    policy: _Policy = _POLICY_ADAPTER.validate_python(dict(data))
+    policy: BasePolicy = _POLICY_ADAPTER.validate_python(dict(data))
     return policy
 
 
@@ -193,7 +195,7 @@ class UnifiedLRController:
             raise ValueError(f"tolerance must be > 0 (relative), got {tolerance}")
         self._provider = optimizer_provider
         self.tolerance = tolerance
-        self._policies: dict[str, _Policy] = {}
+        self._policies: dict[str, BasePolicy] = {}
         self._starts: dict[str, int] = {}
         self._scale = 1.0
         self._scale_reasons: deque[tuple[float, str]] = deque(maxlen=32)
@@ -205,14 +207,14 @@ class UnifiedLRController:
         self.history: deque[tuple[int, str, float]] = deque(maxlen=history)
 
     # -- registration ------------------------------------------------------------------------
-    def register_group(self, name: str, policy: _Policy | Mapping[str, Any], start_step: int | None = None) -> None:
+    def register_group(self, name: str, policy: BasePolicy | Mapping[str, Any], start_step: int | None = None) -> None:
         """Control group `name` with `policy` from `start_step` (default: the next step)."""
         if name in self._policies:
             raise ValueError(f"LR group {name!r} is already registered; unregister_group({name!r}) first")
         if start_step is not None and start_step < 0:
             raise ValueError(f"start_step must be >= 0 or None (the next step), got {start_step}")
         start = self._next_step() if start_step is None else start_step
-        self._policies[name] = policy if isinstance(policy, _Policy) else parse_policy(policy)
+        self._policies[name] = policy if isinstance(policy, BasePolicy) else parse_policy(policy)
         self._starts[name] = start
 
     def unregister_group(self, name: str) -> None:
@@ -223,7 +225,7 @@ class UnifiedLRController:
         self._current.pop(name, None)
         self._written.pop(name, None)
 
-    def groups(self) -> dict[str, _Policy]:
+    def groups(self) -> dict[str, BasePolicy]:
         return dict(self._policies)
 
     # -- the per-step call -------------------------------------------------------------------
@@ -294,7 +296,7 @@ class UnifiedLRController:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Replace all registrations with the saved ones; LRs are recomputed at the next step."""
-        policies: dict[str, _Policy] = {}
+        policies: dict[str, BasePolicy] = {}
         starts: dict[str, int] = {}
         for name, entry in state["groups"].items():
             policy = parse_policy(entry["policy"])

@@ -1,0 +1,349 @@
+"""The dynamic optimizer manager: one owner of the current optimizer, rebuilt as the model grows.
+
+Every component asks `manager.optimizer` for the optimizer; nobody keeps their own reference
+across a boundary. Param groups: `"host"` holds every trainable parameter outside
+`kasmina_seeds.`; each seed gets one group named by its seed id, holding the parameters named
+`kasmina_seeds.<seed_id>.…` (Kasmina's naming; seed ids contain no dot). Frozen parameters
+(`requires_grad=False`) are in no group. Each group carries `"name"` and `"param_names"`.
+
+`rebuild(added, removed, reshaped)` runs in two phases:
+
+1. prepare: build a new optimizer from `model.named_parameters()` with the factory, carry the
+   per-parameter state (step, exp_avg, exp_avg_sq, momentum_buffer, square_avg, …) by parameter
+   *name*, resize the state of reshaped parameters, and validate the result.
+2. swap: replace the optimizer, unregister removed seed groups from the LR controller, register
+   new ones with `seed_policy_factory(seed_id)`, and let the controller write their LRs.
+
+Kept state moves by *reference*, not by copy: prepare never mutates the old optimizer or its
+tensors (resizing allocates new ones), so a failed prepare leaves the old optimizer exactly as
+it was, and after a swap the old optimizer is dropped, so nothing else writes those tensors.
+Any failure returns `RebuildResult(ok=False, reason=...)` and keeps the old optimizer; rebuild
+never raises into the training loop.
+
+Reshape rule (`resize_state_tensor`): the overlapping leading region is kept; new entries are 0
+(zero moments, zero momentum); contracting slices. State tensors that are not per-element
+(Adam's scalar `step`) are kept as they are.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from esper.tolaria.lr import HOST_GROUP, BasePolicy, UnifiedLRController
+
+SEED_PREFIX = "kasmina_seeds."
+_STRUCTURAL_KEYS = ("params", "param_names", "name")
+
+OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
+
+
+class RebuildError(RuntimeError):
+    """A prepared optimizer failed validation; the message names the parameter and the fix."""
+
+
+@dataclass(frozen=True)
+class RebuildResult:
+    """What `rebuild` did. `ok=False`: the old optimizer is still in place, unchanged."""
+
+    ok: bool
+    reason: str
+    added_groups: tuple[str, ...] = ()
+    removed_groups: tuple[str, ...] = ()
+    carried_params: int = 0
+    duration_ms: float = 0.0
+
+
+def group_name_for(param_name: str) -> str:
+    """`"host"`, or the seed id for a parameter named `kasmina_seeds.<seed_id>.…`."""
+    if param_name.startswith(SEED_PREFIX):
+        return param_name[len(SEED_PREFIX) :].split(".", 1)[0]
+    return HOST_GROUP
+
+
+def resize_state_tensor(old: torch.Tensor, new_shape: Sequence[int]) -> torch.Tensor:
+    """A tensor of `new_shape` holding `old`'s overlapping leading region, zeros elsewhere.
+
+    Contract: same number of dimensions; `result[:m0, :m1, …] == old[:m0, :m1, …]` with
+    `m_k = min(old.shape[k], new_shape[k])`; every other entry is 0. `old` is not modified.
+    """
+    shape = tuple(int(s) for s in new_shape)
+    if len(shape) != old.dim():
+        raise ValueError(
+            f"cannot resize optimizer state from shape {tuple(old.shape)} to {shape}: the number of dimensions "
+            "differs; reshape a parameter only along existing dimensions, or remove and add it instead"
+        )
+    out = torch.zeros(shape, dtype=old.dtype, device=old.device)
+    region = tuple(slice(0, min(a, b)) for a, b in zip(old.shape, shape, strict=True))
+    out[region] = old[region]
+    return out
+
+
+class DynamicOptimizerManager:
+    """Owns the optimizer for a growing model (see module docstring)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        factory: OptimizerFactory,
+        lr: UnifiedLRController,
+        *,
+        host_policy: BasePolicy,
+        seed_policy_factory: Callable[[str], BasePolicy],
+    ) -> None:
+        self.model = model
+        self._factory = factory
+        self._lr = lr
+        self._host_policy = host_policy
+        self._seed_policy_factory = seed_policy_factory
+        self.rebuilds = 0
+        self.failed_rebuilds = 0
+        groups = _collect_groups(model)
+        optimizer = factory(_group_dicts(groups, {}))
+        _check_partition(optimizer, groups)
+        self._optimizer = optimizer
+        self._shapes = _shapes(groups)
+        self._sync_lr_groups(set(groups), set())
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The current optimizer; ask again after every rebuild."""
+        return self._optimizer
+
+    def group_names(self) -> list[str]:
+        return [str(g["name"]) for g in self._optimizer.param_groups]
+
+    # -- rebuild ----------------------------------------------------------------------------
+    def rebuild(self, added: Sequence[str], removed: Sequence[str], reshaped: Sequence[str] = ()) -> RebuildResult:
+        """Rebuild for Kasmina's parameter change (names from `ApplyResult`); never raises."""
+        start = time.perf_counter()
+        old_groups = set(self.group_names())
+        try:
+            optimizer, groups, carried = self._prepare(added, removed, reshaped)
+        except (RebuildError, RuntimeError, ValueError, TypeError, KeyError, IndexError) as exc:
+            self.failed_rebuilds += 1
+            return RebuildResult(
+                ok=False,
+                reason=f"optimizer rebuild failed, old optimizer kept: {exc}",
+                duration_ms=(time.perf_counter() - start) * 1e3,
+            )
+        self._optimizer = optimizer
+        self._shapes = _shapes(groups)
+        self.rebuilds += 1
+        new_groups = set(groups)
+        self._sync_lr_groups(new_groups - old_groups, old_groups - new_groups)
+        return RebuildResult(
+            ok=True,
+            reason="rebuilt",
+            added_groups=tuple(sorted(new_groups - old_groups)),
+            removed_groups=tuple(sorted(old_groups - new_groups)),
+            carried_params=carried,
+            duration_ms=(time.perf_counter() - start) * 1e3,
+        )
+
+    def _prepare(
+        self, added: Sequence[str], removed: Sequence[str], reshaped: Sequence[str]
+    ) -> tuple[torch.optim.Optimizer, dict[str, list[tuple[str, nn.Parameter]]], int]:
+        groups = _collect_groups(self.model)
+        current = {n: p for members in groups.values() for n, p in members}
+        _check_change(current, self._shapes, added, removed, reshaped)
+        optimizer = self._factory(_group_dicts(groups, _hyperparameters(self._optimizer)))
+        _check_partition(optimizer, groups)
+        old_state = _state_by_name(self._optimizer)
+        carried = 0
+        reshaped_set = set(reshaped)
+        for name, param in current.items():
+            state = old_state.get(name)
+            if not state:
+                continue
+            if name in reshaped_set:
+                state = _resize_state(state, self._shapes[name], param.shape)
+            optimizer.state[param] = dict(state)  # a new dict; the tensors move by reference
+            carried += 1
+        _check_state(optimizer, old_state, current)
+        return optimizer, groups, carried
+
+    def _sync_lr_groups(self, added: set[str], removed: set[str]) -> None:
+        registered = self._lr.groups()
+        for name in sorted(removed):
+            if name in registered:
+                self._lr.unregister_group(name)
+        for name in sorted(added):
+            if name not in registered:
+                policy = self._host_policy if name == HOST_GROUP else self._seed_policy_factory(name)
+                self._lr.register_group(name, policy)
+        self._lr.refresh()
+
+    # -- snapshots ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Optimizer state keyed by parameter NAME, plus each group's hyperparameters (not its LR,
+        which the LR controller derives). Tensors are references: snapshot code clones them."""
+        groups = []
+        for g in self._optimizer.param_groups:
+            hyper = {k: v for k, v in g.items() if k not in _STRUCTURAL_KEYS and k != "lr"}
+            groups.append({"name": g["name"], "param_names": list(g["param_names"]), "hyper": hyper})
+        state = {name: dict(s) for name, s in _state_by_name(self._optimizer).items()}
+        return {"groups": groups, "state": state}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Rebuild the optimizer for the model as it is now and load saved state by name.
+
+        The model must already have its saved structure (Kasmina's manifest loaded first).
+        Tensors are cloned, so the saved state (e.g. a rollback snapshot) is never mutated."""
+        groups = _collect_groups(self.model)
+        current = {n: p for members in groups.values() for n, p in members}
+        saved_state: Mapping[str, Mapping[str, Any]] = state["state"]
+        missing = sorted(set(saved_state) - set(current))
+        if missing:
+            raise ValueError(
+                f"optimizer state names parameters the model lacks: {missing[:5]}; "
+                "restore the model's structure (Kasmina manifest) before loading optimizer state"
+            )
+        hyper = {str(g["name"]): dict(g["hyper"]) for g in state["groups"]}
+        optimizer = self._factory(_group_dicts(groups, hyper))
+        _check_partition(optimizer, groups)
+        for name, entry in saved_state.items():
+            optimizer.state[current[name]] = _load_entry(name, entry, current[name])
+        old_groups = set(self.group_names())
+        self._optimizer = optimizer
+        self._shapes = _shapes(groups)
+        self._sync_lr_groups(set(groups) - old_groups, old_groups - set(groups))
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def _collect_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    """Trainable parameters by group, host first, seeds in model order."""
+    groups: dict[str, list[tuple[str, nn.Parameter]]] = {HOST_GROUP: []}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        group = group_name_for(name)
+        if group == HOST_GROUP and name.startswith(SEED_PREFIX):
+            raise RebuildError(f"seed id 'host' in {name!r} collides with the host group; rename the seed")
+        groups.setdefault(group, []).append((name, param))
+    if not groups[HOST_GROUP]:
+        del groups[HOST_GROUP]
+    return groups
+
+
+def _group_dicts(
+    groups: Mapping[str, list[tuple[str, nn.Parameter]]], hyper: Mapping[str, Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """Param-group dicts for the factory; kept groups carry their previous hyperparameters
+    (e.g. an adjusted weight decay), new groups get the factory's defaults."""
+    out = []
+    for name, members in groups.items():
+        extra = {k: v for k, v in hyper.get(name, {}).items() if k not in _STRUCTURAL_KEYS}
+        out.append({**extra, "params": [p for _, p in members], "param_names": [n for n, _ in members], "name": name})
+    return out
+
+
+def _hyperparameters(optimizer: torch.optim.Optimizer) -> dict[str, dict[str, Any]]:
+    return {str(g["name"]): {k: v for k, v in g.items() if k not in _STRUCTURAL_KEYS} for g in optimizer.param_groups}
+
+
+def _shapes(groups: Mapping[str, list[tuple[str, nn.Parameter]]]) -> dict[str, torch.Size]:
+    return {n: p.shape for members in groups.values() for n, p in members}
+
+
+def _state_by_name(optimizer: torch.optim.Optimizer) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for g in optimizer.param_groups:
+        for name, param in zip(g["param_names"], g["params"], strict=True):
+            state = optimizer.state.get(param)
+            if state:
+                out[name] = state
+    return out
+
+
+def _check_change(
+    current: Mapping[str, nn.Parameter],
+    old_shapes: Mapping[str, torch.Size],
+    added: Sequence[str],
+    removed: Sequence[str],
+    reshaped: Sequence[str],
+) -> None:
+    for name in added:
+        if name not in current:
+            raise RebuildError(f"added parameter {name!r} is not a trainable model parameter; apply the change first")
+    for name in removed:
+        if name in current:
+            raise RebuildError(f"removed parameter {name!r} is still in the model; remove it before rebuilding")
+    for name in reshaped:
+        if name not in current or name not in old_shapes:
+            raise RebuildError(f"reshaped parameter {name!r} must exist before and after the change")
+    reshaped_set = set(reshaped)
+    for name, param in current.items():
+        before = old_shapes.get(name)
+        if before is not None and before != param.shape and name not in reshaped_set:
+            raise RebuildError(
+                f"parameter {name!r} changed shape {tuple(before)} -> {tuple(param.shape)} but is not in "
+                "`reshaped`; list it there so its optimizer state is resized"
+            )
+
+
+def _check_partition(optimizer: torch.optim.Optimizer, groups: Mapping[str, list[tuple[str, nn.Parameter]]]) -> None:
+    """Every trainable parameter is in exactly one group, under its own name and group."""
+    expected = {id(p): (n, g) for g, members in groups.items() for n, p in members}
+    seen: set[int] = set()
+    for group in optimizer.param_groups:
+        names = group.get("param_names")
+        if "name" not in group or names is None or len(names) != len(group["params"]):
+            raise RebuildError("the optimizer factory dropped a group's 'name'/'param_names'; pass groups through")
+        for name, param in zip(names, group["params"], strict=True):
+            if id(param) in seen:
+                raise RebuildError(f"parameter {name!r} is in more than one optimizer group")
+            if expected.get(id(param)) != (name, group["name"]):
+                raise RebuildError(f"parameter {name!r} is misplaced in group {group['name']!r}")
+            seen.add(id(param))
+    if len(seen) != len(expected):
+        lost = sorted(n for i, (n, _) in expected.items() if i not in seen)
+        raise RebuildError(f"trainable parameters missing from the optimizer: {lost[:5]}")
+
+
+def _resize_state(state: Mapping[str, Any], old_shape: torch.Size, new_shape: torch.Size) -> dict[str, Any]:
+    return {
+        k: resize_state_tensor(v, new_shape) if isinstance(v, torch.Tensor) and v.shape == old_shape else v
+        for k, v in state.items()
+    }
+
+
+def _check_state(
+    optimizer: torch.optim.Optimizer, old_state: Mapping[str, Mapping[str, Any]], current: Mapping[str, nn.Parameter]
+) -> None:
+    """No kept parameter lost state; per-element state matches its parameter's shape."""
+    for name, state in old_state.items():
+        param = current.get(name)
+        if param is None:
+            continue  # removed
+        new = optimizer.state.get(param)
+        if new is None or set(new) != set(state):
+            raise RebuildError(f"optimizer state of {name!r} was not carried over (keys {sorted(state)})")
+        for key, value in new.items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
+                raise RebuildError(
+                    f"state {key!r} of {name!r} has shape {tuple(value.shape)}, parameter has {tuple(param.shape)}"
+                )
+
+
+def _load_entry(name: str, entry: Mapping[str, Any], param: nn.Parameter) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in entry.items():
+        if not isinstance(value, torch.Tensor):
+            out[key] = value
+        elif key == "step":
+            out[key] = value.detach().clone()  # torch keeps `step` where the optimizer put it
+        else:
+            if value.dim() > 0 and value.shape != param.shape:
+                raise ValueError(
+                    f"saved optimizer state {key!r} of {name!r} has shape {tuple(value.shape)}, the parameter "
+                    f"{tuple(param.shape)}; restore the model's structure before loading optimizer state"
+                )
+            dtype = param.dtype if value.is_floating_point() else value.dtype
+            out[key] = value.detach().to(device=param.device, dtype=dtype, copy=True)
+    return out
