@@ -1,0 +1,196 @@
+"""The epoch boundary: validate, assemble the state packet, ask Tamiyo, apply, check.
+
+Validation is timed but outside the budget. Tolaria's own work is four phases with the
+design's budgets (state assembly 3.5 ms, Tamiyo 12 ms, apply 1.5 ms, check 1 ms; 18 ms in
+all); every boundary records each phase, and an overrun is a failure on the
+`boundary_timing` breaker.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from esper.leyline import (
+    MESSAGE_PRIORITY_HIGH,
+    SEED_STAGE_FOSSILIZED,
+    TELEMETRY_LEVEL_ERROR,
+    TELEMETRY_LEVEL_WARNING,
+    AdaptationCommand,
+    HardwareContext,
+    SeedLifecycleStage,
+    SystemStatePacket,
+    is_noop,
+    noop_command,
+    system_state_packet,
+)
+from esper.tolaria.handshake import HandshakeOutcome, is_germination
+
+if TYPE_CHECKING:
+    from esper.tolaria.trainer import TolariaTrainer
+
+OWN_PHASES = ("state_assembly", "tamiyo", "apply", "check")
+
+
+@dataclass
+class BoundaryReport:
+    epoch: int
+    val_loss: float
+    val_accuracy: float
+    command: AdaptationCommand | None = None
+    fallback: str = ""
+    applied: bool = False
+    apply_reason: str = ""
+    phases_ms: dict[str, float] = field(default_factory=dict)
+    own_ms: float = 0.0
+    breaches: dict[str, float] = field(default_factory=dict)
+
+
+def hardware_context() -> HardwareContext:
+    """What Tamiyo is told about the machine; cheap enough for every boundary."""
+    if torch.cuda.is_available():
+        free, total = torch.cuda.mem_get_info()
+        major, minor = torch.cuda.get_device_capability()
+        return HardwareContext(device_type="cuda", device_id=torch.cuda.get_device_name(),
+                               total_memory_gb=total / 2**30, available_memory_gb=free / 2**30,
+                               compute_capability=major * 10 + minor)
+    page = os.sysconf("SC_PAGE_SIZE")
+    return HardwareContext(device_type="cpu", device_id=f"{os.cpu_count()}-core",
+                           total_memory_gb=os.sysconf("SC_PHYS_PAGES") * page / 2**30,
+                           available_memory_gb=os.sysconf("SC_AVPHYS_PAGES") * page / 2**30)
+
+
+class EpochBoundary:
+    """Runs one boundary against the trainer's components; the trainer owns all state."""
+
+    def __init__(self, trainer: TolariaTrainer) -> None:
+        self.t = trainer
+
+    def run(self, epoch: int, train_loss: float) -> BoundaryReport:
+        t = self.t
+        with t.profiler.span("boundary.validate"), t.timer.phase("validate"):
+            val_loss, val_acc = t.validate()
+        t.kasmina.on_epoch_end(epoch, val_loss, val_acc)
+        report = BoundaryReport(epoch, val_loss, val_acc)
+        with t.profiler.span("boundary.state_assembly"), t.timer.phase("state_assembly"):
+            packet = self.assemble(epoch, train_loss, val_loss, val_acc)
+        with t.profiler.span("boundary.tamiyo"), t.timer.phase("tamiyo"):
+            outcome = self.ask_tamiyo(packet)
+        with t.profiler.span("boundary.apply"), t.timer.phase("apply"):
+            self.apply(outcome, report)
+        with t.profiler.span("boundary.check"):
+            started = time.perf_counter_ns()
+            if (d := t.faults.active("slow-boundary", epoch, t.config.breakers.failure_threshold)) is not None:
+                time.sleep(t.config.boundary.total_ms * 2 / 1000)
+                d.outcome = "boundary overran its budget; see breakers.boundary_timing and conservative_mode"
+            self.check(epoch, report, started)
+            t.timer.record("check", (time.perf_counter_ns() - started) / 1e6)
+        t.timer.record("total", report.own_ms)
+        return report
+
+    # ---------------------------------------------------------------- phases
+    def assemble(self, epoch: int, train_loss: float, val_loss: float, val_acc: float) -> SystemStatePacket:
+        t = self.t
+        seeds = t.kasmina.export_seed_states()
+        metrics = {
+            "boundary_ms_last": t.timer.last.get("total", 0.0),
+            "lr_host": t.lr.current().get("host", 0.0),
+            "param_count": float(t.param_count()),
+            "rollbacks_total": float(len(t.rollbacks)),
+            "nonfinite_steps": float(t.aggregator.nonfinite_steps),
+        }
+        if t.conservative.active:  # reduced per-seed detail while conservative
+            seeds = [s for s in seeds if s.stage != SEED_STAGE_FOSSILIZED]
+        return system_state_packet(
+            epoch=epoch, global_step=t.state.global_step, training_loss=train_loss,
+            validation_loss=val_loss, validation_accuracy=val_acc, seed_states=seeds,
+            training_metrics=metrics, hardware=t.hardware, run_id=t.run_id,
+            experiment_name=t.config.run.name, conservative_mode=t.conservative.active,
+        )
+
+    def ask_tamiyo(self, packet: SystemStatePacket) -> HandshakeOutcome:
+        t = self.t
+        breaker = t.breakers["tamiyo"]
+        if not t.morphogenesis:
+            return HandshakeOutcome(noop_command(issued_by="tolaria", reason="morphogenesis disabled"), False)
+        if not breaker.allow():
+            command = noop_command(issued_by="tolaria", reason="fallback: tamiyo breaker open")
+            command.annotations["fallback"] = "breaker_open"
+            return HandshakeOutcome(command, True, "breaker_open", "tamiyo breaker is OPEN; controller skipped")
+        timeout = t.config.handshake.tamiyo_timeout_s
+        if t.conservative.active:
+            timeout *= t.config.conservative.tamiyo_timeout_factor
+        outcome = t.handshake.exchange(packet, timeout_s=timeout)
+        if outcome.fallback:
+            opened = breaker.record_failure(f"{outcome.failure_kind}: {outcome.failure}")
+            t.record_event("tamiyo_fallback", TELEMETRY_LEVEL_WARNING, kind=outcome.failure_kind,
+                           reason=outcome.failure, breaker_opened=opened)
+            t.fallbacks.append({"epoch": packet.current_epoch, "kind": outcome.failure_kind,
+                                "reason": outcome.failure})
+        else:
+            breaker.record_success()
+        return outcome
+
+    def apply(self, outcome: HandshakeOutcome, report: BoundaryReport) -> None:
+        t = self.t
+        command = outcome.command
+        report.command, report.fallback = command, outcome.failure_kind
+        if t.conservative.active and is_germination(command):
+            t.record_event("germination_blocked", TELEMETRY_LEVEL_WARNING, reason="conservative mode",
+                           command_id=command.command_id)
+            report.apply_reason = "germination blocked in conservative mode"
+            return
+        if is_noop(command):
+            report.apply_reason = command.annotations.get("reason", "no-op")
+            return
+        t.apply_command(command, report)
+
+    def check(self, epoch: int, report: BoundaryReport, started_ns: int) -> None:
+        """Compare this boundary's phases with their budgets; the check phase is measured up to
+        the decision, which is all of it that can be."""
+        t = self.t
+        budgets = t.timer.budgets_ms
+        report.phases_ms = {p: t.timer.last.get(p, 0.0) for p in ("validate", *OWN_PHASES[:-1])}
+        report.phases_ms["check"] = (time.perf_counter_ns() - started_ns) / 1e6
+        breaches = {p: report.phases_ms[p] for p in OWN_PHASES if report.phases_ms[p] > budgets[p]}
+        report.own_ms = sum(report.phases_ms[p] for p in OWN_PHASES)
+        if report.own_ms > budgets["total"]:
+            breaches["total"] = report.own_ms
+        report.breaches = breaches
+        timing = t.breakers["boundary_timing"]
+        if breaches:
+            what = ", ".join(f"{k} {v:.1f} ms > {budgets[k]:.1f} ms" for k, v in breaches.items())
+            timing.record_failure(f"epoch {epoch}: {what}")
+            t.record_event("boundary_budget_breach", TELEMETRY_LEVEL_WARNING, epoch=epoch, phases=what)
+        else:
+            timing.record_success()
+        self._decide_conservative(epoch)
+
+    def _decide_conservative(self, epoch: int) -> None:
+        t = self.t
+        open_names = t.breakers.open_names()
+        reasons = [f"{n}: {t.breakers[n].last_reason}" for n in open_names]
+        change = t.conservative.update(epoch, open_names, reasons)
+        if change == "entered":
+            t.record_event("conservative_mode_entered", TELEMETRY_LEVEL_ERROR, MESSAGE_PRIORITY_HIGH,
+                           epoch=epoch, breakers=",".join(open_names), reasons="; ".join(reasons))
+        elif change == "exited":
+            t.record_event("conservative_mode_exited", TELEMETRY_LEVEL_WARNING, MESSAGE_PRIORITY_HIGH, epoch=epoch)
+
+
+def stage_name(stage: int) -> str:
+    return SeedLifecycleStage.Name(stage).removeprefix("SEED_STAGE_")  # type: ignore[arg-type]
+
+
+def seed_stage_changes(previous: dict[str, str], seeds: list[Any]) -> dict[str, str]:
+    """Seeds (not dormant slots) whose stage differs from `previous`: seed_id -> stage name."""
+    changes = {}
+    for s in seeds:
+        name = stage_name(s.stage)
+        if name != "DORMANT" and previous.get(s.seed_id) != name:
+            changes[s.seed_id] = name
+    return changes

@@ -1,0 +1,172 @@
+"""The `tolaria` command: run, resume, inspect, report, bench, watch, drills."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from esper import __version__
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tolaria", description="Tolaria: the training orchestrator of Esper.")
+    p.add_argument("--version", action="version", version=f"tolaria {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="train a job from a TOML config and write RUN_DIR/summary.json")
+    run.add_argument("config", type=Path, help="TOML config, e.g. examples/digits.toml")
+    run.add_argument("--run-dir", type=Path, default=None, help="output folder (default runs/<name>)")
+    run.add_argument("--epochs", type=int, default=None, help="override run.epochs")
+    run.add_argument("--no-morphogenesis", action="store_true", help="train the host alone (no growth)")
+    run.add_argument("--inject", action="append", default=[], metavar="KIND@epoch=N[,step=M]",
+                     help="fault drill (repeatable); `tolaria drills` lists them")
+    run.add_argument("--oona", default=None, metavar="redis://HOST:PORT/DB", help="publish over Redis Streams")
+    run.add_argument("--remote-tamiyo", action="store_true", help="ask a `tamiyo serve` worker over --oona")
+    run.add_argument("--profile", action="store_true", help="record spans and write RUN_DIR/trace.json")
+    run.add_argument("--no-report", action="store_true", help="skip the HTML report at the end")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    resume = sub.add_parser("resume", help="continue a run from its newest valid committed checkpoint")
+    resume.add_argument("run_dir", type=Path)
+    resume.add_argument("--epochs", type=int, default=None, help="train up to this many epochs in total")
+    resume.add_argument("--quiet", action="store_true")
+
+    inspect = sub.add_parser("inspect", help="list and verify the checkpoints of a run or one checkpoint")
+    inspect.add_argument("path", type=Path)
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    report = sub.add_parser("report", help="write RUN_DIR/report/index.html with plots")
+    report.add_argument("run_dir", type=Path)
+
+    bench = sub.add_parser("bench", help="measure every performance figure against its goal")
+    bench.add_argument("--quick", action="store_true", help="small sizes and 3 trials (under 5 minutes on 2 cores)")
+    bench.add_argument("--json", type=Path, default=None, metavar="OUT", help="write the figures as JSON")
+    bench.add_argument("--oona", default=None, metavar="redis://HOST:PORT/DB", help="also run the Redis figures")
+    bench.add_argument("--only", action="append", default=None, metavar="FIGURE", help="run only these figures")
+    bench.add_argument("--compare", type=Path, default=None, metavar="OLD.json", help="flag regressions vs OLD")
+
+    watch = sub.add_parser("watch", help="tail telemetry and emergencies from Redis Streams")
+    watch.add_argument("url", metavar="redis://HOST:PORT/DB")
+    watch.add_argument("--count", type=int, default=None, help="stop after this many messages")
+    watch.add_argument("--from-start", action="store_true", help="replay the streams from their start")
+
+    sub.add_parser("drills", help="list the fault drills `--inject` accepts")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler = {"run": _cmd_run, "resume": _cmd_resume, "inspect": _cmd_inspect, "report": _cmd_report,
+               "bench": _cmd_bench, "watch": _cmd_watch, "drills": _cmd_drills}[args.command]
+    try:
+        return int(handler(args))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"tolaria {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from esper.tolaria.config import load_config
+    from esper.tolaria.faults import FaultPlan
+    from esper.tolaria.job import run_job
+
+    overrides: dict[str, dict[str, Any]] = {}
+    if args.epochs is not None:
+        overrides.setdefault("run", {})["epochs"] = args.epochs
+    if args.no_morphogenesis:
+        overrides.setdefault("run", {})["morphogenesis"] = False
+    if args.oona:
+        overrides.setdefault("oona", {})["url"] = args.oona
+    if args.remote_tamiyo:
+        overrides.setdefault("oona", {})["remote_tamiyo"] = True
+    if args.profile:
+        overrides.setdefault("profile", {})["enabled"] = True
+    config = load_config(args.config, overrides)
+    faults = FaultPlan.parse(args.inject)
+    run_dir = args.run_dir or Path("runs") / config.run.name
+    summary = run_job(config, run_dir, faults=faults, progress=not args.quiet, report=not args.no_report)
+    _print_result(summary, run_dir)
+    return 0
+
+
+def _cmd_resume(args: argparse.Namespace) -> int:
+    from esper.tolaria.job import resume_job
+
+    summary = resume_job(args.run_dir, epochs=args.epochs, progress=not args.quiet)
+    _print_result(summary, args.run_dir)
+    return 0
+
+
+def _print_result(summary: dict[str, Any], run_dir: Path) -> None:
+    seeds = summary.get("seeds", {})
+    fossilized = sum(1 for s in seeds.values() if s.get("stage") == "FOSSILIZED")
+    print(f"run {summary['run_id']}: {summary['epochs_completed']} epochs, "
+          f"final val accuracy {summary['final_val_accuracy']:.4f}, params {summary['param_count']:,}, "
+          f"seeds {len(seeds)} ({fossilized} fossilized), rollbacks {len(summary['rollbacks'])}, "
+          f"emergencies {len(summary['emergencies'])}")
+    print(f"summary: {run_dir / 'summary.json'}")
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from esper.tolaria.checkpoint import inspect as inspect_checkpoints
+
+    info = inspect_checkpoints(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"checkpoints in {args.path}")
+    for col in ("checkpoint", "epoch", "step", "size", "seeds", "status"):
+        table.add_column(col)
+    for c in info.get("checkpoints", []):
+        seeds = ", ".join(f"{s.get('seed_id')}:{s.get('stage')}" for s in c.get("seeds", [])) or "-"
+        table.add_row(str(c.get("name")), str(c.get("epoch")), str(c.get("step")),
+                      f"{c.get('size_bytes', 0) / 1e6:.2f} MB", seeds, str(c.get("status")))
+    Console().print(table)
+    return 0 if all(c.get("status") == "ok" for c in info.get("checkpoints", [])) else 1
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from esper.tolaria.report import generate_report
+
+    print(f"report: {generate_report(args.run_dir)}")
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from esper.tolaria.bench.harness import compare, print_compare, print_table, run_bench
+
+    result = run_bench(quick=args.quick, only=args.only, oona_url=args.oona, trials=None)
+    print_table(result)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+        print(f"figures: {args.json}")
+    if args.compare:
+        regressions = compare(json.loads(args.compare.read_text()), result)
+        print_compare(regressions)
+        return 1 if regressions else 0
+    return 0
+
+
+def _cmd_watch(args: argparse.Namespace) -> int:
+    from esper.oona.watch import run_watch
+
+    return int(run_watch(args.url, count=args.count, from_start=args.from_start))
+
+
+def _cmd_drills(args: argparse.Namespace) -> int:
+    from esper.tolaria.faults import DRILLS
+
+    for kind, what in DRILLS.items():
+        print(f"{kind:24s} {what}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,160 @@
+"""Fault drills: `tolaria run --inject KIND@epoch=N[,step=M]` rehearses a failure on purpose.
+
+Drills wrap the component they break (a Tamiyo that hangs, a Kasmina that raises, a store
+whose disk is full) or act at a named point of the loop; the trainer itself has no drill
+branches beyond asking `plan.due(kind, epoch, step)` at those points. Each drill's outcome is
+recorded in the run summary's `drills` list.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from esper.leyline import AdaptationCommand, SystemStatePacket
+
+DRILLS: dict[str, str] = {
+    "tamiyo-hang": "Tamiyo never answers this epoch: the handshake deadline expires, the fallback is used",
+    "tamiyo-raise": "Tamiyo raises this epoch: the error is recorded, the fallback is used",
+    "tamiyo-garbage": "Tamiyo answers with a malformed command: verification rejects it, the fallback is used",
+    "tamiyo-forged-command": "Tamiyo's command carries a forged signature: verification rejects it",
+    "kasmina-raise": "Kasmina raises while applying this epoch's command: recorded, escalated, model unchanged",
+    "slow-boundary": "the boundary check phase overruns its budget for `breaker threshold` epochs from N",
+    "lr-tamper": "an out-of-band write to param_group['lr'] at this step: detected and reverted next step",
+    "disk-full": "the checkpoint write at this epoch fails with ENOSPC: previous checkpoints intact, run goes on",
+    "corrupt-checkpoint": "the newest checkpoint is corrupted after this epoch: recovery falls back to the previous",
+    "nan-loss": "the loss at this step is NaN: SEVERE, fast rollback",
+    "nan-grad": "a gradient at this step is NaN: SEVERE, fast rollback",
+    "loss-spike": "the loss at this step is x20 its baseline: SEVERE, rollback and skip the batch",
+    "hang-step": "this step stalls past the watchdog deadline: CRITICAL, freeze and broadcast",
+    "accuracy-collapse": "validation accuracy collapses at this epoch: MAJOR, full rollback",
+    "redis-down": "the Oona bus goes down from this epoch: publishing fails fast, drops counted, training goes on",
+}
+
+_SPEC = re.compile(r"^(?P<kind>[a-z-]+)@epoch=(?P<epoch>\d+)(?:,step=(?P<step>\d+))?$")
+
+
+class DrillError(ValueError):
+    """A `--inject` spec is malformed or names an unknown drill."""
+
+
+class InjectedFault(RuntimeError):
+    """Raised by a drill on purpose."""
+
+
+@dataclass
+class Drill:
+    kind: str
+    epoch: int
+    step: int | None = None
+    fired: bool = False
+    outcome: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "epoch": self.epoch, "step": self.step, "fired": self.fired,
+                "outcome": self.outcome or ("not reached" if not self.fired else "fired")}
+
+
+def parse_drill(spec: str) -> Drill:
+    match = _SPEC.match(spec.strip())
+    if not match:
+        raise DrillError(f"--inject {spec!r}: expected KIND@epoch=N[,step=M], e.g. tamiyo-hang@epoch=3")
+    kind = match["kind"]
+    if kind not in DRILLS:
+        raise DrillError(f"--inject {spec!r}: unknown drill {kind!r}; known: {', '.join(sorted(DRILLS))}")
+    return Drill(kind, int(match["epoch"]), int(match["step"]) if match["step"] else None)
+
+
+@dataclass
+class FaultPlan:
+    drills: list[Drill] = field(default_factory=list)
+
+    @classmethod
+    def parse(cls, specs: list[str]) -> FaultPlan:
+        return cls([parse_drill(s) for s in specs])
+
+    def due(self, kind: str, epoch: int, step: int | None = None) -> Drill | None:
+        """The unfired drill of this kind due now (step-less drills fire at their epoch)."""
+        for drill in self.drills:
+            if drill.kind != kind or drill.fired or drill.epoch != epoch:
+                continue
+            if drill.step is not None and step is not None and drill.step != step:
+                continue
+            drill.fired = True
+            return drill
+        return None
+
+    def active(self, kind: str, epoch: int, span: int = 1) -> Drill | None:
+        """A drill of this kind whose window [epoch, epoch+span) covers `epoch` (fires every epoch in it)."""
+        for drill in self.drills:
+            if drill.kind == kind and drill.epoch <= epoch < drill.epoch + span:
+                drill.fired = True
+                return drill
+        return None
+
+    def record(self, drill: Drill | None, outcome: str) -> None:
+        if drill is not None and not drill.outcome:
+            drill.outcome = outcome
+
+    def summary(self) -> list[dict[str, Any]]:
+        return [d.as_dict() for d in self.drills]
+
+
+class FaultyTamiyo:
+    """Wraps a Tamiyo client and misbehaves at the epochs the plan names."""
+
+    def __init__(self, inner: Any, plan: FaultPlan, *, sign: Any = None) -> None:
+        self.inner = inner
+        self.plan = plan
+        self._never = threading.Event()
+        self._sign = sign
+
+    def evaluate_epoch(self, packet: SystemStatePacket) -> AdaptationCommand:
+        epoch = packet.current_epoch
+        if (d := self.plan.due("tamiyo-hang", epoch)) is not None:
+            d.outcome = "hung; see the handshake fallback"
+            self._never.wait(3600)
+        if (d := self.plan.due("tamiyo-raise", epoch)) is not None:
+            d.outcome = "raised; see the handshake fallback"
+            raise InjectedFault("drill tamiyo-raise: controller failed")
+        if (d := self.plan.due("tamiyo-garbage", epoch)) is not None:
+            d.outcome = "answered garbage; see the handshake fallback"
+            return AdaptationCommand(command_type=99)  # type: ignore[arg-type]
+        command: AdaptationCommand = self.inner.evaluate_epoch(packet)
+        if (d := self.plan.due("tamiyo-forged-command", epoch)) is not None:
+            d.outcome = "answered a forged command; see the handshake fallback"
+            command.annotations["signature"] = "Zm9yZ2VkIHNpZ25hdHVyZQ=="
+        return command
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict() if hasattr(self.inner, "state_dict") else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if hasattr(self.inner, "load_state_dict"):
+            self.inner.load_state_dict(state)
+
+
+class FaultyKasmina:
+    """Wraps Kasmina; `apply_command` raises at the epochs the plan names. Everything else passes through."""
+
+    def __init__(self, inner: Any, plan: FaultPlan, epoch_of: Any) -> None:
+        self._inner = inner
+        self._plan = plan
+        self._epoch_of = epoch_of
+
+    def apply_command(self, command: AdaptationCommand) -> Any:
+        if (d := self._plan.due("kasmina-raise", self._epoch_of())) is not None:
+            d.outcome = "raised during apply"
+            raise InjectedFault("drill kasmina-raise: execution layer failed mid-apply")
+        return self._inner.apply_command(command)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+def stall(seconds: float) -> None:
+    """Used by slow-boundary and hang-step: a real stall on the calling thread."""
+    time.sleep(seconds)

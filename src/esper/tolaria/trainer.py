@@ -1,0 +1,384 @@
+"""`TolariaTrainer`: the training loop. Every side concern is a component called at a named point
+(see `hooks.HookPoint` for the loop in pseudocode)."""
+
+from __future__ import annotations
+
+import random
+import signal
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from esper.leyline import (
+    MESSAGE_PRIORITY_NORMAL,
+    TELEMETRY_LEVEL_ERROR,
+    TELEMETRY_LEVEL_INFO,
+    TELEMETRY_LEVEL_WARNING,
+    AdaptationCommand,
+    new_id,
+)
+from esper.tolaria.aggregation import AggregationConfig, GradientAggregator
+from esper.tolaria.boundary import BoundaryReport, EpochBoundary, hardware_context, seed_stage_changes
+from esper.tolaria.breakers import BreakerBoard
+from esper.tolaria.config import TolariaConfig
+from esper.tolaria.conservative import ConservativeMode
+from esper.tolaria.faults import FaultPlan, FaultyKasmina, FaultyTamiyo
+from esper.tolaria.handshake import TamiyoHandshake
+from esper.tolaria.hooks import HookPoint
+from esper.tolaria.lr import HOST_GROUP, UnifiedLRController
+from esper.tolaria.optimizer import DynamicOptimizerManager
+from esper.tolaria.profiling import Profiler
+from esper.tolaria.protocols import ExecutionLayer, OonaBus, TamiyoClient
+from esper.tolaria.snapshot import state_checksum
+from esper.tolaria.telemetry import TelemetryCollector
+from esper.tolaria.timing import MonotonicTimer
+
+OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class TrainerState:
+    """Counters that locate the run; everything else is derived or lives in a component."""
+
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    global_step: int = 0
+
+
+@dataclass
+class RunResult:
+    epochs_completed: int
+    final_val_accuracy: float
+    final_val_loss: float
+    summary: dict[str, Any]
+
+
+def factory_from_optimizer(optimizer: torch.optim.Optimizer) -> OptimizerFactory:
+    """Turn a constructed `torch.optim` optimizer into a factory of the same class and defaults."""
+    cls, defaults = type(optimizer), dict(optimizer.defaults)
+    defaults.pop("differentiable", None)
+    return lambda groups: cls(groups, **defaults)
+
+
+class TolariaTrainer:
+    """Trains `kasmina.model` with the morphogenetic control loop; `fit()` runs the epochs."""
+
+    def __init__(
+        self,
+        *,
+        kasmina: ExecutionLayer,
+        tamiyo: TamiyoClient,
+        optimizer: OptimizerFactory | torch.optim.Optimizer,
+        train_loader: Iterable[Any],
+        val_loader: Iterable[Any],
+        loss_fn: LossFn,
+        config: TolariaConfig | None = None,
+        bus: OonaBus | None = None,
+        run_dir: str | Path | None = None,
+        faults: FaultPlan | None = None,
+        verifier: Callable[[AdaptationCommand], None] | None = None,
+        callbacks: Sequence[Any] = (),
+    ) -> None:
+        self.config = config or TolariaConfig()
+        cfg = self.config
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.run_id = f"{cfg.run.name}-{new_id()[:8]}"
+        self.faults = faults or FaultPlan()
+        self.state = TrainerState()
+        self.kasmina: ExecutionLayer = FaultyKasmina(kasmina, self.faults, lambda: self.state.epoch) \
+            if self.faults.drills else kasmina  # type: ignore[assignment]
+        self.model: nn.Module = kasmina.model
+        self.tamiyo = FaultyTamiyo(tamiyo, self.faults) if self.faults.drills else tamiyo
+        self.train_loader, self.val_loader, self.loss_fn = train_loader, val_loader, loss_fn
+        self.morphogenesis = cfg.run.morphogenesis
+        self.lr = UnifiedLRController(lambda: self.optim.optimizer, tolerance=cfg.lr.tolerance)
+        factory = optimizer if callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer) \
+            else factory_from_optimizer(optimizer)
+        self.optim = DynamicOptimizerManager(self.model, factory, self.lr, host_policy=self._host_policy(),
+                                             seed_policy_factory=self._seed_policy)
+        self.aggregator = GradientAggregator(AggregationConfig.model_validate(cfg.aggregation))
+        self.breakers = BreakerBoard(failure_threshold=cfg.breakers.failure_threshold,
+                                     cooldown_calls=cfg.breakers.cooldown_calls)
+        self.conservative = ConservativeMode(cfg.conservative.healthy_epochs_to_exit)
+        b = cfg.boundary
+        self.timer = MonotonicTimer({"state_assembly": b.state_assembly_ms, "tamiyo": b.tamiyo_ms,
+                                     "apply": b.apply_ms, "check": b.check_ms, "total": b.total_ms})
+        self.handshake = TamiyoHandshake(self.tamiyo, timeout_s=cfg.handshake.tamiyo_timeout_s,
+                                         command_max_age_s=cfg.handshake.command_max_age_s,
+                                         max_abandoned=cfg.handshake.max_abandoned_workers, verifier=verifier)
+        self.bus = bus if bus is not None else _default_bus(self.run_dir, cfg)
+        self.telemetry = TelemetryCollector(self.bus, queue_size=cfg.telemetry.queue_size)
+        self.profiler = Profiler(cfg.profile.enabled,
+                                 trace_path=self.run_dir / "trace.json" if self.run_dir else None)
+        self.boundary = EpochBoundary(self)
+        self.callbacks = list(callbacks)
+        self.hardware = hardware_context()
+        self.history: list[dict[str, Any]] = []
+        self.seed_history: dict[str, list[dict[str, Any]]] = {}
+        self._seed_stage: dict[str, str] = {}
+        self.fallbacks: list[dict[str, Any]] = []
+        self.apply_failures: list[dict[str, Any]] = []
+        self.rollbacks: list[dict[str, Any]] = []
+        self.emergencies: list[dict[str, Any]] = []
+        self.events_recorded = 0
+        self._stop_signal: str | None = None
+        self._last_val = (float("nan"), float("nan"))
+
+    # ---------------------------------------------------------------- the loop
+    def fit(self) -> RunResult:
+        cfg = self.config
+        self._seed_everything(cfg.run.seed)
+        self._fire(HookPoint.FIT_BEGIN)
+        previous = self._install_signal_handlers()
+        try:
+            for epoch in range(self.state.epoch, cfg.run.epochs):
+                self.state.epoch = epoch
+                self._fire(HookPoint.EPOCH_BEGIN, epoch=epoch)
+                started = time.perf_counter()
+                train_loss = self._train_epoch(epoch)
+                if self._stop_signal:
+                    break
+                self._fire(HookPoint.BOUNDARY_BEGIN, epoch=epoch)
+                report = self.boundary.run(epoch, train_loss)
+                self._end_epoch(epoch, train_loss, report, time.perf_counter() - started)
+                self._fire(HookPoint.BOUNDARY_END, epoch=epoch, report=report)
+        finally:
+            _restore_signal_handlers(previous)
+            self._fire(HookPoint.FIT_END)
+        summary = self.summary()
+        return RunResult(summary["epochs_completed"], summary["final_val_accuracy"], summary["final_val_loss"],
+                         summary)
+
+    def _train_epoch(self, epoch: int) -> float:
+        self.model.train()
+        sampler = getattr(self.train_loader, "batch_sampler", None)
+        if hasattr(sampler, "set_position"):
+            sampler.set_position(epoch, self.state.batch_in_epoch)  # type: ignore[union-attr]
+        total, count = torch.zeros(()), 0
+        for x, y in self.train_loader:
+            self._fire(HookPoint.STEP_BEGIN, step=self.state.global_step)
+            loss = self._train_step(x, y)
+            self.state.batch_in_epoch += 1
+            self.state.global_step += 1
+            if loss is not None:
+                total += loss
+                count += 1
+            self._fire(HookPoint.STEP_END, step=self.state.global_step, loss=loss)
+            if self._stop_signal:
+                return float(total) / max(count, 1)
+        self.state.batch_in_epoch = 0
+        return float(total) / max(count, 1)
+
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """One step; returns the detached host loss, or None when the step was skipped."""
+        prof = self.profiler
+        with prof.span("step.forward"):
+            host_loss = self.loss_fn(self.model(x), y)
+        with prof.span("step.seed_losses"):
+            terms = self.kasmina.seed_loss_terms(x, y, self.loss_fn) if self.morphogenesis else []
+        with prof.span("step.backward"):
+            stats = self.aggregator.backward(host_loss, terms, self._trainable, host_batch_size=len(y))
+        with prof.span("step.optimizer"):
+            if stats.finite:
+                self.lr.step(self.state.global_step)
+                self.optim.optimizer.step()
+            else:
+                self.record_event("nonfinite_step_skipped", TELEMETRY_LEVEL_WARNING,
+                                  step=self.state.global_step, loss=stats.total_loss)
+            self.optim.optimizer.zero_grad(set_to_none=True)
+            self._check_lr_violations()
+        with prof.span("step.kasmina"):
+            self.kasmina.on_step()
+        return host_loss.detach() if stats.finite else None
+
+    # ---------------------------------------------------------------- boundary helpers
+    def validate(self) -> tuple[float, float]:
+        self.model.eval()
+        loss_sum, correct, n = 0.0, 0, 0
+        with torch.no_grad():
+            for x, y in self.val_loader:
+                out = self.model(x)
+                loss_sum += float(self.loss_fn(out, y)) * len(y)
+                correct += int((out.argmax(dim=1) == y).sum())
+                n += len(y)
+        self.model.train()
+        self._last_val = (loss_sum / max(n, 1), correct / max(n, 1))
+        self.lr.report_validation(self._last_val[0])
+        return self._last_val
+
+    def apply_command(self, command: AdaptationCommand, report: BoundaryReport) -> None:
+        """Apply through Kasmina; a raise is recorded and escalated and the model must be unchanged."""
+        breaker = self.breakers["kasmina"]
+        before = self._structure_fingerprint()
+        try:
+            result = self.kasmina.apply_command(command)
+        except Exception as exc:  # noqa: BLE001 - any failure of the execution layer is recorded here
+            opened = breaker.record_failure(f"{type(exc).__name__}: {exc}")
+            unchanged = self._structure_fingerprint() == before
+            self.apply_failures.append({"epoch": report.epoch, "command_id": command.command_id,
+                                        "error": f"{type(exc).__name__}: {exc}", "model_unchanged": unchanged})
+            self.record_event("kasmina_apply_failed", TELEMETRY_LEVEL_ERROR, command_id=command.command_id,
+                              error=str(exc), model_unchanged=unchanged, breaker_opened=opened)
+            self.faults.record(self.faults.due("kasmina-raise", report.epoch), f"recorded; model_unchanged={unchanged}")
+            report.apply_reason = f"apply failed: {exc}"
+            return
+        breaker.record_success()
+        report.applied, report.apply_reason = result.ok, result.reason
+        if not result.ok:
+            self.record_event("command_rejected", TELEMETRY_LEVEL_WARNING, command_id=command.command_id,
+                              reason=result.reason)
+            return
+        if result.structure_changed:
+            rebuilt = self.optim.rebuild(result.added_params, result.removed_params, result.reshaped_params)
+            self.record_event("optimizer_rebuilt", TELEMETRY_LEVEL_INFO, ok=rebuilt.ok,
+                              added=len(result.added_params), removed=len(result.removed_params))
+        self.record_event("command_applied", TELEMETRY_LEVEL_INFO, command_id=command.command_id,
+                          seed_id=result.seed_id, reason=result.reason)
+
+    def _end_epoch(self, epoch: int, train_loss: float, report: BoundaryReport, seconds: float) -> None:
+        self._track_seed_stages(epoch)
+        record = {
+            "epoch": epoch, "global_step": self.state.global_step, "train_loss": train_loss,
+            "val_loss": report.val_loss, "val_accuracy": report.val_accuracy, "lr": self.lr.current(),
+            "param_count": self.param_count(), "conservative_mode": self.conservative.active,
+            "epoch_seconds": seconds, "boundary_ms": report.own_ms,
+            "command": report.command.annotations.get("reason", "") if report.command is not None else "",
+        }
+        self.history.append(record)
+        metrics = {"tolaria.epoch.duration_ms": seconds * 1e3, "tolaria.boundary.latency_ms": report.own_ms,
+                   "tolaria.train.loss": train_loss, "tolaria.val.loss": report.val_loss,
+                   "tolaria.val.accuracy": report.val_accuracy, "tolaria.model.params": record["param_count"]}
+        metrics.update({f"tolaria.lr_controller.lr.{k}": v for k, v in record["lr"].items()})
+        self.telemetry.publish(self.telemetry.packet(metrics, attributes={"epoch": str(epoch)}),
+                               MESSAGE_PRIORITY_NORMAL)
+
+    def _track_seed_stages(self, epoch: int) -> None:
+        for seed_id, stage in seed_stage_changes(self._seed_stage, self.kasmina.export_seed_states()).items():
+            self._seed_stage[seed_id] = stage
+            self.seed_history.setdefault(seed_id, []).append({"epoch": epoch, "stage": stage})
+
+    # ---------------------------------------------------------------- small helpers
+    @property
+    def _trainable(self) -> dict[str, nn.Parameter]:
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def param_count(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def _structure_fingerprint(self) -> tuple[Any, ...]:
+        return tuple((n, tuple(p.shape), p.requires_grad) for n, p in self.model.named_parameters())
+
+    def _check_lr_violations(self) -> None:
+        for v in self.lr.drain_violations():
+            opened = self.breakers["lr_controller"].record_failure(
+                f"group {v.group}: lr {v.found:g} written out of band (expected {v.expected:g})")
+            self.record_event("lr_out_of_band_write", TELEMETRY_LEVEL_ERROR, group=v.group, expected=v.expected,
+                              found=v.found, step=v.step, breaker_opened=opened)
+            self.faults.record(self._lr_drill, f"detected at step {v.step} and reverted to {v.expected:g}")
+
+    def record_event(self, description: str, level: int = TELEMETRY_LEVEL_INFO,
+                     priority: int = MESSAGE_PRIORITY_NORMAL, **attributes: object) -> None:
+        self.events_recorded += 1
+        self.telemetry.emit_event(description, level, priority, **attributes)
+
+    def _host_policy(self) -> dict[str, Any]:
+        c, lr = self.config.lr, self.config.optimizer.lr
+        if c.host_policy == "cosine":
+            steps = max(1, self.config.run.epochs * _batches_per_epoch(self.train_loader))
+            return {"kind": "cosine", "base_lr": lr, "min_lr": lr * c.min_lr_ratio,
+                    "warmup_steps": min(c.warmup_steps, steps - 1), "total_steps": steps}
+        if c.host_policy == "morpho_adaptive":
+            return {"kind": "morpho_adaptive", "base_lr": lr}
+        if c.host_policy == "step":
+            return {"kind": "step", "base_lr": lr, "step_size": max(1, _batches_per_epoch(self.train_loader) * 10)}
+        return {"kind": "constant", "lr": lr}
+
+    def _seed_policy(self, seed_id: str) -> dict[str, Any]:
+        c = self.config.lr
+        return {"kind": "seed_warmup", "warmup_steps": max(1, c.seed_warmup_steps), "host_multiplier": c.seed_lr_ratio}
+
+    _lr_drill = None
+
+    def _fire(self, hook: HookPoint, **kwargs: Any) -> None:
+        if hook is HookPoint.STEP_END and self.faults.drills:
+            self._run_step_drills()
+        for cb in self.callbacks:
+            fn = getattr(cb, hook.value, None)
+            if fn is not None:
+                fn(self, **kwargs)
+        if hook is HookPoint.FIT_END:
+            self.close()
+
+    def _run_step_drills(self) -> None:
+        from esper.tolaria.lr import tamper_for_drill
+
+        if (d := self.faults.due("lr-tamper", self.state.epoch, self.state.global_step)) is not None:
+            if d.step is None or d.step == self.state.global_step:
+                self._lr_drill = d
+                tamper_for_drill(self.optim.optimizer, HOST_GROUP, 10.0)
+                d.outcome = "tampered; not detected"
+
+    def _seed_everything(self, seed: int) -> None:
+        if self.state.global_step:
+            return  # resumed: RNG states come from the snapshot
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        def request_stop(signum: int, _frame: Any) -> None:
+            self._stop_signal = signal.Signals(signum).name
+
+        previous = {}
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, request_stop)
+        except ValueError:  # not the main thread: the embedding application owns signals
+            return {}
+        return previous
+
+    def summary(self) -> dict[str, Any]:
+        from esper.tolaria.summary import build_summary
+
+        return build_summary(self)
+
+    def close(self) -> None:
+        self.telemetry.close()
+        self.handshake.close()
+        self.profiler.close() if hasattr(self.profiler, "close") else None
+        close = getattr(self.bus, "close", None)
+        if close is not None:
+            close()
+
+    def final_state_sha256(self) -> str:
+        return state_checksum(self.model.state_dict())
+
+
+def _restore_signal_handlers(previous: Mapping[int, Any]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+def _batches_per_epoch(loader: Iterable[Any]) -> int:
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return 1000
+
+
+def _default_bus(run_dir: Path | None, config: TolariaConfig) -> OonaBus:
+    if config.oona.url:
+        from esper.oona import RedisBus
+
+        return RedisBus(config.oona.url)  # type: ignore[no-any-return]
+    from esper.oona import InProcessBus
+
+    jsonl = run_dir / "telemetry.jsonl" if run_dir is not None and config.telemetry.jsonl else None
+    return InProcessBus(jsonl)  # type: ignore[no-any-return]
