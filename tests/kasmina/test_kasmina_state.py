@@ -93,6 +93,16 @@ def test_a_manifest_for_other_slots_is_rejected_and_changes_nothing() -> None:
     assert not layer.load_manifest({"version": 1, "seeds": []}).ok
 
 
+def test_a_manifest_with_two_live_seeds_in_one_slot_is_rejected() -> None:
+    layer = make_layer()
+    apply_ok(layer, SEED_OP_GERMINATE, "1")
+    apply_ok(layer, SEED_OP_GERMINATE, "3")
+    manifest = layer.manifest()
+    manifest["seeds"][1]["slot"] = "1"
+    result = make_layer().load_manifest(manifest)
+    assert not result.ok and "more than one live seed in a slot" in result.reason
+
+
 def test_state_dict_round_trip_restores_counters() -> None:
     layer = make_layer()
     drive_to(layer, SEED_STAGE_BLENDING, slot="3")

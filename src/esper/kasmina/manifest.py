@@ -108,4 +108,9 @@ def parse_manifest(manifest: Mapping[str, Any]) -> ParsedManifest:
     unknown = [r.slot for r in records if r.slot not in parsed.slots]
     if unknown:
         raise ManifestError(f"seeds reference slots {unknown} that the manifest does not list")
+    live_slots = [r.slot for r in records if r.live]
+    if len(set(live_slots)) != len(live_slots):
+        raise ManifestError(f"manifest puts more than one live seed in a slot: live seeds' slots {live_slots}")
+    if parsed.seed_counter < len(records):
+        raise ManifestError(f"seed_counter {parsed.seed_counter} is below the {len(records)} seeds listed")
     return parsed
