@@ -40,6 +40,9 @@ from esper.tolaria.lr import HOST_GROUP, BasePolicy, UnifiedLRController
 SEED_PREFIX = "kasmina_seeds."
 _STRUCTURAL_KEYS = ("params", "param_names", "name")
 
+PolicySpec = BasePolicy | Mapping[str, Any]
+"""A policy object, or its config mapping with a `kind` key (see `esper.tolaria.lr.parse_policy`)."""
+
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 
 
@@ -93,8 +96,8 @@ class DynamicOptimizerManager:
         factory: OptimizerFactory,
         lr: UnifiedLRController,
         *,
-        host_policy: BasePolicy,
-        seed_policy_factory: Callable[[str], BasePolicy],
+        host_policy: PolicySpec,
+        seed_policy_factory: Callable[[str], PolicySpec],
     ) -> None:
         self.model = model
         self._factory = factory
@@ -108,7 +111,8 @@ class DynamicOptimizerManager:
         _check_partition(optimizer, groups)
         self._optimizer = optimizer
         self._shapes = _shapes(groups)
-        self._sync_lr_groups(set(groups), set())
+        # No refresh here: the controller's optimizer provider may not reach this manager yet.
+        self._sync_lr_groups(set(groups), set(), refresh=False)
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -168,7 +172,7 @@ class DynamicOptimizerManager:
         _check_state(optimizer, old_state, current)
         return optimizer, groups, carried
 
-    def _sync_lr_groups(self, added: set[str], removed: set[str]) -> None:
+    def _sync_lr_groups(self, added: set[str], removed: set[str], *, refresh: bool = True) -> None:
         registered = self._lr.groups()
         for name in sorted(removed):
             if name in registered:
@@ -177,7 +181,8 @@ class DynamicOptimizerManager:
             if name not in registered:
                 policy = self._host_policy if name == HOST_GROUP else self._seed_policy_factory(name)
                 self._lr.register_group(name, policy)
-        self._lr.refresh()
+        if refresh:
+            self._lr.refresh()
 
     # -- snapshots ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
