@@ -274,6 +274,13 @@ class RedisBus:
         self._call("dead-letter", move)
         self.dead_lettered_total += 1
 
+    def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Move a delivered entry the consumer cannot process (say, an unparseable payload) to the
+        dead-letter stream and acknowledge it, so it is neither lost nor retried."""
+        fields = {b"payload": delivery.envelope.SerializeToString(deterministic=True)}
+        fields[b"signature"] = sign_payload(fields[b"payload"], self._secret).encode()
+        self._dead_letter(delivery.stream, delivery.entry_id, fields, delivery.group, reason)
+
     # ------------------------------------------------------------------ plain reads
     def read(self, stream: str, last_id: str = "0-0", *, count: int = 100,
              block_ms: int = 0) -> tuple[list[Delivery], str]:
