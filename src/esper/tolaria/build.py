@@ -35,7 +35,7 @@ def default_slots(model: nn.Module) -> list[str]:
 
 def build_trainer(config: TolariaConfig, *, run_dir: Path | None = None, faults: FaultPlan | None = None,
                   tamiyo: Any = None, verifier: Any = None, callbacks: tuple[Any, ...] = (),
-                  world: Any = None) -> TolariaTrainer:
+                  world: Any = None, bus: Any = None) -> TolariaTrainer:
     from esper.kasmina import KasminaConfig, KasminaLayer
     from esper.tamiyo import HeuristicTamiyo, TamiyoConfig
 
@@ -50,7 +50,7 @@ def build_trainer(config: TolariaConfig, *, run_dir: Path | None = None, faults:
     controller = tamiyo if tamiyo is not None else HeuristicTamiyo(TamiyoConfig.model_validate(config.tamiyo))
     return TolariaTrainer(kasmina=kasmina, tamiyo=controller, optimizer=optimizer_factory(config),
                           train_loader=train, val_loader=val, loss_fn=nn.functional.cross_entropy, config=config,
-                          run_dir=run_dir, faults=faults, verifier=verifier, callbacks=callbacks)
+                          run_dir=run_dir, faults=faults, verifier=verifier, callbacks=callbacks, bus=bus)
 
 
 def configure_torch(config: TolariaConfig) -> None:

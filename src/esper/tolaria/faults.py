@@ -42,7 +42,11 @@ class DrillError(ValueError):
 
 
 class InjectedFault(RuntimeError):
-    """Raised by a drill on purpose."""
+    """Raised by a drill on purpose; `drill` is the drill whose outcome the catcher records."""
+
+    def __init__(self, message: str, drill: Drill | None = None) -> None:
+        super().__init__(message)
+        self.drill = drill
 
 
 @dataclass
@@ -119,7 +123,7 @@ class FaultyTamiyo:
             self._never.wait(3600)
         if (d := self.plan.due("tamiyo-raise", epoch)) is not None:
             d.outcome = "raised; see the handshake fallback"
-            raise InjectedFault("drill tamiyo-raise: controller failed")
+            raise InjectedFault("drill tamiyo-raise: controller failed", d)
         if (d := self.plan.due("tamiyo-garbage", epoch)) is not None:
             d.outcome = "answered garbage; see the handshake fallback"
             return AdaptationCommand(command_type=99)  # type: ignore[arg-type]
@@ -147,8 +151,7 @@ class FaultyKasmina:
 
     def apply_command(self, command: AdaptationCommand) -> Any:
         if (d := self._plan.due("kasmina-raise", self._epoch_of())) is not None:
-            d.outcome = "raised during apply"
-            raise InjectedFault("drill kasmina-raise: execution layer failed mid-apply")
+            raise InjectedFault("drill kasmina-raise: execution layer failed mid-apply", d)
         return self._inner.apply_command(command)
 
     def __getattr__(self, name: str) -> Any:

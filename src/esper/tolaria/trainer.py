@@ -226,7 +226,7 @@ class TolariaTrainer:
                                         "error": f"{type(exc).__name__}: {exc}", "model_unchanged": unchanged})
             self.record_event("kasmina_apply_failed", TELEMETRY_LEVEL_ERROR, command_id=command.command_id,
                               error=str(exc), model_unchanged=unchanged, breaker_opened=opened)
-            self.faults.record(self.faults.due("kasmina-raise", report.epoch), f"recorded; model_unchanged={unchanged}")
+            self.faults.record(getattr(exc, "drill", None), f"recorded, breaker notified; model_unchanged={unchanged}")
             report.apply_reason = f"apply failed: {exc}"
             return
         breaker.record_success()
@@ -260,7 +260,13 @@ class TolariaTrainer:
                                MESSAGE_PRIORITY_NORMAL)
 
     def _track_seed_stages(self, epoch: int) -> None:
-        for seed_id, stage in seed_stage_changes(self._seed_stage, self.kasmina.export_seed_states()).items():
+        states = self.kasmina.export_seed_states()
+        changes = seed_stage_changes(self._seed_stage, states)
+        present = {s.seed_id for s in states}
+        # Culled seeds leave Kasmina's export: their last stage is CULLED.
+        changes.update({sid: "CULLED" for sid, stage in self._seed_stage.items()
+                        if sid not in present and stage != "CULLED"})
+        for seed_id, stage in changes.items():
             self._seed_stage[seed_id] = stage
             self.seed_history.setdefault(seed_id, []).append({"epoch": epoch, "stage": stage})
 
