@@ -47,10 +47,25 @@ def build_trainer(config: TolariaConfig, *, run_dir: Path | None = None, faults:
     slots = config.model.slots or default_slots(model)
     kasmina = KasminaLayer(model, slots, config=KasminaConfig.model_validate(config.kasmina), seed=config.run.seed,
                            example_input=next(iter(val))[0][:2])
+    if tamiyo is None and config.oona.remote_tamiyo:
+        tamiyo, verifier = remote_tamiyo(config, verifier)
     controller = tamiyo if tamiyo is not None else HeuristicTamiyo(TamiyoConfig.model_validate(config.tamiyo))
     return TolariaTrainer(kasmina=kasmina, tamiyo=controller, optimizer=optimizer_factory(config),
                           train_loader=train, val_loader=val, loss_fn=nn.functional.cross_entropy, config=config,
                           run_dir=run_dir, faults=faults, verifier=verifier, callbacks=callbacks, bus=bus)
+
+
+def remote_tamiyo(config: TolariaConfig, verifier: Any) -> tuple[Any, Any]:
+    """A Tamiyo reached over Redis Streams; replies are verified again by Tolaria's handshake."""
+    from esper.oona import CommandVerifier, RedisBus, load_secret
+    from esper.tamiyo.remote import RemoteTamiyo
+
+    if not config.oona.url:
+        raise ValueError("oona.remote_tamiyo needs oona.url (or --oona redis://HOST:PORT/DB)")
+    secret = load_secret()
+    client = RemoteTamiyo(RedisBus(config.oona.url, secret=secret), secret=secret,
+                          timeout_s=config.handshake.tamiyo_timeout_s)
+    return client, verifier or CommandVerifier(secret)
 
 
 def configure_torch(config: TolariaConfig) -> None:

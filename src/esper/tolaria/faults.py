@@ -100,7 +100,8 @@ class FaultPlan:
         return None
 
     def record(self, drill: Drill | None, outcome: str) -> None:
-        if drill is not None and not drill.outcome:
+        """Set what the drill led to (replacing a provisional outcome set when it fired)."""
+        if drill is not None:
             drill.outcome = outcome
 
     def summary(self) -> list[dict[str, Any]]:
@@ -161,3 +162,68 @@ class FaultyKasmina:
 def stall(seconds: float) -> None:
     """Used by slow-boundary and hang-step: a real stall on the calling thread."""
     time.sleep(seconds)
+
+
+class SigningTamiyo:
+    """Signs an in-process controller's commands, so a drill can show verification rejecting a forgery."""
+
+    def __init__(self, inner: Any, secret: bytes) -> None:
+        self.inner = inner
+        self.secret = secret
+
+    def evaluate_epoch(self, packet: SystemStatePacket) -> AdaptationCommand:
+        from esper.oona import sign_command
+
+        command: AdaptationCommand = self.inner.evaluate_epoch(packet)
+        return sign_command(command, self.secret)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict() if hasattr(self.inner, "state_dict") else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if hasattr(self.inner, "load_state_dict"):
+            self.inner.load_state_dict(state)
+
+
+class FaultyBus:
+    """Wraps an Oona bus; from the drill's epoch on, every publish fails fast as if Redis were down."""
+
+    def __init__(self, inner: Any, plan: FaultPlan, epoch_of: Any) -> None:
+        self.inner = inner
+        self._plan = plan
+        self._epoch_of = epoch_of
+        self._drill: Drill | None = next((d for d in plan.drills if d.kind == "redis-down"), None)
+
+    def publish(self, stream: str, envelope: Any) -> str:
+        drill = self._drill
+        if drill is not None and self._epoch_of() >= drill.epoch:
+            from esper.oona import BusUnavailable
+
+            drill.fired = True
+            drill.outcome = "bus down: publishes failed fast; see telemetry.publish_failures"
+            raise BusUnavailable("drill redis-down: the bus is unreachable")
+        return str(self.inner.publish(stream, envelope))
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def wire_drills(plan: FaultPlan, *, tamiyo: Any, kasmina: Any, bus: Any, verifier: Any,
+                epoch_of: Any) -> tuple[Any, Any, Any, Any]:
+    """Wrap the components the plan's drills break; returns (tamiyo, kasmina, bus, verifier)."""
+    if not plan.drills:
+        return tamiyo, kasmina, bus, verifier
+    kinds = {d.kind for d in plan.drills}
+    if "tamiyo-forged-command" in kinds and verifier is None:
+        import secrets
+
+        from esper.oona import CommandVerifier
+
+        ephemeral = secrets.token_bytes(32)
+        tamiyo, verifier = SigningTamiyo(tamiyo, ephemeral), CommandVerifier(ephemeral)
+    if "redis-down" in kinds:
+        bus = FaultyBus(bus, plan, epoch_of)
+    return FaultyTamiyo(tamiyo, plan), FaultyKasmina(kasmina, plan, epoch_of), bus, verifier

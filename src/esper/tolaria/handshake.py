@@ -122,7 +122,9 @@ class TamiyoHandshake:
             answer = self._caller.call(self.tamiyo.evaluate_epoch, packet, timeout_s or self.timeout_s)
             command = self.verify(answer)
         except HandshakeError as exc:
-            return self._fallback(exc.kind, str(exc), start)
+            # A remote client that verified the reply itself raises a rejection with a reason code.
+            kind = "rejected" if hasattr(exc.__cause__, "reason_code") else exc.kind
+            return self._fallback(kind, str(exc), start)
         return HandshakeOutcome(command=command, fallback=False, latency_ms=(time.perf_counter() - start) * 1e3)
 
     def verify(self, answer: object) -> AdaptationCommand:

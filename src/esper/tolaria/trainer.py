@@ -28,7 +28,7 @@ from esper.tolaria.boundary import BoundaryReport, EpochBoundary, hardware_conte
 from esper.tolaria.breakers import BreakerBoard
 from esper.tolaria.config import TolariaConfig
 from esper.tolaria.conservative import ConservativeMode
-from esper.tolaria.faults import FaultPlan, FaultyKasmina, FaultyTamiyo
+from esper.tolaria.faults import FaultPlan, wire_drills
 from esper.tolaria.handshake import TamiyoHandshake
 from esper.tolaria.hooks import HookPoint
 from esper.tolaria.lr import HOST_GROUP, UnifiedLRController
@@ -92,10 +92,12 @@ class TolariaTrainer:
         self.run_id = f"{cfg.run.name}-{new_id()[:8]}"
         self.faults = faults or FaultPlan()
         self.state = TrainerState()
-        self.kasmina: ExecutionLayer = FaultyKasmina(kasmina, self.faults, lambda: self.state.epoch) \
-            if self.faults.drills else kasmina  # type: ignore[assignment]
+        bus = bus if bus is not None else _default_bus(self.run_dir, cfg)
+        tamiyo, kasmina, self.bus, verifier = wire_drills(self.faults, tamiyo=tamiyo, kasmina=kasmina, bus=bus,
+                                                          verifier=verifier, epoch_of=lambda: self.state.epoch)
+        self.kasmina: ExecutionLayer = kasmina
         self.model: nn.Module = kasmina.model
-        self.tamiyo = FaultyTamiyo(tamiyo, self.faults) if self.faults.drills else tamiyo
+        self.tamiyo = tamiyo
         self.train_loader, self.val_loader, self.loss_fn = train_loader, val_loader, loss_fn
         self.morphogenesis = cfg.run.morphogenesis
         self.lr = UnifiedLRController(lambda: self.optim.optimizer, tolerance=cfg.lr.tolerance)
@@ -113,7 +115,6 @@ class TolariaTrainer:
         self.handshake = TamiyoHandshake(self.tamiyo, timeout_s=cfg.handshake.tamiyo_timeout_s,
                                          command_max_age_s=cfg.handshake.command_max_age_s,
                                          max_abandoned=cfg.handshake.max_abandoned_workers, verifier=verifier)
-        self.bus = bus if bus is not None else _default_bus(self.run_dir, cfg)
         self.telemetry = TelemetryCollector(self.bus, queue_size=cfg.telemetry.queue_size)
         self.profiler = Profiler(cfg.profile.enabled,
                                  trace_path=self.run_dir / "trace.json" if self.run_dir else None)
@@ -383,7 +384,7 @@ def _default_bus(run_dir: Path | None, config: TolariaConfig) -> OonaBus:
     if config.oona.url:
         from esper.oona import RedisBus
 
-        return RedisBus(config.oona.url)  # type: ignore[no-any-return]
+        return RedisBus(config.oona.url)
     from esper.oona import InProcessBus
 
     jsonl = run_dir / "telemetry.jsonl" if run_dir is not None and config.telemetry.jsonl else None
