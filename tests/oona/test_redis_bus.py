@@ -153,8 +153,10 @@ def test_plain_read_skips_forged_entries_and_returns_a_cursor(bus: RedisBus, str
 def test_blocking_read_returns_when_an_entry_arrives(bus: RedisBus) -> None:
     import threading
 
-    threading.Timer(0.05, lambda: bus.publish("normal", _telemetry())).start()
+    timer = threading.Timer(0.05, lambda: bus.publish("normal", _telemetry()))
+    timer.start()
     got, _ = bus.read("normal", "$", block_ms=2000)
+    timer.join()
     assert len(got) == 1
 
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from oona_support import SECRET, unique_streams
@@ -113,6 +113,13 @@ def test_without_a_worker_evaluate_epoch_times_out_at_its_deadline(bus: RedisBus
     assert 0.3 <= time.monotonic() - start < 1.3  # deadline + slack for a busy machine
 
 
+def _later(fn: Callable[..., object], *args: object) -> threading.Timer:
+    """Run `fn(*args)` on another thread in 50 ms, while the test waits in evaluate_epoch."""
+    timer = threading.Timer(0.05, fn, args=args)
+    timer.start()
+    return timer
+
+
 def _answer_with(bus: RedisBus, reply: AdaptationCommand, correlation_id: str, reply_stream: str) -> None:
     bus.publish(reply_stream, envelope_for(BUS_MESSAGE_TYPE_ADAPTATION_COMMAND, reply, correlation_id=correlation_id))
 
@@ -121,9 +128,10 @@ def test_a_forged_reply_is_rejected(bus: RedisBus) -> None:
     client = RemoteTamiyo(bus, secret=SECRET, timeout_s=3)
     packet = _packet()
     forged = sign_command(seed_command(SEED_OP_GERMINATE, issued_by="mallory", blueprint_id="x"), b"wrong")
-    threading.Timer(0.05, _answer_with, args=(bus, forged, packet.packet_id, client.reply_stream)).start()
+    timer = _later(_answer_with, bus, forged, packet.packet_id, client.reply_stream)
     with pytest.raises(CommandRejected) as info:
         client.evaluate_epoch(packet)
+    timer.join()
     assert info.value.reason_code == "forged"
 
 
@@ -137,12 +145,14 @@ def test_replies_to_other_packets_are_ignored_and_a_replayed_reply_is_rejected(b
         _answer_with(bus, late, "some-earlier-packet", client.reply_stream)
         _answer_with(bus, good, packet.packet_id, client.reply_stream)
 
-    threading.Timer(0.05, answer).start()
+    first = _later(answer)
     assert client.evaluate_epoch(packet).seed_operation.blueprint_id == "good"
     replay_target = _packet()
-    threading.Timer(0.05, _answer_with, args=(bus, good, replay_target.packet_id, client.reply_stream)).start()
+    second = _later(_answer_with, bus, good, replay_target.packet_id, client.reply_stream)
     with pytest.raises(CommandRejected) as info:
         client.evaluate_epoch(replay_target)
+    first.join()
+    second.join()  # the publisher may still be reading its XADD reply; the bus closes after the test
     assert info.value.reason_code == "replayed"
 
 

@@ -324,6 +324,7 @@ class RedisBus:
         self._call("DEL", lambda: self._fast.delete(name))
 
     def close(self) -> None:
-        """Release the connection pools. Idempotent."""
+        """Release the connection pools. Idempotent. Call it once no other thread uses the bus:
+        redis-py fails calls in flight on a closed pool."""
         self._fast.close()
         self._blocking.close()

@@ -150,7 +150,9 @@ class TamiyoWorker:
         self.bus.ensure_group(self.request_stream, self.group)
         while not stop.is_set():
             try:
-                batch = self._next_batch()
+                # With `once`, read one entry at a time: a read-but-unhandled entry would sit
+                # pending until another worker reclaims it.
+                batch = self._next_batch(1 if once else 8)
             except BusUnavailable as exc:
                 log.warning("tamiyo serve: %s", exc)
                 stop.wait(0.2)
@@ -160,14 +162,14 @@ class TamiyoWorker:
                     return self.answered
         return self.answered
 
-    def _next_batch(self) -> list[Delivery]:
+    def _next_batch(self, count: int) -> list[Delivery]:
         now = time.monotonic()
         if now >= self._next_reclaim:
             self._next_reclaim = now + self.reclaim_every_s
-            reclaimed = self.bus.reclaim(self.request_stream, self.group, self.consumer)
+            reclaimed = self.bus.reclaim(self.request_stream, self.group, self.consumer, count=count)
             if reclaimed:
                 return reclaimed
-        return self.bus.consume(self.request_stream, self.group, self.consumer, count=8, block_ms=self.block_ms)
+        return self.bus.consume(self.request_stream, self.group, self.consumer, count=count, block_ms=self.block_ms)
 
     def handle(self, delivery: Delivery) -> bool:
         """Process one entry; True when a command was published in reply."""
