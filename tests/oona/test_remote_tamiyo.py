@@ -227,3 +227,16 @@ def test_streams_are_configurable_for_worker_and_client(redis_url: str) -> None:
     finally:
         worker.close()
         bus.close()
+
+
+def test_a_request_redelivered_after_its_answer_is_not_answered_twice(bus: RedisBus) -> None:
+    controller = EchoController()
+    worker = TamiyoWorker(bus, lambda: controller, secret=SECRET)
+    bus.ensure_group(worker.request_stream, worker.group)
+    packet = _packet()
+    bus.publish("normal", envelope_for(1, packet, reply_to="replies", correlation_id=packet.packet_id))
+    (delivery,) = bus.consume("normal", worker.group, "w")
+    assert worker.handle(delivery) is True
+    assert worker.handle(delivery) is False  # the same entry again, as a reclaim would hand it over
+    assert controller.calls == 1 and bus.length("replies") == 1
+    bus.delete_stream("replies")

@@ -35,5 +35,11 @@ class Deduplicator:
                 self._ids.popitem(last=False)
             return False
 
+    def __contains__(self, event_id: object) -> bool:
+        """Whether `event_id` was recorded, without recording it (for consumers that record only
+        after they succeeded, so a failed attempt can be retried)."""
+        with self._lock:
+            return event_id in self._ids
+
     def __len__(self) -> int:
         return len(self._ids)

@@ -27,7 +27,16 @@ from esper.leyline import (
     new_id,
     parse,
 )
-from esper.oona import BusUnavailable, CommandRejected, CommandVerifier, Delivery, RedisBus, load_secret, sign_command
+from esper.oona import (
+    BusUnavailable,
+    CommandRejected,
+    CommandVerifier,
+    Deduplicator,
+    Delivery,
+    RedisBus,
+    load_secret,
+    sign_command,
+)
 from esper.oona.streams import CORRELATION_ID, EVENT_ID, REPLY_TO, envelope_for
 
 if TYPE_CHECKING:  # only the type: importing esper.tolaria at runtime would pull torch into the worker
@@ -119,7 +128,9 @@ class TamiyoWorker:
     long given up), run the run's controller, sign the command, publish it to `reply_to`, ACK.
     A controller error leaves the entry un-ACKed: it is retried after `reclaim_idle_ms` and
     dead-lettered by the bus after `max_failures` failures. Entries that are not SYSTEM_STATE
-    requests are ACKed and ignored (the request stream also carries other traffic).
+    requests are ACKed and ignored (the request stream also carries other traffic). A request
+    redelivered after it was answered (the worker died between reply and ACK) is ACKed, not
+    answered twice.
     """
 
     def __init__(self, bus: RedisBus, controller_factory: Callable[[], TamiyoClient], *,
@@ -139,6 +150,7 @@ class TamiyoWorker:
         self._clock = clock
         self._controllers: OrderedDict[str, TamiyoClient] = OrderedDict()
         self._next_reclaim = 0.0
+        self._answered_ids = Deduplicator(capacity=10_000)
         self.answered = 0
         self.skipped = 0
         self.failed = 0
@@ -175,7 +187,8 @@ class TamiyoWorker:
         """Process one entry; True when a command was published in reply."""
         envelope = delivery.envelope
         reply_to = envelope.attributes.get(REPLY_TO, "")
-        if envelope.message_type != BUS_MESSAGE_TYPE_SYSTEM_STATE or not reply_to:
+        not_a_request = envelope.message_type != BUS_MESSAGE_TYPE_SYSTEM_STATE or not reply_to
+        if not_a_request or delivery.event_id in self._answered_ids:
             self.bus.ack(delivery)
             return False
         try:
@@ -197,6 +210,7 @@ class TamiyoWorker:
                              **{CORRELATION_ID: envelope.attributes.get(CORRELATION_ID, packet.packet_id),
                                 "in_reply_to": envelope.attributes.get(EVENT_ID, "")})
         self.bus.publish(reply_to, reply)
+        self._answered_ids.seen(delivery.event_id)
         self.bus.ack(delivery)
         self.answered += 1
         return True
