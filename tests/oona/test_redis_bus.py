@@ -200,3 +200,13 @@ def test_deduplicator_drops_repeated_event_ids_and_stays_bounded() -> None:
     dedup = Deduplicator(capacity=2)
     assert [dedup.seen(i) for i in ("a", "b", "a", "c", "b")] == [False, False, True, False, False]
     assert len(dedup) == 2 and dedup.duplicates == 1 and not dedup.seen("")
+
+
+def test_a_command_redis_refuses_raises_bus_rejected_with_its_reply(bus: RedisBus, streams: StreamNames) -> None:
+    from esper.oona import BusRejected
+
+    bus._fast.set(streams.telemetry, "not a stream")
+    with pytest.raises(BusRejected, match="WRONGTYPE"):
+        bus.publish("telemetry", _telemetry())
+    assert bus.available  # the server answered: no backoff
+    bus._fast.delete(streams.telemetry)

@@ -6,7 +6,7 @@ letters). `signing` holds the shared-secret HMAC conventions for entries and com
 """
 
 from esper.oona.dedup import Deduplicator
-from esper.oona.errors import BusUnavailable, CommandRejected, RejectionCode, SecretMissing
+from esper.oona.errors import BusRejected, BusUnavailable, CommandRejected, RejectionCode, SecretMissing
 from esper.oona.inprocess import InProcessBus
 from esper.oona.redis_bus import DeadLetter, Delivery, RedisBus
 from esper.oona.signing import (
@@ -21,6 +21,7 @@ from esper.oona.streams import StreamNames, decode_payload, envelope_for, stamp_
 
 __all__ = [
     "SECRET_ENV",
+    "BusRejected",
     "BusUnavailable",
     "CommandRejected",
     "CommandVerifier",

@@ -13,6 +13,11 @@ class BusUnavailable(ConnectionError):
     Subclasses ConnectionError so callers that guard the bus with `except OSError` keep working."""
 
 
+class BusRejected(RuntimeError):
+    """Redis is up but refused the command (out of memory, read-only replica, a key of the wrong
+    type). Not retried with backoff: the server answered; the message names its reply."""
+
+
 class SecretMissing(RuntimeError):
     """Signing or verification is required but no shared secret is configured."""
 

@@ -5,10 +5,11 @@ HMAC-SHA256 of those bytes. Consumers read with a consumer group (`XREADGROUP >`
 with `XACK`, and take over entries a dead consumer left pending with `XAUTOCLAIM`; an entry that
 fails `max_failures` times, or whose signature or envelope is bad, goes to the dead-letter stream.
 
-Failure behaviour: every Redis call uses short socket timeouts and no client-side retries, and a
-connection error raises `BusUnavailable` at once. After a failure the bus refuses calls for a
-backoff delay (doubling up to `backoff_max_s`) without touching the network, then tries again on
-the next call; a success after failures counts one reconnect in `reconnects_total`.
+Failure behaviour: every Redis call uses short socket timeouts and no client-side retries; a
+connection error raises `BusUnavailable` at once, and a command Redis refuses raises
+`BusRejected`. After a connection failure the bus refuses calls for a backoff delay (doubling up
+to `backoff_max_s`) without touching the network, then tries again on the next call; a success
+after failures counts one reconnect in `reconnects_total`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from esper.leyline import BusEnvelope, LeylineDecodeError, parse
-from esper.oona.errors import BusUnavailable
+from esper.oona.errors import BusRejected, BusUnavailable
 from esper.oona.signing import load_secret, sign_payload, verify_payload
 from esper.oona.streams import EVENT_ID, StreamNames, stamp_event_id
 
@@ -129,6 +130,8 @@ class RedisBus:
             self._record_failure(exc, client or self._fast)
             raise BusUnavailable(f"Oona Redis {self.url}: {what} failed ({type(exc).__name__}: {exc}); "
                                  f"is redis-server running? retrying after backoff") from exc
+        except redis.ResponseError as exc:
+            raise BusRejected(f"Oona Redis {self.url} refused {what}: {exc}") from exc
         if self._consecutive_failures:
             with self._state_lock:
                 if self._consecutive_failures:
@@ -184,7 +187,7 @@ class RedisBus:
         name = self.streams.resolve(stream)
         try:
             self._call("XGROUP CREATE", lambda: self._fast.xgroup_create(name, group, id=start_id, mkstream=True))
-        except redis.ResponseError as exc:
+        except BusRejected as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
 
