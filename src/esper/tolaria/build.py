@@ -62,7 +62,7 @@ def remote_tamiyo(config: TolariaConfig, verifier: Any) -> tuple[Any, Any]:
 
     if not config.oona.url:
         raise ValueError("oona.remote_tamiyo needs oona.url (or --oona redis://HOST:PORT/DB)")
-    secret = load_secret()
+    secret = load_secret(key_file=config.oona.secret_file or None)
     client = RemoteTamiyo(RedisBus(config.oona.url, secret=secret), secret=secret,
                           timeout_s=config.handshake.tamiyo_timeout_s)
     return client, verifier or CommandVerifier(secret)

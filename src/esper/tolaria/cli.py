@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from esper import __version__
+from esper.oona.errors import SecretMissing
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                "bench": _cmd_bench, "watch": _cmd_watch, "drills": _cmd_drills}[args.command]
     try:
         return int(handler(args))
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, SecretMissing) as exc:
         print(f"tolaria {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -105,6 +105,8 @@ class TelemetryConfig(Section):
 class OonaConfig(Section):
     url: str = Field("", description="redis://HOST:PORT/DB for Redis Streams; empty = in-process bus.")
     remote_tamiyo: bool = Field(False, description="Ask a `tamiyo serve` worker over Oona instead of in-process.")
+    secret_file: str = Field("", description="File holding the shared HMAC secret; empty reads "
+                             "the ESPER_LEYLINE_SECRET environment variable. Never commit the secret.")
 
 
 class CheckpointConfig(Section):

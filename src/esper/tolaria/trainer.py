@@ -99,6 +99,8 @@ class TolariaTrainer:
         self.model: nn.Module = kasmina.model
         self.tamiyo = tamiyo
         self.train_loader, self.val_loader, self.loss_fn = train_loader, val_loader, loss_fn
+        sampler = getattr(train_loader, "batch_sampler", None)
+        self.sampler = sampler if hasattr(sampler, "state_dict") else None  # resumable position, if any
         self.morphogenesis = cfg.run.morphogenesis
         self.lr = UnifiedLRController(lambda: self.optim.optimizer, tolerance=cfg.lr.tolerance)
         factory = optimizer if callable(optimizer) and not isinstance(optimizer, torch.optim.Optimizer) \
@@ -159,9 +161,8 @@ class TolariaTrainer:
 
     def _train_epoch(self, epoch: int) -> float:
         self.model.train()
-        sampler = getattr(self.train_loader, "batch_sampler", None)
-        if hasattr(sampler, "set_position"):
-            sampler.set_position(epoch, self.state.batch_in_epoch)  # type: ignore[union-attr]
+        if self.sampler is not None:
+            self.sampler.set_position(epoch, self.state.batch_in_epoch)
         total, count = torch.zeros(()), 0
         for x, y in self.train_loader:
             self._fire(HookPoint.STEP_BEGIN, step=self.state.global_step)
@@ -382,9 +383,9 @@ def _batches_per_epoch(loader: Iterable[Any]) -> int:
 
 def _default_bus(run_dir: Path | None, config: TolariaConfig) -> OonaBus:
     if config.oona.url:
-        from esper.oona import RedisBus
+        from esper.oona import RedisBus, load_secret
 
-        return RedisBus(config.oona.url)
+        return RedisBus(config.oona.url, secret=load_secret(key_file=config.oona.secret_file or None))
     from esper.oona import InProcessBus
 
     jsonl = run_dir / "telemetry.jsonl" if run_dir is not None and config.telemetry.jsonl else None
