@@ -113,18 +113,17 @@ class EpochBoundary:
         )
 
     def ask_tamiyo(self, packet: SystemStatePacket) -> HandshakeOutcome:
+        """Rank 0 asks Tamiyo; every rank gets the same outcome and records it alike."""
         t = self.t
         breaker = t.breakers["tamiyo"]
         if not t.morphogenesis:
             return HandshakeOutcome(noop_command(issued_by="tolaria", reason="morphogenesis disabled"), False)
-        if not breaker.allow():
+        if not breaker.allow():  # same breaker state on every rank, so the same answer
             command = noop_command(issued_by="tolaria", reason="fallback: tamiyo breaker open")
             command.annotations["fallback"] = "breaker_open"
             return HandshakeOutcome(command, True, "breaker_open", "tamiyo breaker is OPEN; controller skipped")
-        timeout = t.config.handshake.tamiyo_timeout_s
-        if t.conservative.active:
-            timeout *= t.config.conservative.tamiyo_timeout_factor
-        outcome = t.handshake.exchange(packet, timeout_s=timeout)
+        outcome = self._exchange(packet) if t.world.is_leader else None
+        outcome = _unpack_outcome(t.world.broadcast_object(_pack_outcome(outcome)))
         if outcome.fallback:
             opened = breaker.record_failure(f"{outcome.failure_kind}: {outcome.failure}")
             t.record_event("tamiyo_fallback", TELEMETRY_LEVEL_WARNING, kind=outcome.failure_kind,
@@ -134,6 +133,13 @@ class EpochBoundary:
         else:
             breaker.record_success()
         return outcome
+
+    def _exchange(self, packet: SystemStatePacket) -> HandshakeOutcome:
+        t = self.t
+        timeout = t.config.handshake.tamiyo_timeout_s
+        if t.conservative.active:
+            timeout *= t.config.conservative.tamiyo_timeout_factor
+        return t.handshake.exchange(packet, timeout_s=timeout)
 
     def apply(self, outcome: HandshakeOutcome, report: BoundaryReport) -> None:
         t = self.t
@@ -162,8 +168,8 @@ class EpochBoundary:
             breaches["total"] = report.own_ms
         report.breaches = breaches
         timing = t.breakers["boundary_timing"]
-        if breaches:
-            what = ", ".join(f"{k} {v:.1f} ms > {budgets[k]:.1f} ms" for k, v in breaches.items())
+        if t.world.agree_flag(bool(breaches)):  # a breach on any rank counts on all, so states stay equal
+            what = ", ".join(f"{k} {v:.1f} ms > {budgets[k]:.1f} ms" for k, v in breaches.items()) or "on another rank"
             timing.record_failure(f"epoch {epoch}: {what}")
             t.record_event("boundary_budget_breach", TELEMETRY_LEVEL_WARNING, epoch=epoch, phases=what)
         else:
@@ -194,3 +200,18 @@ def seed_stage_changes(previous: dict[str, str], seeds: list[Any]) -> dict[str, 
         if name != "DORMANT" and previous.get(s.seed_id) != name:
             changes[s.seed_id] = name
     return changes
+
+
+def _pack_outcome(outcome: HandshakeOutcome | None) -> tuple[bytes, bool, str, str, float] | None:
+    """The outcome as Leyline bytes plus plain values, for the broadcast to other ranks."""
+    if outcome is None:
+        return None
+    return (outcome.command.SerializeToString(deterministic=True), outcome.fallback, outcome.failure_kind,
+            outcome.failure, outcome.latency_ms)
+
+
+def _unpack_outcome(packed: tuple[bytes, bool, str, str, float] | None) -> HandshakeOutcome:
+    if packed is None:
+        raise RuntimeError("rank 0 sent no handshake outcome")
+    data, fallback, kind, failure, latency = packed
+    return HandshakeOutcome(AdaptationCommand.FromString(data), fallback, kind, failure, latency)

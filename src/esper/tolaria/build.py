@@ -52,7 +52,8 @@ def build_trainer(config: TolariaConfig, *, run_dir: Path | None = None, faults:
     controller = tamiyo if tamiyo is not None else HeuristicTamiyo(TamiyoConfig.model_validate(config.tamiyo))
     return TolariaTrainer(kasmina=kasmina, tamiyo=controller, optimizer=optimizer_factory(config),
                           train_loader=train, val_loader=val, loss_fn=nn.functional.cross_entropy, config=config,
-                          run_dir=run_dir, faults=faults, verifier=verifier, callbacks=callbacks, bus=bus)
+                          run_dir=run_dir, faults=faults, verifier=verifier, callbacks=callbacks, bus=bus,
+                          world=world)
 
 
 def remote_tamiyo(config: TolariaConfig, verifier: Any) -> tuple[Any, Any]:

@@ -28,6 +28,7 @@ from esper.tolaria.boundary import BoundaryReport, EpochBoundary, hardware_conte
 from esper.tolaria.breakers import BreakerBoard
 from esper.tolaria.config import TolariaConfig
 from esper.tolaria.conservative import ConservativeMode
+from esper.tolaria.distributed import World
 from esper.tolaria.faults import FaultPlan, wire_drills
 from esper.tolaria.handshake import TamiyoHandshake
 from esper.tolaria.hooks import HookPoint
@@ -85,9 +86,11 @@ class TolariaTrainer:
         faults: FaultPlan | None = None,
         verifier: Callable[[AdaptationCommand], None] | None = None,
         callbacks: Sequence[Any] = (),
+        world: World | None = None,
     ) -> None:
         self.config = config or TolariaConfig()
         cfg = self.config
+        self.world = world or World()
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.run_id = f"{cfg.run.name}-{new_id()[:8]}"
         self.faults = faults or FaultPlan()
