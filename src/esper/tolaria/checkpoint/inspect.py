@@ -1,0 +1,99 @@
+"""Read-only views for `tolaria inspect`, and the `corrupt-checkpoint` drill's helper."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from esper.tolaria.checkpoint.layout import CKPT_RE, MODEL_FILE, STATE_FILE, loads_state
+from esper.tolaria.checkpoint.recovery import (
+    CheckpointNotFound,
+    CommitEntry,
+    committed_index,
+    verify_checkpoint,
+)
+from esper.tolaria.checkpoint.wal import replay
+
+
+def list_checkpoints(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Every checkpoint dir under `directory`, newest step first, verified against the WAL.
+
+    Each entry: name, path, epoch, step, txn_id, committed, size_bytes, files {name: size},
+    seeds [{seed_id, stage}], status ("ok", "uncommitted", or "corrupt: <file> <problem>").
+    """
+    root = Path(directory)
+    commits = {e.name: e for e in committed_index(replay(root).records)}
+    dirs = sorted((p for p in root.iterdir() if CKPT_RE.match(p.name) and p.is_dir()), reverse=True) \
+        if root.is_dir() else []
+    return [_describe(path, commits.get(path.name)) for path in dirs]
+
+
+def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Checkpoints of a run dir, a checkpoints dir, or one checkpoint dir, plus the WAL's health."""
+    target = Path(path)
+    if not target.exists():
+        raise FileNotFoundError(f"{target} does not exist; pass a run dir, its checkpoints/ dir or a ckpt-* dir")
+    if (target / "checkpoints").is_dir():
+        target = target / "checkpoints"
+    only = target.name if CKPT_RE.match(target.name) else None
+    root = target.parent if only else target
+    replayed = replay(root)
+    checkpoints = [c for c in list_checkpoints(root) if only is None or c["name"] == only]
+    return {
+        "directory": str(root),
+        "checkpoints": checkpoints,
+        "wal": {"segments": sorted({r.segment for r in replayed.records}), "records": len(replayed.records),
+                "events": replayed.events},
+    }
+
+
+def corrupt_latest(directory: str | os.PathLike[str], file_name: str = MODEL_FILE) -> Path:
+    """Flip one byte in the middle of `file_name` of the newest committed checkpoint (a drill).
+
+    Returns the corrupted file. Raises CheckpointNotFound if nothing is committed."""
+    root = Path(directory)
+    entries = [e for e in committed_index(replay(root).records) if (root / e.name).is_dir()]
+    if not entries:
+        raise CheckpointNotFound(f"no committed checkpoint in {root} to corrupt; save one first")
+    victim = root / entries[0].name / file_name
+    with open(victim, "r+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            raise CheckpointNotFound(f"{victim} is empty; nothing to corrupt")
+        f.seek(size // 2)
+        byte = f.read(1)
+        f.seek(size // 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+        f.flush()
+        os.fsync(f.fileno())
+    return victim
+
+
+def _describe(path: Path, commit: CommitEntry | None) -> dict[str, Any]:
+    verification = verify_checkpoint(path, commit)
+    manifest = verification.manifest
+    info: dict[str, Any] = {
+        "name": path.name, "path": str(path), "committed": commit is not None,
+        "txn_id": manifest.txn_id if manifest else None,
+        "epoch": manifest.epoch if manifest else None,
+        "step": manifest.global_step if manifest else int(path.name.split("-")[1]),
+        "files": {f.name: f.size_bytes for f in manifest.files} if manifest else {},
+        "size_bytes": sum(f.size_bytes for f in manifest.files) if manifest else 0,
+        "seeds": [],
+    }
+    if commit is None:
+        info["status"] = "uncommitted"
+    elif not verification.ok:
+        info["status"] = f"corrupt: {verification.problem}"
+    else:
+        info["status"] = "ok"
+        info["seeds"] = _seeds(verification.blobs[STATE_FILE])
+    return info
+
+
+def _seeds(state_bytes: bytes) -> list[dict[str, Any]]:
+    state = loads_state(state_bytes)
+    manifest = state.get("kasmina", {}).get("manifest", {}) if isinstance(state, dict) else {}
+    seeds = manifest.get("seeds", []) if isinstance(manifest, dict) else []
+    return [{"seed_id": s.get("seed_id"), "stage": s.get("stage")} for s in seeds if isinstance(s, dict)]

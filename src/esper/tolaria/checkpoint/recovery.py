@@ -1,0 +1,241 @@
+"""Recovery: find the newest committed, checksum-valid checkpoint and load it.
+
+Trust rules: a checkpoint counts only if the WAL holds a readable COMMIT for it whose txn id
+matches its manifest and whose manifest sha256 matches manifest.pb, and every file's size and
+sha256 match the manifest. Files are read once; the verified bytes are the bytes loaded.
+Anything else is reported as an event naming the file, and recovery falls back to the next
+older committed checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.message import DecodeError
+
+from esper.leyline import CheckpointManifest
+from esper.tolaria.checkpoint.layout import (
+    CKPT_RE,
+    DATA_FILES,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    CommitInfo,
+    decode_commit,
+    is_leftover,
+    loads_state,
+    sha256_hex,
+)
+from esper.tolaria.checkpoint.wal import RecordType, WalRecord, replay
+from esper.tolaria.snapshot import Snapshot
+
+
+class CheckpointNotFound(RuntimeError):
+    """No committed, valid checkpoint exists in a directory."""
+
+
+@dataclass(frozen=True)
+class CommitEntry:
+    name: str
+    txn_id: int
+    epoch: int
+    step: int
+    manifest_sha256: str
+    record_index: int  # position of the COMMIT in the replayed records
+
+
+@dataclass
+class Verification:
+    """Result of checking one checkpoint directory. `problem` names the file first."""
+
+    ok: bool
+    problem: str = ""
+    manifest: CheckpointManifest | None = None
+    blobs: dict[str, bytes] = field(default_factory=dict)
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A verified checkpoint, its sections merged back into one state dict (`model` included)."""
+
+    name: str
+    path: Path
+    txn_id: int
+    epoch: int
+    step: int
+    state: dict[str, Any]
+    manifest: CheckpointManifest
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(snapshot_id=self.name, epoch=self.epoch, global_step=self.step, state=self.state,
+                        healthy=True)
+
+
+@dataclass
+class RecoveryResult:
+    checkpoint: LoadedCheckpoint | None
+    events: list[str] = field(default_factory=list)
+    commands: list[WalRecord] = field(default_factory=list)  # COMMAND records journaled after its COMMIT
+
+
+def committed_index(records: list[WalRecord]) -> list[CommitEntry]:
+    """One entry per checkpoint name: its latest readable COMMIT, newest transaction first."""
+    latest: dict[str, CommitEntry] = {}
+    for i, rec in enumerate(records):
+        info = decode_commit(rec.payload) if rec.type == RecordType.COMMIT else None
+        if info is not None and (info.name not in latest or rec.txn_id > latest[info.name].txn_id):
+            latest[info.name] = CommitEntry(info.name, rec.txn_id, rec.epoch, rec.step, info.manifest_sha256, i)
+    return sorted(latest.values(), key=lambda e: e.txn_id, reverse=True)
+
+
+def max_manifest_txn(directory: Path) -> int:
+    """Highest txn id named by any parseable manifest under `directory` (0 if none)."""
+    best = 0
+    for path in _checkpoint_dirs(directory):
+        manifest = _parse_manifest(path / MANIFEST_FILE)
+        if manifest is not None:
+            best = max(best, manifest.txn_id)
+    return best
+
+
+def verify_checkpoint(path: str | os.PathLike[str], commit: CommitEntry | CommitInfo | None = None) -> Verification:
+    """Check one checkpoint directory against its manifest (and, if given, its WAL COMMIT)."""
+    root = Path(path)
+    try:
+        manifest_bytes = (root / MANIFEST_FILE).read_bytes()
+    except FileNotFoundError:
+        return Verification(False, f"{MANIFEST_FILE} missing")
+    if commit is not None and sha256_hex(manifest_bytes) != commit.manifest_sha256:
+        return Verification(False, f"{MANIFEST_FILE} sha256 mismatch with its WAL COMMIT")
+    manifest = CheckpointManifest()
+    try:
+        manifest.ParseFromString(manifest_bytes)
+    except DecodeError as exc:
+        return Verification(False, f"{MANIFEST_FILE} does not parse: {exc}")
+    if isinstance(commit, CommitEntry) and manifest.txn_id != commit.txn_id:
+        return Verification(False, f"{MANIFEST_FILE} txn {manifest.txn_id} has no durable COMMIT "
+                                   f"(the WAL commits txn {commit.txn_id} for this name)")
+    listed = {f.name for f in manifest.files}
+    if not set(DATA_FILES) <= listed:
+        missing = sorted(set(DATA_FILES) - listed)
+        return Verification(False, f"{MANIFEST_FILE} lists {sorted(listed)}, missing {missing}")
+    blobs: dict[str, bytes] = {}
+    for entry in manifest.files:
+        problem, data = _check_file(root / entry.name, entry.size_bytes, entry.sha256)
+        if problem:
+            return Verification(False, f"{entry.name} {problem}", manifest)
+        blobs[entry.name] = data
+    return Verification(True, "", manifest, blobs)
+
+
+def _check_file(path: Path, size: int, sha256: str) -> tuple[str, bytes]:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return "missing", b""
+    if len(data) != size:
+        return f"size {len(data)} bytes, manifest says {size} (truncated or extended)", b""
+    if sha256_hex(data) != sha256:
+        return "sha256 mismatch", b""
+    return "", data
+
+
+def load_verified(path: Path, entry: CommitEntry, verification: Verification) -> LoadedCheckpoint:
+    """Deserialize the verified bytes. Raises ValueError naming the file if they do not load."""
+    sections: dict[str, Any] = {}
+    for file_name in (STATE_FILE, MODEL_FILE):
+        try:
+            sections[file_name] = loads_state(verification.blobs[file_name])
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+            raise ValueError(f"{file_name} does not load: {exc}") from exc
+    state = dict(sections[STATE_FILE])
+    state["model"] = sections[MODEL_FILE]
+    if verification.manifest is None:
+        raise ValueError(f"{MANIFEST_FILE} was not verified; call verify_checkpoint first")
+    return LoadedCheckpoint(path.name, path, entry.txn_id, entry.epoch, entry.step, state, verification.manifest)
+
+
+def recover(directory: str | os.PathLike[str], *, clean: bool = True) -> RecoveryResult:
+    """Load the newest valid committed checkpoint under `directory`.
+
+    `events` names every WAL problem and every corrupt file fallen back from. With `clean`,
+    temp leftovers are removed, and so are checkpoint dirs without a COMMIT, unless the WAL is
+    corrupt (then a dir may have lost its COMMIT to the damage and is kept as evidence).
+    """
+    root = Path(directory)
+    replayed = replay(root)
+    events = list(replayed.events)
+    entries = committed_index(replayed.records)
+    present = {p.name for p in _checkpoint_dirs(root)}
+    failures: list[str] = []
+    chosen: LoadedCheckpoint | None = None
+    newest_present = max((e.txn_id for e in entries if e.name in present), default=-1)
+    for entry in entries:
+        if entry.name not in present:
+            if entry.txn_id > newest_present:
+                failures.append(f"{entry.name} committed in the WAL but missing on disk")
+            continue  # older ones were deleted by retention
+        path = root / entry.name
+        verification = verify_checkpoint(path, entry)
+        try:
+            if verification.ok:
+                chosen = load_verified(path, entry, verification)
+                break
+        except ValueError as exc:
+            verification = Verification(False, str(exc))
+        failures.append(f"{entry.name}/{verification.problem}")
+        present.discard(entry.name)
+    target = f"fell back to {chosen.name}" if chosen else "no valid committed checkpoint left"
+    events += [f"{f}; {target}" for f in failures]
+    committed_names = {e.name for e in entries}
+    events += _clean(root, present - committed_names, clean=clean, keep_uncommitted=bool(replayed.corruptions))
+    commands = []
+    if chosen is not None:
+        start = next(e.record_index for e in entries if e.name == chosen.name)
+        commands = [r for r in replayed.records[start + 1:] if r.type == RecordType.COMMAND]
+    return RecoveryResult(chosen, events, commands)
+
+
+def load_for_rollback(directory: str | os.PathLike[str]) -> dict[str, Any]:
+    """The state dict of the newest valid committed checkpoint (for a full rollback).
+
+    Raises CheckpointNotFound naming what was wrong with each candidate."""
+    result = recover(directory, clean=False)
+    if result.checkpoint is None:
+        raise CheckpointNotFound(f"no valid committed checkpoint in {directory}: {'; '.join(result.events) or 'empty'}")
+    return result.checkpoint.state
+
+
+def _clean(root: Path, uncommitted: set[str], *, clean: bool, keep_uncommitted: bool) -> list[str]:
+    events = []
+    for name in sorted(uncommitted):
+        if not clean or keep_uncommitted:
+            events.append(f"{name} has no durable COMMIT in the WAL; ignored and kept")
+            continue
+        shutil.rmtree(root / name)
+        events.append(f"{name} has no durable COMMIT in the WAL; removed")
+    if clean and root.is_dir():
+        for path in root.iterdir():
+            if is_leftover(path):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return events
+
+
+def _checkpoint_dirs(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if CKPT_RE.match(p.name) and p.is_dir())
+
+
+def _parse_manifest(path: Path) -> CheckpointManifest | None:
+    manifest = CheckpointManifest()
+    try:
+        manifest.ParseFromString(path.read_bytes())
+    except (FileNotFoundError, DecodeError):
+        return None
+    return manifest

@@ -1,0 +1,302 @@
+"""Durable checkpoint store: atomic files, a WAL transaction per checkpoint, retention, async writes.
+
+Write protocol for one snapshot (txn = next transaction id):
+
+    WAL BEGIN(txn) -> write model.pt, state.pt, manifest.pb atomically into `.ckpt-<step>.<txn>.tmp/`
+    -> fsync that directory -> rename it to `ckpt-<step:012d>/` -> fsync the root -> WAL COMMIT(txn)
+
+A checkpoint exists only once its COMMIT is durable. Any OSError on the way -> WAL ABORT(txn),
+staging removed, older checkpoints untouched, `CheckpointWriteError` raised (and kept in
+`last_error`); the trainer's checkpoint breaker decides what follows. Retention deletes the
+oldest committed checkpoints beyond `keep_last` only after the new COMMIT is durable.
+
+Async: `save_async` hands the snapshot (already a clone, see snapshot.py) to ONE long-lived
+writer thread. At most one request waits behind the running write: a newer request replaces
+the waiting one, whose future is cancelled (newest wins: an older snapshot is never worth
+writing once a newer one is queued).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from esper.leyline import AdaptationCommand, CheckpointFile, CheckpointManifest, now_timestamp, serialize
+from esper.tolaria.checkpoint.atomic import atomic_write_bytes, fsync_dir
+from esper.tolaria.checkpoint.layout import (
+    MANIFEST_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    CommitInfo,
+    checkpoint_name,
+    dumps_state,
+    encode_commit,
+    is_leftover,
+    sha256_hex,
+)
+from esper.tolaria.checkpoint.recovery import committed_index, max_manifest_txn
+from esper.tolaria.checkpoint.wal import RecordType, WriteAheadLog
+from esper.tolaria.checkpoint.wal import replay as replay_wal
+from esper.tolaria.snapshot import Snapshot
+
+# `fault(relative_name)` is called just before each checkpoint file is written; drills and tests
+# raise OSError(errno.ENOSPC, ...) from it to rehearse a full disk.
+FaultFn = Callable[[str], None]
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be made durable. Older checkpoints are intact; `errno` is the cause's."""
+
+    def __init__(self, name: str, cause: OSError) -> None:
+        hint = "free disk space or move the run directory" if cause.errno == errno.ENOSPC else "check the disk"
+        super().__init__(f"checkpoint {name} not written: {cause}; previous checkpoints are intact; {hint}")
+        self.checkpoint = name
+        self.errno = cause.errno
+        self.cause = cause
+
+
+class CheckpointSuperseded(RuntimeError):
+    """Set on a queued async save that a newer `save_async` replaced before it started."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    name: str
+    path: Path
+    txn_id: int
+    epoch: int
+    step: int
+    size_bytes: int
+
+
+class CheckpointStore:
+    """The single writer of a checkpoint directory (one store per directory at a time)."""
+
+    def __init__(self, directory: str | os.PathLike[str], *, keep_last: int = 3,
+                 wal_max_bytes: int = 16 * 1024 * 1024, fsync: bool = True, fault: FaultFn | None = None,
+                 run_id: str = "", config_sha256: str = "") -> None:
+        if keep_last < 1:
+            raise ValueError(f"keep_last={keep_last}: keep at least 1 committed checkpoint")
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.keep_last = keep_last
+        self.fsync = fsync
+        self.fault = fault
+        self.run_id = run_id
+        self.config_sha256 = config_sha256
+        self.last_error: CheckpointWriteError | None = None
+        self.events: deque[str] = deque(maxlen=100)  # notable store events, newest last
+        self._committed: dict[str, CheckpointInfo] = {}
+        self._next_txn = 1
+        self._load_index()
+        self._wal = WriteAheadLog(self.directory, max_bytes=wal_max_bytes, fsync=fsync)
+        self._write_lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._pending: tuple[Snapshot, Future[CheckpointInfo]] | None = None
+        self._busy = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self._remove_leftovers()
+
+    # ------------------------------------------------------------------ public
+
+    def save(self, snapshot: Snapshot) -> CheckpointInfo:
+        """Write `snapshot` durably on the calling thread; raises CheckpointWriteError."""
+        if self._closed:
+            raise ValueError("CheckpointStore is closed; open a new store to write checkpoints")
+        with self._write_lock:
+            return self._save(snapshot)
+
+    def save_async(self, snapshot: Snapshot) -> Future[CheckpointInfo]:
+        """Queue `snapshot` for the writer thread and return at once (newest queued request wins)."""
+        future: Future[CheckpointInfo] = Future()
+        with self._cond:
+            if self._closed:
+                raise ValueError("CheckpointStore is closed; open a new store to write checkpoints")
+            if self._pending is not None:
+                _, older = self._pending
+                older.set_exception(CheckpointSuperseded(f"superseded by the snapshot of step {snapshot.global_step}"))
+            self._pending = (snapshot, future)
+            self._ensure_writer()
+            self._cond.notify_all()
+        return future
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until no async write is running or queued; False if `timeout` expired first."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._pending is None and not self._busy, timeout)
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Finish queued writes, stop the writer thread and close the WAL. False if writes timed out."""
+        drained = self.flush(timeout)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if drained:
+            self._wal.close()
+        return drained
+
+    def journal_command(self, command: AdaptationCommand, *, epoch: int, step: int) -> None:
+        """Append an AdaptationCommand to the WAL (durable on return), tied to the latest transaction."""
+        self._wal.append(RecordType.COMMAND, self._next_txn - 1, epoch, step, serialize(command))
+
+    def committed(self) -> list[CheckpointInfo]:
+        """Committed checkpoints this store knows of, newest first."""
+        return sorted(self._committed.values(), key=lambda c: c.txn_id, reverse=True)
+
+    def latest(self) -> CheckpointInfo | None:
+        found = self.committed()
+        return found[0] if found else None
+
+    # ------------------------------------------------------------------ the write
+
+    def _save(self, snapshot: Snapshot) -> CheckpointInfo:
+        name = checkpoint_name(snapshot.global_step)
+        txn = self._next_txn
+        self._next_txn += 1
+        staging = self.directory / f".{name}.{txn}.tmp"
+        epoch, step = snapshot.epoch, snapshot.global_step
+        placed: list[Path] = []  # what _place moved, so a failure can put it back
+        try:
+            self._wal.append(RecordType.BEGIN, txn, epoch, step, name.encode())
+            staging.mkdir()
+            size, manifest_bytes = self._write_files(staging, name, txn, snapshot)
+            self._place(staging, name, txn, placed)
+            self._wal.append(RecordType.COMMIT, txn, epoch, step,
+                             encode_commit(CommitInfo(name, sha256_hex(manifest_bytes))))
+        except OSError as exc:
+            self.last_error = CheckpointWriteError(name, exc)
+            self._undo(name, txn, epoch, step, staging, placed)
+            raise self.last_error from exc
+        info = CheckpointInfo(name, self.directory / name, txn, epoch, step, size)
+        self._committed[name] = info
+        self.last_error = None
+        self._retain()
+        return info
+
+    def _write_files(self, staging: Path, name: str, txn: int, snapshot: Snapshot) -> tuple[int, bytes]:
+        state = dict(snapshot.state)
+        blobs = {MODEL_FILE: dumps_state(state.pop("model", {})), STATE_FILE: dumps_state(state)}
+        manifest = CheckpointManifest(
+            checkpoint_id=name, txn_id=txn, epoch=snapshot.epoch, global_step=snapshot.global_step,
+            run_id=self.run_id, config_sha256=self.config_sha256, created_at=now_timestamp(), world_size=1,
+            files=[CheckpointFile(name=f, size_bytes=len(b), sha256=sha256_hex(b)) for f, b in blobs.items()],
+        )
+        blobs[MANIFEST_FILE] = manifest.SerializeToString(deterministic=True)
+        for file_name, data in blobs.items():  # manifest last: its presence means the others are complete
+            if self.fault is not None:
+                self.fault(f"{name}/{file_name}")
+            atomic_write_bytes(staging / file_name, data, fsync=self.fsync)
+        if self.fsync:
+            fsync_dir(staging)
+        return sum(len(b) for b in blobs.values()), blobs[MANIFEST_FILE]
+
+    def _place(self, staging: Path, name: str, txn: int, placed: list[Path]) -> None:
+        """Rename the staging dir into place. A same-step checkpoint (re-reached after a rollback) is
+        moved aside first and deleted once the new COMMIT is durable."""
+        final = self.directory / name
+        if final.exists():
+            aside = self.directory / f".{name}.superseded-{txn}.tmp"
+            final.rename(aside)
+            placed.append(aside)
+        staging.rename(final)
+        placed.append(final)
+        if self.fsync:
+            fsync_dir(self.directory)
+
+    def _undo(self, name: str, txn: int, epoch: int, step: int, staging: Path, placed: list[Path]) -> None:
+        """Best-effort cleanup after a failed write; never raises (the write error is what matters)."""
+        try:
+            self._wal.append(RecordType.ABORT, txn, epoch, step, name.encode())
+        except OSError as exc:
+            # Advisory only: a BEGIN without COMMIT already reads as "not committed".
+            self.events.append(f"{name}: WAL ABORT(txn {txn}) not written: {exc}")
+        for path in (staging, *reversed(placed)):
+            try:
+                if path.name == name:
+                    _rmtree(path)
+                elif path.name.endswith(f".superseded-{txn}.tmp"):
+                    path.rename(self.directory / name)  # the previous same-step checkpoint stays committed
+                else:
+                    _rmtree(path)
+            except OSError as exc:
+                self.events.append(f"{path.name}: cleanup after failed write failed: {exc}; recovery will clean it")
+
+    def _retain(self) -> None:
+        keep = self.committed()[: self.keep_last]
+        for info in self.committed()[self.keep_last:]:
+            _rmtree(info.path)
+            del self._committed[info.name]
+        self._remove_leftovers()
+        if self.fsync:
+            fsync_dir(self.directory)
+        self._wal.prune(min(c.txn_id for c in keep))
+
+    # ------------------------------------------------------------------ startup and writer thread
+
+    def _load_index(self) -> None:
+        replayed = replay_wal(self.directory)
+        # Manifests count too: a corrupt WAL region may have hidden higher txn ids.
+        self._next_txn = max(max((r.txn_id for r in replayed.records), default=0), max_manifest_txn(self.directory)) + 1
+        for entry in committed_index(replayed.records):
+            if (self.directory / entry.name).is_dir():
+                self._committed[entry.name] = CheckpointInfo(
+                    entry.name, self.directory / entry.name, entry.txn_id, entry.epoch, entry.step, 0)
+
+    def _remove_leftovers(self) -> None:
+        for path in self.directory.iterdir():
+            if is_leftover(path):
+                _rmtree(path)
+
+    def _ensure_writer(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._writer_loop, name="tolaria-checkpoint-writer", daemon=True)
+            self._thread.start()
+
+    def _writer_loop(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending is not None or self._closed)
+                if self._pending is None:
+                    return
+                snapshot, future = self._pending
+                self._pending = None
+                self._busy = True
+            self._run_one(snapshot, future)
+            del snapshot  # the store keeps no reference to a written snapshot
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+    def _run_one(self, snapshot: Snapshot, future: Future[CheckpointInfo]) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            with self._write_lock:
+                future.set_result(self._save(snapshot))
+        except CheckpointWriteError as exc:
+            future.set_exception(exc)  # recorded in last_error too; the writer carries on
+        except BaseException as exc:  # noqa: BLE001 - a bug must reach the caller's future, not kill the thread
+            future.set_exception(exc)
+
+
+def _rmtree(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=False, onerror=_ignore_missing)
+    elif path.exists():
+        path.unlink(missing_ok=True)
+
+
+def _ignore_missing(func: Callable[..., Any], path: str, exc_info: Any) -> None:
+    if not isinstance(exc_info[1], FileNotFoundError):
+        raise exc_info[1]
