@@ -7,6 +7,7 @@
 
 from esper.tolaria.checkpoint.atomic import atomic_write_bytes, fsync_dir
 from esper.tolaria.checkpoint.inspect import corrupt_latest, inspect, list_checkpoints
+from esper.tolaria.checkpoint.layout import CheckpointStateError
 from esper.tolaria.checkpoint.recovery import (
     CheckpointNotFound,
     LoadedCheckpoint,
@@ -27,6 +28,7 @@ from esper.tolaria.checkpoint.wal import RecordType, WalCorruption, WalCorruptio
 __all__ = [
     "CheckpointInfo",
     "CheckpointNotFound",
+    "CheckpointStateError",
     "CheckpointStore",
     "CheckpointSuperseded",
     "CheckpointWriteError",

@@ -66,9 +66,35 @@ def decode_commit(payload: bytes) -> CommitInfo | None:
 # ---------------------------------------------------------------------- tensor-state bytes
 
 
+_PLAIN = (str, bytes, int, float, complex, bool, type(None), torch.dtype, torch.device, torch.Size)
+
+
+class CheckpointStateError(TypeError):
+    """A snapshot holds an object that a `weights_only` load could not restore."""
+
+
+def check_plain(obj: Any, where: str = "state") -> None:
+    """Raise CheckpointStateError naming the first value that is not a tensor, numpy array,
+    plain value or container of those (the trainer must convert it in its state_dict)."""
+    if isinstance(obj, (torch.Tensor, np.ndarray, np.generic, *_PLAIN)):
+        return
+    if isinstance(obj, Mapping):
+        for key, value in obj.items():
+            check_plain(key, f"{where} key {key!r}")
+            check_plain(value, f"{where}[{key!r}]")
+        return
+    if isinstance(obj, list | tuple | set | frozenset):
+        for i, value in enumerate(obj):
+            check_plain(value, f"{where}[{i}]")
+        return
+    raise CheckpointStateError(f"{where} is a {type(obj).__qualname__}; checkpoints hold tensors, numpy arrays and "
+                               "plain values only: convert it to those in the component's state_dict()")
+
+
 def dumps_state(obj: Any) -> bytes:
     """torch.save `obj` into memory. numpy arrays (the numpy RNG state) are carried as uint8 tensors
-    so the bytes load with `weights_only=True`."""
+    so the bytes load with `weights_only=True`. Raises CheckpointStateError for other objects."""
+    check_plain(obj)
     buf = io.BytesIO()
     torch.save(_encode(obj), buf)
     return buf.getvalue()
@@ -90,7 +116,7 @@ def _encode(obj: Any) -> Any:
         return {k: _encode(v) for k, v in obj.items()}
     if isinstance(obj, list):
         return [_encode(v) for v in obj]
-    if isinstance(obj, tuple):
+    if isinstance(obj, tuple) and not isinstance(obj, torch.Size):
         return tuple(_encode(v) for v in obj)
     return obj
 

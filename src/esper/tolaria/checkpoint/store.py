@@ -35,6 +35,7 @@ from esper.tolaria.checkpoint.layout import (
     MANIFEST_FILE,
     MODEL_FILE,
     STATE_FILE,
+    CheckpointStateError,
     CommitInfo,
     checkpoint_name,
     dumps_state,
@@ -162,6 +163,7 @@ class CheckpointStore:
 
     def _save(self, snapshot: Snapshot) -> CheckpointInfo:
         name = checkpoint_name(snapshot.global_step)
+        blobs = _serialize(snapshot)  # CheckpointStateError here touches no file and no WAL record
         txn = self._next_txn
         self._next_txn += 1
         staging = self.directory / f".{name}.{txn}.tmp"
@@ -170,7 +172,7 @@ class CheckpointStore:
         try:
             self._wal.append(RecordType.BEGIN, txn, epoch, step, name.encode())
             staging.mkdir()
-            size, manifest_bytes = self._write_files(staging, name, txn, snapshot)
+            manifest_bytes = self._write_files(staging, name, txn, snapshot, blobs)
             self._place(staging, name, txn, placed)
             self._wal.append(RecordType.COMMIT, txn, epoch, step,
                              encode_commit(CommitInfo(name, sha256_hex(manifest_bytes))))
@@ -178,28 +180,31 @@ class CheckpointStore:
             self.last_error = CheckpointWriteError(name, exc)
             self._undo(name, txn, epoch, step, staging, placed)
             raise self.last_error from exc
+        except BaseException:
+            self._undo(name, txn, epoch, step, staging, placed)  # e.g. a drill's InjectedFault
+            raise
+        size = sum(len(b) for b in blobs.values()) + len(manifest_bytes)
         info = CheckpointInfo(name, self.directory / name, txn, epoch, step, size)
         self._committed[name] = info
         self.last_error = None
         self._retain()
         return info
 
-    def _write_files(self, staging: Path, name: str, txn: int, snapshot: Snapshot) -> tuple[int, bytes]:
-        state = dict(snapshot.state)
-        blobs = {MODEL_FILE: dumps_state(state.pop("model", {})), STATE_FILE: dumps_state(state)}
+    def _write_files(self, staging: Path, name: str, txn: int, snapshot: Snapshot, blobs: dict[str, bytes]) -> bytes:
         manifest = CheckpointManifest(
             checkpoint_id=name, txn_id=txn, epoch=snapshot.epoch, global_step=snapshot.global_step,
             run_id=self.run_id, config_sha256=self.config_sha256, created_at=now_timestamp(), world_size=1,
             files=[CheckpointFile(name=f, size_bytes=len(b), sha256=sha256_hex(b)) for f, b in blobs.items()],
         )
-        blobs[MANIFEST_FILE] = manifest.SerializeToString(deterministic=True)
-        for file_name, data in blobs.items():  # manifest last: its presence means the others are complete
+        manifest_bytes = manifest.SerializeToString(deterministic=True)
+        # manifest last: its presence means the data files are complete
+        for file_name, data in (*blobs.items(), (MANIFEST_FILE, manifest_bytes)):
             if self.fault is not None:
                 self.fault(f"{name}/{file_name}")
             atomic_write_bytes(staging / file_name, data, fsync=self.fsync)
         if self.fsync:
             fsync_dir(staging)
-        return sum(len(b) for b in blobs.values()), blobs[MANIFEST_FILE]
+        return manifest_bytes
 
     def _place(self, staging: Path, name: str, txn: int, placed: list[Path]) -> None:
         """Rename the staging dir into place. A same-step checkpoint (re-reached after a rollback) is
@@ -284,10 +289,16 @@ class CheckpointStore:
         try:
             with self._write_lock:
                 future.set_result(self._save(snapshot))
-        except CheckpointWriteError as exc:
-            future.set_exception(exc)  # recorded in last_error too; the writer carries on
+        except (CheckpointWriteError, CheckpointStateError) as exc:
+            future.set_exception(exc)  # the writer carries on; the caller's breaker decides
         except BaseException as exc:  # noqa: BLE001 - a bug must reach the caller's future, not kill the thread
             future.set_exception(exc)
+
+
+def _serialize(snapshot: Snapshot) -> dict[str, bytes]:
+    """The bytes of model.pt and state.pt; the sha256 in the manifest is taken of these same bytes."""
+    state = dict(snapshot.state)
+    return {MODEL_FILE: dumps_state(state.pop("model", {})), STATE_FILE: dumps_state(state)}
 
 
 def _rmtree(path: Path) -> None:
