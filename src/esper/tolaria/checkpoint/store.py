@@ -12,7 +12,7 @@ oldest committed checkpoints beyond `keep_last` only after the new COMMIT is dur
 
 Async: `save_async` hands the snapshot (already a clone, see snapshot.py) to ONE long-lived
 writer thread. At most one request waits behind the running write: a newer request replaces
-the waiting one, whose future is cancelled (newest wins: an older snapshot is never worth
+the waiting one, whose future fails with CheckpointSuperseded (newest wins: an older snapshot is never worth
 writing once a newer one is queued).
 """
 
@@ -124,7 +124,9 @@ class CheckpointStore:
                 raise ValueError("CheckpointStore is closed; open a new store to write checkpoints")
             if self._pending is not None:
                 _, older = self._pending
-                older.set_exception(CheckpointSuperseded(f"superseded by the snapshot of step {snapshot.global_step}"))
+                if not older.done():  # the caller may have cancelled it already
+                    superseded = f"superseded by the snapshot of step {snapshot.global_step}"
+                    older.set_exception(CheckpointSuperseded(superseded))
             self._pending = (snapshot, future)
             self._ensure_writer()
             self._cond.notify_all()
