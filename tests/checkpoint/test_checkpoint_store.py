@@ -149,3 +149,52 @@ def test_fsync_enabled_save_round_trips(tmp_path: Path) -> None:
     loaded = recover(tmp_path).checkpoint
     assert loaded is not None
     assert_state_equal(loaded.state["model"], make_state(10)["model"])
+
+
+def test_failed_resave_of_same_step_keeps_the_committed_one(tmp_path: Path) -> None:
+    fail = {"on": False}
+
+    def fault(name: str) -> None:
+        if fail["on"] and name.endswith("manifest.pb"):
+            raise OSError(errno.EIO, "Input/output error")
+
+    store = CheckpointStore(tmp_path, fsync=False, fault=fault)
+    store.save(make_snapshot(10))
+    fail["on"] = True
+    with pytest.raises(CheckpointWriteError, match="Input/output error.*check the disk"):
+        store.save(make_snapshot(10))
+    store.close()
+    result = recover(tmp_path)
+    assert result.checkpoint is not None and result.checkpoint.txn_id == 1 and result.events == []
+
+
+def test_load_for_rollback_returns_the_newest_state(tmp_path: Path) -> None:
+    from esper.tolaria.checkpoint import load_for_rollback
+
+    store = CheckpointStore(tmp_path, fsync=False)
+    store.save(make_snapshot(10))
+    store.save(make_snapshot(20))
+    store.close()
+    assert_state_equal(load_for_rollback(tmp_path)["model"], make_state(20)["model"])
+
+
+def test_commit_failure_after_rename_restores_the_superseded_checkpoint(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, fsync=False)
+    store.save(make_snapshot(10))
+    real_append = store._wal.append
+
+    def failing_commit(rtype: RecordType, *args: object, **kwargs: object) -> object:
+        if rtype == RecordType.COMMIT:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_append(rtype, *args, **kwargs)  # type: ignore[arg-type]
+
+    store._wal.append = failing_commit  # type: ignore[method-assign,assignment]
+    second = make_snapshot(10)
+    second.state["trainer"]["note"] = "never committed"
+    with pytest.raises(CheckpointWriteError):
+        store.save(second)
+    store._wal.append = real_append  # type: ignore[method-assign]
+    store.close()
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("wal")) == ["ckpt-000000000010"]
+    loaded = recover(tmp_path).checkpoint
+    assert loaded is not None and loaded.txn_id == 1 and loaded.state["trainer"]["note"] is None
