@@ -6,6 +6,7 @@ import multiprocessing as mp
 import os
 import platform
 import struct
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -179,3 +180,32 @@ def test_wait_for_acks_reports_only_who_acked(channel: EmergencyChannel) -> None
     seq = channel.raise_signal(numbered_signal(1))
     channel.ack(a, seq)
     assert channel.wait_for_acks(seq, [a, b], timeout_s=0.01) == {a}
+
+
+def test_doorbell_wakes_a_registered_waiter_and_is_removed_on_release(channel: EmergencyChannel, run_name: str) -> None:
+    participant = EmergencyChannel.attach(run_name)
+    slot = participant.register_participant("waiter")
+    bell = f"/dev/shm/{channel.name}.bell{slot}"
+    assert os.path.exists(bell)
+    got: list[object] = []
+    waiter = threading.Thread(target=lambda: got.append(participant.wait_entry(0, timeout_s=10)))
+    waiter.start()
+    time.sleep(0.05)  # let it block in select on its doorbell
+    seq = channel.raise_signal(numbered_signal(9))
+    waiter.join(timeout=10)
+    received = got[0]
+    assert isinstance(received, sig.Received) and received.seq == seq
+    participant.release_participant(slot)
+    assert not os.path.exists(bell)
+    participant.close()
+
+
+def test_owner_close_removes_doorbells_left_by_crashed_participants(run_name: str) -> None:
+    owner = EmergencyChannel.create(run_name)
+    crashed = EmergencyChannel.attach(run_name)
+    slot = crashed.register_participant("crashes")
+    for fd in crashed._bells.pop(slot):  # simulate a crash: the process never removes its FIFO
+        os.close(fd)
+    bell = f"/dev/shm/{owner.name}.bell{slot}"
+    owner.close()
+    assert not os.path.exists(bell)

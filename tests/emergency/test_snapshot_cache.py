@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from esper.tolaria.snapshot import Snapshot, deep_clone, state_checksum
-from esper.tolaria.snapshot_cache import RestoreError, SnapshotCache, fingerprint, restore_tensors_
+from esper.tolaria.snapshot_cache import RestoreError, SnapshotCache, restore_tensors_, sample_bits
 
 
 def _snap(sid: str, step: int, numel: int = 256) -> Snapshot:
@@ -126,13 +126,13 @@ def test_restore_refuses_mismatched_structure_and_copies_nothing() -> None:
     assert not live["a"].any()
 
 
-def test_fingerprint_sees_a_single_bit_flip_on_a_sampled_element() -> None:
+def test_sample_bits_sees_a_single_bit_flip_on_a_sampled_element() -> None:
     t = torch.randn(5000)
-    before = fingerprint([t])
-    t.view(torch.int32)[1031] ^= 1
-    assert not torch.equal(before, fingerprint([t]))
+    before = sample_bits([t])
+    t.view(torch.int32)[714 * 3] ^= 1  # a sampled element: 5000 elements, 8 samples, step 714
+    assert not torch.equal(before, sample_bits([t]))
     nan = torch.full((4,), float("nan"))
-    assert torch.equal(fingerprint([nan]), fingerprint([nan.clone()]))
+    assert torch.equal(sample_bits([nan]), sample_bits([nan.clone()]))
 
 
 def test_restore_reports_a_copy_that_did_not_take_effect(monkeypatch: pytest.MonkeyPatch) -> None:

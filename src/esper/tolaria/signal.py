@@ -18,8 +18,11 @@ Contracts:
   any copy whose checksum or sequence echo does not match. Rejections are counted in
   `torn_rejected`, never returned.
 - Writers (raises, slot claims) are serialized across processes with `flock` on the segment.
-- Waiting spins for ~50 µs, then sleeps in growing steps from 20 µs up to `max_sleep_s`
-  (default 200 µs): latency stays well under a millisecond without a 100 ms poll.
+- Waiting never sleep-polls at 100 ms. A registered participant blocks in `select` on its slot's
+  doorbell (a FIFO next to the segment) that every raise rings after publishing, so it wakes
+  within microseconds and costs no CPU while idle; it re-checks the sequence at least every 20 ms
+  in case a ring is missed. Other waiters spin ~50 µs, then sleep in steps from 20 µs up to
+  `max_sleep_s` (200 µs). A raiser waiting for acks spins with `sched_yield` for 2 ms first.
 - A segment whose owner pid is dead is stale: `create` unlinks and recreates it. A live owner of
   the same run name is refused with `ChannelBusyError`.
 - The segment is not registered with multiprocessing's resource tracker (on Python < 3.13 an
@@ -35,6 +38,7 @@ import fcntl
 import hashlib
 import os
 import re
+import select
 import struct
 import sys
 import tempfile
@@ -70,11 +74,15 @@ _SLOT = struct.Struct("<32sqQqI")
 _SLOT_SIZE = 64
 _SLOT_ACK_OFFSET = 40
 _SLOT_HEARTBEAT_OFFSET = 48
+_SLOT_IN_USE_OFFSET = 56
+_U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _I64 = struct.Struct("<q")
 
 _READ_ATTEMPTS = 256
 _SPIN_S = 50e-6
+_ACK_SPIN_S = 100e-6  # the raiser spins (yielding the CPU) this long for acks before it sleeps
+_BELL_SAFETY_S = 0.02  # a doorbell wait re-checks the sequence at least this often
 _MIN_SLEEP_S = 20e-6
 DEFAULT_MAX_SLEEP_S = 200e-6
 
@@ -201,7 +209,9 @@ class EmergencyChannel:
         self.n_slots = self._read_header()[2]
         self.torn_rejected = 0
         self.stale_cleaned = False
+        self._dir = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
         self._lock_fd = self._open_lock_file()
+        self._bells: dict[int, tuple[int, int]] = {}  # our slots' doorbells: (read fd, keep-alive write fd)
         self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -278,6 +288,7 @@ class EmergencyChannel:
                     f"run {run_name!r} is already active in pid {owner_pid}; stop it or choose another run name"
                 )
             _unlink_segment(shm)  # the owner died without unlinking: a stale segment
+            _remove_bells(name)
         finally:
             shm.close()
 
@@ -289,10 +300,13 @@ class EmergencyChannel:
         if self.owner:
             _OWNED.discard(self.name)
             atexit.unregister(self.close)
+        for slot in list(self._bells):
+            self._close_bell(slot)
         os.close(self._lock_fd)
         self._buf.release()
         if self.owner:
             _unlink_segment(self._shm)
+            _remove_bells(self.name)
         self._shm.close()
 
     def unlink(self) -> None:
@@ -327,9 +341,9 @@ class EmergencyChannel:
 
     def _open_lock_file(self) -> int:
         # flock on the segment's own file serializes writers across processes (Linux: /dev/shm).
-        path = f"/dev/shm/{self.name}"
+        path = os.path.join(self._dir, self.name)
         if not os.path.exists(path):
-            path = os.path.join(tempfile.gettempdir(), f"{self.name}.lock")
+            path = os.path.join(self._dir, f"{self.name}.lock")
         return os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
 
     @contextmanager
@@ -362,6 +376,7 @@ class EmergencyChannel:
             _RECORD.pack_into(self._buf, _RECORD_OFFSET, stable, signal.level, len(payload), mono_ms, origin, checksum)
             self._buf[_PAYLOAD_OFFSET : _PAYLOAD_OFFSET + len(payload)] = payload
             _U64.pack_into(self._buf, _SEQ_OFFSET, stable)  # publish: the record above is complete
+        self._ring_bells()
         return stable
 
     @staticmethod
@@ -411,8 +426,13 @@ class EmergencyChannel:
             return None
 
     def wait_entry(self, after_seq: int, timeout_s: float) -> Received | None:
-        """Block until a signal newer than `after_seq` is published, or `timeout_s` passes (None)."""
+        """Block until a signal newer than `after_seq` is published, or `timeout_s` passes (None).
+
+        A registered participant sleeps in `select` on its doorbell (woken within microseconds of
+        a raise, no CPU while idle); any other caller spins briefly, then sleeps in short steps."""
         deadline = time.perf_counter() + timeout_s
+        if self._bells:
+            return self._wait_on_bell(after_seq, deadline)
         for _ in self._backoff(deadline):
             got = self.read(after_seq)
             if got is not None:
@@ -424,16 +444,30 @@ class EmergencyChannel:
         got = self.wait_entry(after_seq, timeout_s)
         return got.signal if got is not None else None
 
-    def _backoff(self, deadline: float) -> Iterator[None]:
-        """Yield until `deadline`: spin briefly, then sleep in steps growing to `max_sleep_s`."""
-        spin_until = time.perf_counter() + _SPIN_S
+    def _wait_on_bell(self, after_seq: int, deadline: float) -> Received | None:
+        bell = next(iter(self._bells.values()))[0]
+        while True:
+            got = self.read(after_seq)  # checked before sleeping: a ring that came first is not lost
+            remaining = deadline - time.perf_counter()
+            if got is not None or remaining <= 0:
+                return got
+            ready, _, _ = select.select([bell], [], [], min(remaining, _BELL_SAFETY_S))
+            if ready:
+                _drain(bell)
+
+    def _backoff(self, deadline: float, spin_s: float = _SPIN_S) -> Iterator[None]:
+        """Yield until `deadline`: spin (yielding the CPU) for `spin_s`, then sleep in steps growing
+        to `max_sleep_s`."""
+        spin_until = time.perf_counter() + spin_s
         sleep = _MIN_SLEEP_S
         while True:
             now = time.perf_counter()
             if now >= deadline:
                 return
             yield
-            if now >= spin_until:
+            if now < spin_until:
+                os.sched_yield()  # on a busy host, let the participants we wait for run
+            else:
                 time.sleep(min(sleep, max(0.0, deadline - now)))
                 sleep = min(sleep * 2, self.max_sleep_s)
 
@@ -448,6 +482,7 @@ class EmergencyChannel:
                 if in_use and pid_alive(pid):
                     continue
                 acked = self.sequence() & ~1  # a new participant owes no ack for signals before it
+                self._open_bell(slot)
                 _SLOT.pack_into(self._buf, self._slot_offset(slot), encoded, os.getpid(), acked, time.monotonic_ns(), 1)
                 return slot
         raise ChannelError(
@@ -459,6 +494,7 @@ class EmergencyChannel:
         """Give `slot` back (a participant leaving cleanly)."""
         with self._writer():
             _SLOT.pack_into(self._buf, self._slot_offset(self._check_slot(slot)), b"", 0, 0, 0, 0)
+        self._close_bell(slot)
 
     def ack(self, participant_slot: int, seq: int) -> None:
         """Record that this participant has handled signal `seq` (also a heartbeat)."""
@@ -484,7 +520,7 @@ class EmergencyChannel:
         """Wait until every slot in `participants` acked `seq` or `timeout_s` passes; returns who acked."""
         wanted = set(participants)
         deadline = time.perf_counter() + timeout_s
-        for _ in self._backoff(deadline):
+        for _ in self._backoff(deadline, spin_s=_ACK_SPIN_S):
             done = self.acked(seq, wanted)
             if done == wanted:
                 return done
@@ -503,6 +539,54 @@ class EmergencyChannel:
         """Slots held by processes that are still alive: the set a CRITICAL raise waits on."""
         return [info.slot for info in self.participants() if pid_alive(info.pid)]
 
+    # ------------------------------------------------------------------ doorbells
+
+    def _bell_path(self, slot: int) -> str:
+        return os.path.join(self._dir, f"{self.name}.bell{slot}")
+
+    def _open_bell(self, slot: int) -> None:
+        """A FIFO per participant slot: a raise writes a byte to wake the participant's `select`."""
+        self._close_bell(slot)
+        path = self._bell_path(slot)
+        try:
+            os.unlink(path)  # a dead participant's FIFO: nobody reads it any more
+        except FileNotFoundError:
+            pass
+        os.mkfifo(path, 0o600)
+        read_fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        # Our own writer keeps the FIFO from reporting hang-up (and `select` from spinning)
+        # after a raiser's short-lived write end closes.
+        keep_fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+        self._bells[slot] = (read_fd, keep_fd)
+
+    def _close_bell(self, slot: int) -> None:
+        fds = self._bells.pop(slot, None)
+        if fds is None:
+            return
+        for fd in fds:
+            os.close(fd)
+        try:
+            os.unlink(self._bell_path(slot))
+        except FileNotFoundError:
+            pass
+
+    def _ring_bells(self) -> None:
+        """Wake every participant blocked in `wait_entry`; a missing or full doorbell is skipped
+        (that participant has left, or is already due to wake)."""
+        for slot in range(self.n_slots):
+            if not _U32.unpack_from(self._buf, self._slot_offset(slot) + _SLOT_IN_USE_OFFSET)[0]:
+                continue
+            try:
+                fd = os.open(self._bell_path(slot), os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                continue  # no FIFO, or no reader (ENXIO): nobody to wake on this slot
+            try:
+                os.write(fd, b"!")
+            except (BlockingIOError, BrokenPipeError):
+                pass  # full: a wake-up is already pending; broken: the reader just left
+            finally:
+                os.close(fd)
+
     def _check_slot(self, slot: int) -> int:
         if not 0 <= slot < self.n_slots:
             raise ValueError(f"participant slot {slot} is outside 0..{self.n_slots - 1}: use register_participant()")
@@ -515,3 +599,23 @@ class EmergencyChannel:
 
 # Segment names owned by live channels in this process: lets create() refuse a second owner here.
 _OWNED: set[str] = set()
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        return  # empty: every pending ring consumed
+
+
+def _remove_bells(name: str) -> None:
+    """Delete a segment's doorbell FIFOs (owner close, stale reclaim)."""
+    directory = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    bell = re.compile(re.escape(name) + r"\.bell\d+")
+    for entry in os.listdir(directory):
+        if bell.fullmatch(entry):
+            try:
+                os.unlink(os.path.join(directory, entry))
+            except FileNotFoundError:
+                pass
