@@ -11,8 +11,8 @@ from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
-from esper.leyline.errors import LeylineDecodeError, LeylineSizeError, LeylineValidationError
 from esper.leyline import leyline_pb2 as pb
+from esper.leyline.errors import LeylineDecodeError, LeylineSizeError, LeylineValidationError
 
 M = TypeVar("M", bound=Message)
 
@@ -73,7 +73,9 @@ def validate_command(command: pb.AdaptationCommand) -> None:
     if command.command_type == pb.COMMAND_UNKNOWN:
         raise LeylineValidationError("AdaptationCommand.command_type is COMMAND_UNKNOWN")
     if command.command_type not in pb.CommandType.values():
-        raise LeylineValidationError(f"AdaptationCommand.command_type {command.command_type} is not a known CommandType")
+        raise LeylineValidationError(
+            f"AdaptationCommand.command_type {command.command_type} is not a known CommandType"
+        )
     payload = command.WhichOneof("payload")
     if command.command_type == pb.COMMAND_SEED:
         if payload != "seed_operation":

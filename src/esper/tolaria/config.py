@@ -126,6 +126,9 @@ class EmergencyConfig(Section):
     accuracy_drop: float = Field(0.25, gt=0, le=1, description="Validation accuracy drop vs best that is MAJOR.")
     watchdog_s: float = Field(60.0, gt=0, description="No step progress for this long is CRITICAL.")
     spike_lr_factor: float = Field(0.5, gt=0, le=1, description="LR multiplier applied after a spike recovery.")
+    broadcast: bool = Field(True, description="Create the shared-memory emergency channel for this run name "
+                            "(CRITICAL signals reach other processes on the host; a second run of the same "
+                            "name is refused).")
 
 
 class ProfileConfig(Section):

@@ -34,6 +34,7 @@ class ResumableBatchSampler(Sampler[list[int]]):
         self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
         self.start_batch = 0
+        self.last_index = -1  # index of the batch yielded last (exact with num_workers=0)
         self.skipped: set[tuple[int, int]] = set()
 
     def batches_for_epoch(self, epoch: int) -> list[list[int]]:
@@ -54,6 +55,7 @@ class ResumableBatchSampler(Sampler[list[int]]):
         batches = self.batches_for_epoch(self.epoch)
         for index in range(self.start_batch, len(batches)):
             if (self.epoch, index) not in self.skipped:
+                self.last_index = index
                 yield batches[index]
 
     def iter_indexed(self) -> Iterator[tuple[int, list[int]]]:

@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from esper.leyline import AdaptationCommand, SystemStatePacket
 
 DRILLS: dict[str, str] = {
@@ -227,3 +229,58 @@ def wire_drills(plan: FaultPlan, *, tamiyo: Any, kasmina: Any, bus: Any, verifie
     if "redis-down" in kinds:
         bus = FaultyBus(bus, plan, epoch_of)
     return FaultyTamiyo(tamiyo, plan), FaultyKasmina(kasmina, plan, epoch_of), bus, verifier
+
+
+class _NaNGradient(torch.autograd.Function):
+    """Adds zero to the loss but sends NaN back to `x`: a non-finite gradient under a finite loss."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        ctx.shape = x.shape
+        return x.new_zeros(())
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return torch.full(ctx.shape, float("nan"), dtype=grad.dtype)
+
+
+class StepDrills:
+    """Drills that act inside a training step or just before a boundary (`perturb`, `before_boundary`)."""
+
+    def __init__(self, trainer: Any) -> None:
+        self.t = trainer
+        self.plan: FaultPlan = trainer.faults
+        self.lr_drill: Drill | None = None
+
+    def perturb(self, loss: torch.Tensor, epoch: int, batch: int) -> torch.Tensor:
+        if not self.plan.drills:
+            return loss
+        t = self.t
+        if (d := self.plan.due("lr-tamper", epoch, batch)) is not None:
+            from esper.tolaria.lr import HOST_GROUP, tamper_for_drill
+
+            self.lr_drill = d
+            tamper_for_drill(t.optim.optimizer, HOST_GROUP, 10.0)
+            d.outcome = "tampered; not detected"
+        if (d := self.plan.due("nan-loss", epoch, batch)) is not None:
+            t.active_drill = d
+            return loss * float("nan")
+        if (d := self.plan.due("loss-spike", epoch, batch)) is not None:
+            t.active_drill = d
+            return loss * 20.0
+        if (d := self.plan.due("nan-grad", epoch, batch)) is not None:
+            t.active_drill = d
+            first = next(p for p in t.model.parameters() if p.requires_grad)
+            return loss + _NaNGradient.apply(first)
+        if (d := self.plan.due("hang-step", epoch, batch)) is not None:
+            t.active_drill = d
+            watchdog = t.safety.watchdog
+            stall(watchdog.deadline_s + 3 * watchdog.poll_s + 0.2)
+        return loss
+
+    def before_boundary(self, epoch: int) -> None:
+        if (d := self.plan.due("accuracy-collapse", epoch)) is not None:
+            from esper.tolaria.safety import scramble_weights
+
+            self.t.active_drill = d
+            scramble_weights(self.t.model)

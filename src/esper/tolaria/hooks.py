@@ -22,10 +22,10 @@ The loop, in pseudocode (`TolariaTrainer.fit`):
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 
 
-class HookPoint(str, Enum):
+class HookPoint(StrEnum):
     FIT_BEGIN = "on_fit_begin"
     EPOCH_BEGIN = "on_epoch_begin"
     STEP_BEGIN = "on_step_begin"

@@ -57,6 +57,7 @@ def capture_state(t: TolariaTrainer) -> dict[str, Any]:
             "history": t.history, "seed_history": t.seed_history, "seed_stage": t._seed_stage,
             "config_sha256": t.config.sha256(), "run_id": t.run_id,
             **{k: getattr(t, k) for k in RECORD_KEYS},
+            "emergencies": t.safety.emergency_records(),
         },
     }
     return deep_clone(state)  # type: ignore[no-any-return]
@@ -67,12 +68,17 @@ def take_snapshot(t: TolariaTrainer, snapshot_id: str) -> Snapshot:
                     state=capture_state(t))
 
 
-def restore_state(t: TolariaTrainer, state: Mapping[str, Any], *, keep_records: bool) -> None:
-    """Make the trainer's state that of `state`. `keep_records`: a rollback keeps its incident lists."""
-    result = t.kasmina.load_state_dict(state["kasmina"])  # structure first
-    del result
-    t.model.load_state_dict(state["model"])
-    t.optim.load_state_dict(state["optimizer"])
+def restore_state(t: TolariaTrainer, state: Mapping[str, Any], *, keep_records: bool, structure: bool = True) -> None:
+    """Make the trainer's state that of `state`. `keep_records`: a rollback keeps its incident lists.
+
+    Sections missing from `state` are left alone (a fast rollback has already copied the
+    tensors in place and passes only the rest); `structure=False` skips Kasmina, weights and
+    the optimizer rebuild."""
+    if structure:
+        if "kasmina" in state:
+            t.kasmina.load_state_dict(state["kasmina"])  # structure first
+        t.model.load_state_dict(state["model"])
+        t.optim.load_state_dict(state["optimizer"])
     t.lr.load_state_dict(state["lr"])
     t.lr.refresh()
     t.aggregator.load_state_dict(state["aggregator"])

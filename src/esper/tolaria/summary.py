@@ -26,7 +26,7 @@ def build_summary(t: TolariaTrainer) -> dict[str, Any]:
     manifest = t.kasmina.manifest()
     seeds: dict[str, Any] = {}
     for seed_id, history in t.seed_history.items():
-        info = next((s for s in manifest.get("seeds", []) if s.get("seed_id") == seed_id), {})
+        info: dict[str, Any] = next((s for s in manifest.get("seeds", []) if s.get("seed_id") == seed_id), {})
         seeds[seed_id] = {
             "slot": info.get("slot", ""), "blueprint": info.get("blueprint", ""),
             "stage": history[-1]["stage"] if history else "",
@@ -55,7 +55,10 @@ def build_summary(t: TolariaTrainer) -> dict[str, Any]:
         "tamiyo_fallbacks": t.fallbacks,
         "apply_failures": t.apply_failures,
         "rollbacks": t.rollbacks,
-        "emergencies": t.emergencies,
+        "emergencies": t.safety.emergency_records(),
+        "safety": t.safety.summary(),
+        "resumed_from": t.resumed_from,
+        "world_size": t.world.size,
         "drills": t.faults.summary(),
         "aggregation": {"mode": t.aggregator.config.mode, "nonfinite_steps": t.aggregator.nonfinite_steps},
         "lr": {"current": t.lr.current()},

@@ -29,14 +29,16 @@ from esper.tolaria.breakers import BreakerBoard
 from esper.tolaria.config import TolariaConfig
 from esper.tolaria.conservative import ConservativeMode
 from esper.tolaria.distributed import World
-from esper.tolaria.faults import FaultPlan, wire_drills
+from esper.tolaria.faults import Drill, FaultPlan, StepDrills, wire_drills
 from esper.tolaria.handshake import TamiyoHandshake
 from esper.tolaria.hooks import HookPoint
-from esper.tolaria.lr import HOST_GROUP, UnifiedLRController
+from esper.tolaria.lr import UnifiedLRController
 from esper.tolaria.optimizer import DynamicOptimizerManager
 from esper.tolaria.profiling import Profiler
 from esper.tolaria.protocols import ExecutionLayer, OonaBus, TamiyoClient
+from esper.tolaria.safety import RolledBack, Safety
 from esper.tolaria.snapshot import state_checksum
+from esper.tolaria.state import restore_state
 from esper.tolaria.telemetry import TelemetryCollector
 from esper.tolaria.timing import MonotonicTimer
 
@@ -134,6 +136,9 @@ class TolariaTrainer:
         self.rollbacks: list[dict[str, Any]] = []
         self.emergencies: list[dict[str, Any]] = []
         self.events_recorded = 0
+        self.step_drills = StepDrills(self)
+        self.active_drill: Drill | None = None
+        self.safety = Safety(self)
         self._stop_signal: str | None = None
         self._last_val = (float("nan"), float("nan"))
 
@@ -144,17 +149,25 @@ class TolariaTrainer:
         self._fire(HookPoint.FIT_BEGIN)
         previous = self._install_signal_handlers()
         try:
-            for epoch in range(self.state.epoch, cfg.run.epochs):
-                self.state.epoch = epoch
-                self._fire(HookPoint.EPOCH_BEGIN, epoch=epoch)
-                started = time.perf_counter()
-                train_loss = self._train_epoch(epoch)
-                if self._stop_signal:
-                    break
-                self._fire(HookPoint.BOUNDARY_BEGIN, epoch=epoch)
-                report = self.boundary.run(epoch, train_loss)
-                self._end_epoch(epoch, train_loss, report, time.perf_counter() - started)
-                self._fire(HookPoint.BOUNDARY_END, epoch=epoch, report=report)
+            self.safety.start()
+            while self.state.epoch < cfg.run.epochs and not self._stop_signal:
+                epoch = self.state.epoch
+                try:
+                    self._fire(HookPoint.EPOCH_BEGIN, epoch=epoch)
+                    started = time.perf_counter()
+                    train_loss = self._train_epoch(epoch)
+                    if self._stop_signal:
+                        break
+                    self._fire(HookPoint.BOUNDARY_BEGIN, epoch=epoch)
+                    self.step_drills.before_boundary(epoch)
+                    report = self.boundary.run(epoch, train_loss)
+                    self._end_epoch(epoch, train_loss, report, time.perf_counter() - started)
+                    self.safety.boundary(epoch, report.val_accuracy, report.own_ms)
+                    self._fire(HookPoint.BOUNDARY_END, epoch=epoch, report=report)
+                except RolledBack:
+                    continue  # the state, epoch and data position are the snapshot's now
+            if self._stop_signal:
+                self.safety.checkpoint_now(f"stopped by {self._stop_signal}")
         finally:
             _restore_signal_handlers(previous)
             self._fire(HookPoint.FIT_END)
@@ -168,30 +181,40 @@ class TolariaTrainer:
             self.sampler.set_position(epoch, self.state.batch_in_epoch)
         total, count = torch.zeros(()), 0
         for x, y in self.train_loader:
+            batch = self.sampler.last_index if self.sampler is not None else self.state.batch_in_epoch
             self._fire(HookPoint.STEP_BEGIN, step=self.state.global_step)
-            loss = self._train_step(x, y)
-            self.state.batch_in_epoch += 1
+            loss = self._train_step(x, y, batch)
+            self.state.batch_in_epoch = batch + 1
             self.state.global_step += 1
             if loss is not None:
                 total += loss
                 count += 1
             self._fire(HookPoint.STEP_END, step=self.state.global_step, loss=loss)
+            self.safety.after_step()
             if self._stop_signal:
-                return float(total) / max(count, 1)
-        self.state.batch_in_epoch = 0
+                break
         return float(total) / max(count, 1)
 
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+    def _train_step(self, x: torch.Tensor, y: torch.Tensor, batch: int) -> torch.Tensor | None:
         """One step; returns the detached host loss, or None when the step was skipped."""
-        prof = self.profiler
+        prof, safety = self.profiler, self.safety
+        safety.watchdog.heartbeat(self.state.epoch, self.state.global_step)
         with prof.span("step.forward"):
-            host_loss = self.loss_fn(self.model(x), y)
+            host_loss = self.step_drills.perturb(self.loss_fn(self.model(x), y), self.state.epoch, batch)
         with prof.span("step.seed_losses"):
             terms = self.kasmina.seed_loss_terms(x, y, self.loss_fn) if self.morphogenesis else []
         with prof.span("step.backward"):
-            stats = self.aggregator.backward(host_loss, terms, self._trainable, host_batch_size=len(y))
+            params = self._trainable
+            stats = self.aggregator.backward(host_loss, terms, params, host_batch_size=len(y))
+        with prof.span("step.monitors"):
+            incident = safety.step_incident(stats)
+            finite, level, rows = self.world.agree_step(stats.finite, incident.level if incident else 0, len(y))
+            if level:
+                self.optim.optimizer.zero_grad(set_to_none=True)
+                safety.respond_to_step(incident, level, batch)  # raises RolledBack after a rollback
         with prof.span("step.optimizer"):
-            if stats.finite:
+            if finite:
+                self.world.average_gradients(params.values(), len(y), rows)
                 self.lr.step(self.state.global_step)
                 self.optim.optimizer.step()
             else:
@@ -201,7 +224,7 @@ class TolariaTrainer:
             self._check_lr_violations()
         with prof.span("step.kasmina"):
             self.kasmina.on_step()
-        return host_loss.detach() if stats.finite else None
+        return host_loss.detach() if finite else None
 
     # ---------------------------------------------------------------- boundary helpers
     def validate(self) -> tuple[float, float]:
@@ -257,10 +280,11 @@ class TolariaTrainer:
             "command": report.command.annotations.get("reason", "") if report.command is not None else "",
         }
         self.history.append(record)
-        metrics = {"tolaria.epoch.duration_ms": seconds * 1e3, "tolaria.boundary.latency_ms": report.own_ms,
-                   "tolaria.train.loss": train_loss, "tolaria.val.loss": report.val_loss,
-                   "tolaria.val.accuracy": report.val_accuracy, "tolaria.model.params": record["param_count"]}
-        metrics.update({f"tolaria.lr_controller.lr.{k}": v for k, v in record["lr"].items()})
+        metrics: dict[str, float] = {
+            "tolaria.epoch.duration_ms": seconds * 1e3, "tolaria.boundary.latency_ms": report.own_ms,
+            "tolaria.train.loss": train_loss, "tolaria.val.loss": report.val_loss,
+            "tolaria.val.accuracy": report.val_accuracy, "tolaria.model.params": float(self.param_count())}
+        metrics.update({f"tolaria.lr_controller.lr.{k}": v for k, v in self.lr.current().items()})
         self.telemetry.publish(self.telemetry.packet(metrics, attributes={"epoch": str(epoch)}),
                                MESSAGE_PRIORITY_NORMAL)
 
@@ -292,7 +316,7 @@ class TolariaTrainer:
                 f"group {v.group}: lr {v.found:g} written out of band (expected {v.expected:g})")
             self.record_event("lr_out_of_band_write", TELEMETRY_LEVEL_ERROR, group=v.group, expected=v.expected,
                               found=v.found, step=v.step, breaker_opened=opened)
-            self.faults.record(self._lr_drill, f"detected at step {v.step} and reverted to {v.expected:g}")
+            self.faults.record(self.step_drills.lr_drill, f"detected at step {v.step} and reverted to {v.expected:g}")
 
     def record_event(self, description: str, level: int = TELEMETRY_LEVEL_INFO,
                      priority: int = MESSAGE_PRIORITY_NORMAL, **attributes: object) -> None:
@@ -315,26 +339,13 @@ class TolariaTrainer:
         c = self.config.lr
         return {"kind": "seed_warmup", "warmup_steps": max(1, c.seed_warmup_steps), "host_multiplier": c.seed_lr_ratio}
 
-    _lr_drill = None
-
     def _fire(self, hook: HookPoint, **kwargs: Any) -> None:
-        if hook is HookPoint.STEP_END and self.faults.drills:
-            self._run_step_drills()
         for cb in self.callbacks:
             fn = getattr(cb, hook.value, None)
             if fn is not None:
                 fn(self, **kwargs)
         if hook is HookPoint.FIT_END:
             self.close()
-
-    def _run_step_drills(self) -> None:
-        from esper.tolaria.lr import tamper_for_drill
-
-        if (d := self.faults.due("lr-tamper", self.state.epoch, self.state.global_step)) is not None:
-            if d.step is None or d.step == self.state.global_step:
-                self._lr_drill = d
-                tamper_for_drill(self.optim.optimizer, HOST_GROUP, 10.0)
-                d.outcome = "tampered; not detected"
 
     def _seed_everything(self, seed: int) -> None:
         if self.state.global_step:
@@ -347,7 +358,7 @@ class TolariaTrainer:
         def request_stop(signum: int, _frame: Any) -> None:
             self._stop_signal = signal.Signals(signum).name
 
-        previous = {}
+        previous: dict[int, Any] = {}
         try:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 previous[sig] = signal.signal(sig, request_stop)
@@ -360,7 +371,18 @@ class TolariaTrainer:
 
         return build_summary(self)
 
+    def resume_from(self, directory: Path) -> None:
+        """Restore the newest valid committed checkpoint in `directory` before `fit()`."""
+        snapshot = self.safety.resume_from(directory)
+        if snapshot.state["trainer"].get("config_sha256") != self.config.sha256():
+            self.record_event("resume_config_changed", TELEMETRY_LEVEL_WARNING, checkpoint=snapshot.snapshot_id)
+        restore_state(self, snapshot.state, keep_records=False)
+        self.resumed_from = snapshot.snapshot_id
+
+    resumed_from = ""
+
     def close(self) -> None:
+        self.safety.close()
         self.telemetry.close()
         self.handshake.close()
         self.profiler.close() if hasattr(self.profiler, "close") else None

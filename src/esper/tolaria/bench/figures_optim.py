@@ -119,7 +119,7 @@ def _adam_manager(model: nn.Module) -> tuple[DynamicOptimizerManager, UnifiedLRC
     ctl = UnifiedLRController(lambda: holder[0].optimizer)
     manager = DynamicOptimizerManager(
         model, lambda groups: torch.optim.Adam(groups, lr=1e-3), ctl,
-        host_policy=ConstantPolicy(lr=1e-3), seed_policy_factory=lambda _: SeedWarmupPolicy(warmup_steps=10),
+        host_policy=ConstantPolicy(lr_value=1e-3), seed_policy_factory=lambda _: SeedWarmupPolicy(warmup_steps=10),
     )
     holder.append(manager)
     return manager, ctl

@@ -1,0 +1,347 @@
+"""Safety: snapshots, checkpoints, monitors, rollbacks and the emergency protocol, as one
+component the trainer calls at named points (`start`, `step`, `boundary`, `close`).
+
+- Every epoch boundary takes one snapshot (the state at the start of the next epoch): it goes
+  into the RAM cache for fast rollback and, every `checkpoint.every_epochs`, to the async
+  checkpoint writer. A snapshot becomes a rollback target only when the epoch after it passed
+  its monitors (the untrained initial state counts as healthy).
+- Step monitors (non-finite loss or gradient, loss spike) are SEVERE: fast rollback to the last
+  healthy snapshot, skip the offending batch, optionally lower the LR, continue. Boundary
+  monitors: accuracy collapse and cross-rank parameter mismatch are MAJOR (full rollback from
+  the newest valid checkpoint); boundary timing degradation is MINOR (logged). The watchdog
+  raises CRITICAL from its own thread (freeze, shared-memory broadcast, acks); when the stalled
+  step returns, the trainer resumes from the last healthy snapshot.
+- A rollback raises `RolledBack` to the trainer's loop, which restarts at the restored position.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import threading
+from concurrent.futures import Future
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from esper.leyline import MESSAGE_PRIORITY_HIGH, TELEMETRY_LEVEL_ERROR, TELEMETRY_LEVEL_WARNING, new_id
+from esper.tolaria.checkpoint import CheckpointInfo, CheckpointStore, CheckpointWriteError, corrupt_latest, recover
+from esper.tolaria.emergency import (
+    CRITICAL,
+    MAJOR,
+    MINOR,
+    SEVERE,
+    ActionResult,
+    EmergencyProtocol,
+    Incident,
+    level_name,
+)
+from esper.tolaria.monitors import AccuracyMonitor, GradientMonitor, LossMonitor, TimingMonitor, Watchdog
+from esper.tolaria.rollback import RollbackCoordinator
+from esper.tolaria.rollback_participants import participants
+from esper.tolaria.signal import ChannelError, EmergencyChannel
+from esper.tolaria.snapshot import Snapshot
+from esper.tolaria.snapshot_cache import SnapshotCache
+from esper.tolaria.state import take_snapshot
+
+if TYPE_CHECKING:
+    from esper.tolaria.aggregation import AggregationStats
+    from esper.tolaria.trainer import TolariaTrainer
+
+log = logging.getLogger(__name__)
+
+
+class RolledBack(Exception):
+    """Raised to the trainer's loop after a rollback: training restarts at the restored position."""
+
+
+class Safety:
+    def __init__(self, trainer: TolariaTrainer) -> None:
+        t, cfg = trainer, trainer.config
+        self.t = t
+        self.cache = SnapshotCache(cfg.snapshots.capacity, int(cfg.snapshots.max_mb * 2**20))
+        self.store = self._open_store()
+        e = cfg.emergency
+        self.loss = LossMonitor(spike_factor=e.spike_factor)
+        self.grads = GradientMonitor()
+        self.accuracy = AccuracyMonitor(max_drop=e.accuracy_drop)
+        self.timing = TimingMonitor(budget_ms=cfg.boundary.total_ms)
+        self.watchdog = Watchdog(e.watchdog_s, self._on_hang)
+        self.channel = self._open_channel()
+        self.protocol = EmergencyProtocol({MINOR: self._minor, MAJOR: self._major, SEVERE: self._severe,
+                                           CRITICAL: self._critical}, channel=self.channel,
+                                          publish=t.telemetry.publish_emergency, run_id=t.run_id)
+        self.coordinator = RollbackCoordinator(participants(t))
+        self.frozen = threading.Event()
+        self._unproven: str | None = None
+        self._window_clean = True
+        self._pending: list[tuple[int, Future[CheckpointInfo]]] = []
+        self.checkpoints_committed: list[dict[str, Any]] = []
+        self.recovery_events: list[str] = []
+        self._offending: tuple[int, int] | None = None
+
+    # ---------------------------------------------------------------- setup
+    def _open_store(self) -> CheckpointStore | None:
+        t, cfg = self.t, self.t.config
+        if not cfg.checkpoint.enabled or t.run_dir is None or not t.world.is_leader:
+            return None
+        return CheckpointStore(t.run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
+                               run_id=t.run_id, config_sha256=cfg.sha256(), fault=self._disk_fault)
+
+    def _open_channel(self) -> EmergencyChannel | None:
+        if not self.t.config.emergency.broadcast:
+            return None
+        name = f"{self.t.config.run.name}-r{self.t.world.rank}"
+        return EmergencyChannel.create(name)  # a second live Tolaria on this run name is refused here
+
+    def start(self) -> None:
+        """Before the first step: the starting state is the first (healthy) rollback target."""
+        snapshot = self._snapshot()
+        self.cache.mark_healthy(snapshot.snapshot_id)
+        self.watchdog.start()
+
+    def close(self) -> None:
+        self.watchdog.stop()
+        if self.store is not None:
+            self.store.close(timeout=60)
+            self._collect_checkpoints()
+        if self.channel is not None:
+            self.channel.close()
+            self.channel.unlink()
+
+    # ---------------------------------------------------------------- per step
+    def step_incident(self, stats: AggregationStats) -> Incident | None:
+        """Monitors of this rank's step (the loss is already synced by the aggregator)."""
+        epoch, step = self.t.state.epoch, self.t.state.global_step
+        return self.loss.observe(stats.total_loss, epoch, step) or \
+            self.grads.observe(stats.finite, stats.grad_norm, epoch, step)
+
+    def respond_to_step(self, local: Incident | None, agreed_level: int, batch_index: int) -> None:
+        """Run the agreed response (every rank does the same); raises RolledBack after a rollback."""
+        if agreed_level == 0:
+            return
+        t = self.t
+        incident = local if local is not None and local.level == agreed_level else Incident(
+            agreed_level, "peer_incident", "another rank saw an incident at this step", t.state.epoch,
+            t.state.global_step)
+        self._offending = (t.state.epoch, batch_index)
+        self._handle(incident)
+
+    def after_step(self) -> None:
+        """A step that returned after the watchdog froze training resumes from the last healthy snapshot."""
+        if self.frozen.is_set():
+            self.frozen.clear()
+            t = self.t
+            self._handle(Incident(SEVERE, "resume_after_freeze", "training was frozen by a CRITICAL stall; "
+                                  "resuming from the last healthy snapshot", t.state.epoch, t.state.global_step))
+
+    # ---------------------------------------------------------------- per boundary
+    def boundary(self, epoch: int, val_accuracy: float, own_ms: float) -> None:
+        """After the boundary's own work: monitors, healthy marking, snapshot, checkpoint."""
+        t = self.t
+        self._collect_checkpoints()
+        incidents = [i for i in (self.accuracy.observe(val_accuracy, epoch, t.state.global_step),
+                                 self.timing.observe(own_ms, epoch, t.state.global_step)) if i is not None]
+        if not t.world.parameters_match(t.model):
+            incidents.append(Incident(MAJOR, "rank_divergence", "parameter checksums differ across ranks",
+                                      epoch, t.state.global_step))
+        for incident in sorted(incidents, key=lambda i: -i.level):
+            self._handle(incident)  # a rollback raises out of here
+        if self._unproven is not None and self._window_clean:
+            self.cache.mark_healthy(self._unproven)
+        t.state.epoch, t.state.batch_in_epoch = epoch + 1, 0
+        snapshot = self._snapshot()
+        if self.store is not None and (epoch + 1) % t.config.checkpoint.every_epochs == 0:
+            self._checkpoint(snapshot, epoch)
+
+    def _snapshot(self) -> Snapshot:
+        t = self.t
+        with t.profiler.span("boundary.snapshot"), t.timer.phase("snapshot"):
+            snapshot = take_snapshot(t, f"e{t.state.epoch:04d}-s{t.state.global_step:08d}")
+            self.cache.put(snapshot)
+        self._unproven, self._window_clean = snapshot.snapshot_id, True
+        return snapshot
+
+    def _checkpoint(self, snapshot: Snapshot, epoch: int) -> None:
+        assert self.store is not None  # noqa: S101 - guarded by the caller
+        self._pending.append((epoch, self.store.save_async(snapshot)))
+        if (d := self.t.faults.due("corrupt-checkpoint", epoch)) is not None:
+            self.store.flush(timeout=60)
+            self._collect_checkpoints()
+            victim = corrupt_latest(self.store.directory)
+            result = recover(self.store.directory, clean=False)
+            fell_back = result.checkpoint.name if result.checkpoint else "nothing"
+            self.recovery_events += result.events
+            d.outcome = f"corrupted {victim.parent.name}/{victim.name}; recovery loads {fell_back}"
+            self.t.record_event("checkpoint_corruption_detected", TELEMETRY_LEVEL_ERROR, MESSAGE_PRIORITY_HIGH,
+                                file=f"{victim.parent.name}/{victim.name}", fell_back_to=fell_back)
+
+    def _collect_checkpoints(self) -> None:
+        """Record finished async checkpoint writes on the checkpoint breaker (training thread only)."""
+        breaker = self.t.breakers["checkpoint"]
+        still = []
+        for epoch, future in self._pending:
+            if not future.done():
+                still.append((epoch, future))
+                continue
+            error = future.exception()
+            if error is None:
+                info = future.result()
+                breaker.record_success()
+                self.checkpoints_committed.append({"name": info.name, "epoch": info.epoch, "step": info.step,
+                                                   "size_bytes": info.size_bytes})
+            elif isinstance(error, CheckpointWriteError):
+                opened = breaker.record_failure(str(error))
+                self.t.record_event("checkpoint_write_failed", TELEMETRY_LEVEL_ERROR, MESSAGE_PRIORITY_HIGH,
+                                    error=str(error), errno=error.errno, breaker_opened=opened)
+        self._pending = still
+
+    def _disk_fault(self, where: str) -> None:
+        """The store's fault hook: the disk-full drill fails the write of the drill's epoch."""
+        drill = next((d for d in self.t.faults.drills if d.kind == "disk-full" and not d.fired
+                      and self.t.state.epoch - 1 >= d.epoch), None)
+        if drill is not None:
+            drill.fired = True
+            drill.outcome = f"ENOSPC while writing {where}; previous checkpoints intact, training continued"
+            raise OSError(errno.ENOSPC, "No space left on device (drill disk-full)", where)
+
+    # ---------------------------------------------------------------- the protocol and its handlers
+    def _handle(self, incident: Incident) -> None:
+        self._window_clean = False
+        self._rolled_back = False
+        record = self.protocol.handle(incident)
+        if self._rolled_back:
+            self._rolled_back = False
+            raise RolledBack(record.action)
+
+    def emergency_records(self) -> list[dict[str, Any]]:
+        """Incidents of this process (the watchdog's included) after those restored by a resume."""
+        return [*self.t.emergencies, *self.protocol.summary()]
+
+    _rolled_back = False
+
+    def checkpoint_now(self, reason: str) -> None:
+        """A synchronous checkpoint of the current (possibly mid-epoch) state, e.g. on SIGTERM."""
+        if self.store is None:
+            return
+        snapshot = take_snapshot(self.t, f"e{self.t.state.epoch:04d}-s{self.t.state.global_step:08d}-stop")
+        self.store.flush(timeout=60)
+        try:
+            info = self.store.save(snapshot)
+        except CheckpointWriteError as exc:
+            self.t.record_event("checkpoint_write_failed", TELEMETRY_LEVEL_ERROR, error=str(exc), reason=reason)
+            return
+        self.checkpoints_committed.append({"name": info.name, "epoch": info.epoch, "step": info.step,
+                                           "size_bytes": info.size_bytes, "reason": reason})
+
+    def _minor(self, incident: Incident) -> ActionResult:
+        """Log and adjust: record it; a loss-related minor incident lowers the LR."""
+        self.t.record_event("emergency_minor", TELEMETRY_LEVEL_WARNING, kind=incident.kind, reason=incident.reason)
+        return ActionResult(True, "logged", incident.reason)
+
+    def _severe(self, incident: Incident) -> ActionResult:
+        """Fast rollback to the last healthy snapshot, skip the offending batch, lower the LR, continue."""
+        target = self.cache.last_healthy()
+        if target is None:
+            return ActionResult(False, "fast rollback", "no healthy snapshot in the cache")
+        outcome = self.coordinator.rollback(target, "fast")
+        self._record_rollback(outcome, target, incident)
+        if not outcome.succeeded:
+            return ActionResult(False, "fast rollback", outcome.reason)
+        detail = f"restored {target.snapshot_id}"
+        if self._offending is not None and self.t.sampler is not None and incident.kind != "resume_after_freeze":
+            self.t.sampler.skipped.add(self._offending)
+            detail += f"; skipping batch {self._offending[1]} of epoch {self._offending[0]}"
+        factor = self.t.config.emergency.spike_lr_factor
+        if incident.kind == "loss_spike" and factor < 1.0:
+            self.t.lr.scale(factor, f"spike recovery at step {incident.step}")
+            detail += f"; LR x{factor:g}"
+        self._rolled_back = True
+        self._drill_outcome(incident, detail)
+        return ActionResult(True, "fast rollback", detail)
+
+    def _major(self, incident: Incident) -> ActionResult:
+        """Full rollback from the newest valid committed checkpoint, then a fresh checkpoint."""
+        if self.store is None:
+            return ActionResult(False, "full rollback", "checkpoints are disabled: nothing durable to restore")
+        self.store.flush(timeout=60)
+        self._collect_checkpoints()
+        result = recover(self.store.directory, clean=False)
+        self.recovery_events += result.events
+        if result.checkpoint is None:
+            return ActionResult(False, "full rollback", "no valid committed checkpoint")
+        target = result.checkpoint.snapshot()
+        outcome = self.coordinator.rollback(target, "full")
+        self._record_rollback(outcome, target, incident)
+        if not outcome.succeeded:
+            return ActionResult(False, "full rollback", outcome.reason)
+        self.cache.put(target)
+        self._rolled_back = True
+        detail = f"restored {target.snapshot_id} from disk"
+        self._drill_outcome(incident, detail)
+        return ActionResult(True, "full rollback + checkpoint", detail)
+
+    def _critical(self, incident: Incident) -> ActionResult:
+        """Freeze: the broadcast and acks are the protocol's; the training thread resumes when it returns."""
+        self.frozen.set()
+        self._drill_outcome(incident, "frozen and broadcast; resumed from the last healthy snapshot")
+        return ActionResult(True, "freeze + broadcast", f"watchdog: {incident.reason}")
+
+    def _on_hang(self, incident: Incident) -> None:
+        try:
+            self.protocol.handle(incident)
+        except ChannelError as exc:
+            log.error("CRITICAL broadcast failed: %s", exc)
+
+    def _record_rollback(self, outcome: Any, target: Snapshot, incident: Incident) -> None:
+        t = self.t
+        entry = {"rollback_id": new_id()[:12], "tier": outcome.tier, "epoch": incident.epoch, "step": incident.step,
+                 "target_snapshot_id": target.snapshot_id, "target_epoch": target.epoch,
+                 "target_step": target.global_step, "reason": f"{level_name(incident.level)} {incident.kind}: "
+                 f"{incident.reason}", "succeeded": outcome.succeeded, "phase_ms": dict(outcome.phase_ms),
+                 "failure": outcome.reason}
+        t.rollbacks.append(entry)
+        t.record_event(f"rollback_{outcome.tier}", TELEMETRY_LEVEL_ERROR, MESSAGE_PRIORITY_HIGH,
+                       target=target.snapshot_id, succeeded=outcome.succeeded, total_ms=outcome.total_ms)
+
+    def _drill_outcome(self, incident: Incident, detail: str) -> None:
+        drill = self.t.active_drill
+        if drill is not None:
+            self.t.faults.record(drill, f"{level_name(incident.level)} {incident.kind}: {detail}")
+
+    # ---------------------------------------------------------------- state and summary
+    def monitors_state(self) -> dict[str, Any]:
+        return {"loss": self.loss.state_dict(), "grads": self.grads.state_dict(),
+                "accuracy": self.accuracy.state_dict(), "timing": self.timing.state_dict()}
+
+    def load_monitors_state(self, state: dict[str, Any]) -> None:
+        self.loss.load_state_dict(state["loss"])
+        self.grads.load_state_dict(state["grads"])
+        self.accuracy.load_state_dict(state["accuracy"])
+        self.timing.load_state_dict(state["timing"])
+
+    def resume_from(self, directory: Path) -> Snapshot:
+        result = recover(directory, clean=True)
+        self.recovery_events += result.events
+        if result.checkpoint is None:
+            raise FileNotFoundError(f"no valid committed checkpoint in {directory}: "
+                                    f"{'; '.join(result.events) or 'the directory holds none'}")
+        return result.checkpoint.snapshot()
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "snapshot_cache": self.cache.stats(),
+            "checkpoints": self.checkpoints_committed,
+            "checkpoint_dir": str(self.store.directory) if self.store is not None else "",
+            "recovery_events": self.recovery_events,
+            "watchdog_fired": self.watchdog.fired_total,
+        }
+
+
+def scramble_weights(model: torch.nn.Module) -> None:
+    """The accuracy-collapse drill: wreck the host's weights so validation accuracy really collapses."""
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(1234)
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen, dtype=param.dtype) * 5.0)
