@@ -7,7 +7,13 @@ import torch
 from torch import nn
 
 from esper.tolaria.snapshot import Snapshot, deep_clone, state_checksum
-from esper.tolaria.snapshot_cache import RestoreError, SnapshotCache, restore_tensors_, sample_bits
+from esper.tolaria.snapshot_cache import (
+    RestoreError,
+    SnapshotCache,
+    confirm_restored,
+    restore_tensors_,
+    sample_bits,
+)
 
 
 def _snap(sid: str, step: int, numel: int = 256) -> Snapshot:
@@ -128,14 +134,32 @@ def test_restore_refuses_mismatched_structure_and_copies_nothing() -> None:
 
 def test_sample_bits_sees_a_single_bit_flip_on_a_sampled_element() -> None:
     t = torch.randn(5000)
-    before = sample_bits([t])
+    before = sample_bits(t)
     t.view(torch.int32)[714 * 3] ^= 1  # a sampled element: 5000 elements, 8 samples, step 714
-    assert not torch.equal(before, sample_bits([t]))
+    assert not torch.equal(before, sample_bits(t))
     nan = torch.full((4,), float("nan"))
-    assert torch.equal(sample_bits([nan]), sample_bits([nan.clone()]))
+    assert torch.equal(sample_bits(nan), sample_bits(nan.clone()))
 
 
 def test_restore_reports_a_copy_that_did_not_take_effect(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch, "_foreach_copy_", lambda dst, src: None)
-    with pytest.raises(RestoreError, match="did not take effect"):
+    with pytest.raises(RestoreError, match="did not take effect: tensor #0 \\(4,\\) was not written"):
         restore_tensors_({"a": torch.zeros(4)}, {"a": torch.ones(4)})
+
+
+def test_confirm_catches_written_but_wrong_contents() -> None:
+    dst, src = [torch.zeros(100), torch.zeros(10)], [torch.ones(100), torch.ones(10)]
+    versions = [t._version for t in dst]
+    dst[0].fill_(2.0)  # written, but not from the snapshot
+    dst[1].copy_(src[1])
+    assert "tensor #0 (100,) differs" in confirm_restored(dst, src, versions)
+    dst[0].copy_(src[0])
+    assert confirm_restored(dst, src, versions) == ""
+
+
+def test_restore_handles_non_contiguous_live_tensors_bit_exactly() -> None:
+    base = torch.zeros(6, 4)
+    live = {"w": base.t()}  # a transposed view: not contiguous
+    snap = {"w": torch.arange(24.0).reshape(4, 6)}
+    restore_tensors_(live, snap)
+    assert torch.equal(base.t(), snap["w"])
