@@ -1,0 +1,519 @@
+"""`tolaria report RUN_DIR`: one self-contained HTML page with plots of what a run did.
+
+Contract of `generate_report(run_dir)`:
+
+- Reads `run_dir/summary.json` (required; a missing or unparsable file raises an error naming
+  the path and the fix) and `run_dir/telemetry.jsonl` (optional; lines that are not JSON objects
+  are skipped and counted).
+- Writes `run_dir/report/index.html` and one PNG per plot beside it (loss, accuracy, lr, params,
+  seeds, boundary). Every PNG exists and is non-empty, even for a run without epochs: a plot
+  without data says so in the image. The HTML embeds each PNG as base64 and links the PNG
+  file, so the folder works when copied and the page works alone.
+- Missing keys mean "nothing of that kind" (a run without seeds, rollbacks or telemetry);
+  unknown keys are ignored.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from esper.leyline import (
+    SEED_STAGE_CULLED,
+    SEED_STAGE_EMBARGOED,
+    SEED_STAGE_FOSSILIZED,
+    SEED_STAGE_TERMINATED,
+    SeedLifecycleStage,
+)
+
+REPORT_DIR = "report"
+DPI = 110
+_ROLLBACK_COLOR = "#d62728"
+_EMERGENCY_COLOR = "#ff7f0e"
+_CONSERVATIVE_COLOR = "#ffdd57"
+
+
+# ------------------------------------------------------------------------------ inputs
+
+
+def load_summary(run_dir: Path) -> dict[str, Any]:
+    """The run's summary.json as a dict; errors name the file and what to do."""
+    path = Path(run_dir) / "summary.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: `tolaria report` needs the run directory of a finished "
+                                f"`tolaria run` (it writes summary.json at the end of the run)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); rerun or resume the run to rewrite it") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a {type(data).__name__}, expected a JSON object written by `tolaria run`")
+    return data
+
+
+@dataclass
+class TelemetryStats:
+    """What telemetry.jsonl held: counts by stream, message type and event description."""
+
+    lines: int = 0
+    parsed: int = 0
+    skipped: int = 0
+    by_stream: Counter[str] = field(default_factory=Counter)
+    by_type: Counter[str] = field(default_factory=Counter)
+    events: Counter[str] = field(default_factory=Counter)
+
+
+def read_telemetry(path: Path) -> TelemetryStats:
+    """Count the entries of a telemetry JSONL file, skipping (and counting) unparsable lines."""
+    stats = TelemetryStats()
+    if not path.is_file():
+        return stats
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            if not line.strip():
+                continue
+            stats.lines += 1
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                stats.skipped += 1
+                continue
+            if not isinstance(entry, dict):
+                stats.skipped += 1
+                continue
+            stats.parsed += 1
+            stats.by_stream[str(entry.get("stream", "?"))] += 1
+            stats.by_type[str(entry.get("message_type", "?"))] += 1
+            for event in _dicts((entry.get("payload") or {}).get("events") if isinstance(entry.get("payload"),
+                                                                                       dict) else None):
+                stats.events[str(event.get("description", "?"))] += 1
+    return stats
+
+
+def _dicts(value: Any) -> list[dict[str, Any]]:
+    """The dict items of a list-valued field; anything else is treated as absent."""
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
+def _num(value: Any) -> float:
+    """A number from the summary, NaN for null/missing/non-numeric (strict JSON writes NaN as null)."""
+    if isinstance(value, bool):
+        return float(value)
+    return float(value) if isinstance(value, (int, float)) else math.nan
+
+
+def _epochs_of(items: Iterable[Mapping[str, Any]]) -> list[float]:
+    return [e for e in (_num(i.get("epoch")) for i in items) if math.isfinite(e)]
+
+
+@dataclass
+class RunView:
+    """The parts of a summary the plots and tables use, normalised once."""
+
+    summary: dict[str, Any]
+    history: list[dict[str, Any]]
+    rollbacks: list[dict[str, Any]]
+    emergencies: list[dict[str, Any]]
+    conservative_epochs: list[int]
+
+    @classmethod
+    def of(cls, summary: dict[str, Any]) -> RunView:
+        conservative = summary.get("conservative_mode") if isinstance(summary.get("conservative_mode"), dict) else {}
+        history = _dicts(summary.get("history"))
+        epochs = {int(e) for e in (conservative or {}).get("epochs", []) if isinstance(e, int)}
+        epochs |= {int(_num(h.get("epoch"))) for h in history if h.get("conservative_mode") is True
+                   and math.isfinite(_num(h.get("epoch")))}
+        return cls(summary, history, _dicts(summary.get("rollbacks")), _dicts(summary.get("emergencies")),
+                   sorted(epochs))
+
+    def series(self, key: str) -> tuple[list[float], list[float]]:
+        """(epochs, values) of a numeric history key, skipping epochs where it is missing."""
+        xs, ys = [], []
+        for rec in self.history:
+            x, y = _num(rec.get("epoch")), _num(rec.get(key))
+            if math.isfinite(x) and not math.isnan(y):
+                xs.append(x)
+                ys.append(y)
+        return xs, ys
+
+
+def conservative_spans(epochs: Sequence[int]) -> list[tuple[int, int]]:
+    """Contiguous runs of epochs as inclusive (first, last) pairs: [1,2,3,7] -> [(1,3),(7,7)]."""
+    spans: list[tuple[int, int]] = []
+    for epoch in sorted(set(epochs)):
+        if spans and epoch == spans[-1][1] + 1:
+            spans[-1] = (spans[-1][0], epoch)
+        else:
+            spans.append((epoch, epoch))
+    return spans
+
+
+# ------------------------------------------------------------------------------ plots
+
+
+def _new_axes(title: str, xlabel: str, ylabel: str, *, size: tuple[float, float] = (8.0, 4.2)) -> tuple[Figure, Axes]:
+    fig = Figure(figsize=size, dpi=DPI)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    return fig, ax
+
+
+def _no_data(ax: Axes, what: str) -> None:
+    ax.text(0.5, 0.5, f"no {what} recorded in this run", ha="center", va="center", transform=ax.transAxes,
+            fontsize=12, color="#666666")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _mark_events(ax: Axes, run: RunView) -> None:
+    """Rollbacks as red dashed lines, emergencies as orange triangles on top, conservative epochs shaded."""
+    for i, (first, last) in enumerate(conservative_spans(run.conservative_epochs)):
+        ax.axvspan(first - 0.5, last + 0.5, color=_CONSERVATIVE_COLOR, alpha=0.35, lw=0, zorder=0,
+                   label="conservative mode" if i == 0 else None)
+    for i, epoch in enumerate(_epochs_of(run.rollbacks)):
+        ax.axvline(epoch, color=_ROLLBACK_COLOR, ls="--", lw=1.3, label="rollback" if i == 0 else None)
+    emergencies = _epochs_of(run.emergencies)
+    if emergencies:  # markers along the top edge stay visible where a rollback line sits at the same epoch
+        ax.plot(emergencies, [0.96] * len(emergencies), "v", ms=9, color=_EMERGENCY_COLOR, mec="black", mew=0.6,
+                transform=ax.get_xaxis_transform(), clip_on=False, label="emergency", ls="none")
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return path
+
+
+def plot_loss(run: RunView, path: Path) -> Path:
+    fig, ax = _new_axes("Loss per epoch", "epoch", "loss")
+    plotted = False
+    for key, label, style in (("train_loss", "train loss", "-o"), ("val_loss", "validation loss", "-s")):
+        xs, ys = run.series(key)
+        if xs:
+            ax.plot(xs, ys, style, ms=3, label=label)
+            plotted = True
+    if not plotted:
+        _no_data(ax, "losses")
+        return _save(fig, path)
+    _mark_events(ax, run)
+    ax.legend(loc="best")
+    return _save(fig, path)
+
+
+def plot_accuracy(run: RunView, path: Path) -> Path:
+    fig, ax = _new_axes("Validation accuracy per epoch", "epoch", "accuracy")
+    xs, ys = run.series("val_accuracy")
+    if not xs:
+        _no_data(ax, "validation accuracy")
+        return _save(fig, path)
+    ax.plot(xs, ys, "-o", ms=3, color="#2ca02c", label="validation accuracy")
+    _mark_events(ax, run)
+    ax.legend(loc="best")
+    return _save(fig, path)
+
+
+def plot_lr(run: RunView, path: Path) -> Path:
+    fig, ax = _new_axes("Learning rate per parameter group", "epoch", "learning rate")
+    groups: dict[str, tuple[list[float], list[float]]] = {}
+    for rec in run.history:
+        lrs, epoch = rec.get("lr"), _num(rec.get("epoch"))
+        if not isinstance(lrs, dict) or not math.isfinite(epoch):
+            continue
+        for group, value in lrs.items():
+            if math.isfinite(_num(value)):
+                xs, ys = groups.setdefault(str(group), ([], []))
+                xs.append(epoch)
+                ys.append(_num(value))
+    if not groups:
+        _no_data(ax, "learning rates")
+        return _save(fig, path)
+    for group, (xs, ys) in sorted(groups.items()):
+        ax.plot(xs, ys, "-", marker=".", label=group)
+    if all(y > 0 for _, ys in groups.values() for y in ys):
+        ax.set_yscale("log")  # seed warm-ups start orders of magnitude below the host LR
+    _mark_events(ax, run)
+    ax.legend(loc="best", fontsize="small", ncol=max(1, len(groups) // 8))
+    return _save(fig, path)
+
+
+def plot_params(run: RunView, path: Path) -> Path:
+    fig, ax = _new_axes("Parameter count per epoch", "epoch", "parameters")
+    xs, ys = run.series("param_count")
+    if not xs:
+        _no_data(ax, "parameter counts")
+        return _save(fig, path)
+    ax.step(xs, ys, where="post", color="#9467bd", label="parameters")
+    ax.plot(xs, ys, "o", ms=3, color="#9467bd")
+    ax.ticklabel_format(axis="y", style="plain", useOffset=False)
+    _mark_events(ax, run)
+    ax.legend(loc="best")
+    return _save(fig, path)
+
+
+def _stage_name(value: Any) -> str:
+    return str(value).removeprefix("SEED_STAGE_") or "UNKNOWN"
+
+
+def _stage_colors() -> dict[str, Any]:
+    """One color per Leyline lifecycle stage, in lifecycle order."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]  # by stage number: fossilized lands on gray, which reads as "frozen"
+    return {_stage_name(name): cmap(number % 10) for name, number in SeedLifecycleStage.items()}
+
+
+def _seed_segments(seed: Mapping[str, Any], end_epoch: float) -> list[tuple[float, float, str]]:
+    """(start, width, stage) per stage the seed went through; the last one lasts until `end_epoch`,
+    except for a seed no longer live whose removal was not recorded: its bar stops one epoch after
+    its last recorded change (the plot marks that end)."""
+    steps = sorted(((_num(h.get("epoch")), _stage_name(h.get("stage", ""))) for h in _dicts(seed.get("stage_history"))
+                    if math.isfinite(_num(h.get("epoch")))), key=lambda s: s[0])
+    out: list[tuple[float, float, str]] = []
+    for i, (start, stage) in enumerate(steps):
+        if stage in _GONE_STAGES:  # a culled seed no longer exists: a short final mark, not a bar to the end
+            last_stop = start + 0.3
+        elif _removed_unrecorded(seed, stage):
+            last_stop = start + 1
+        else:
+            last_stop = max(end_epoch, start + 1)
+        stop = steps[i + 1][0] if i + 1 < len(steps) else last_stop
+        out.append((start, max(stop - start, 0.2), stage))
+    return out
+
+
+_FINAL_STAGES = frozenset(_stage_name(SeedLifecycleStage.Name(n)) for n in (
+    SEED_STAGE_FOSSILIZED, SEED_STAGE_CULLED, SEED_STAGE_TERMINATED, SEED_STAGE_EMBARGOED))
+
+
+_GONE_STAGES = frozenset(_stage_name(SeedLifecycleStage.Name(n)) for n in (SEED_STAGE_CULLED, SEED_STAGE_TERMINATED))
+
+
+def _removed_unrecorded(seed: Mapping[str, Any], last_stage: str) -> bool:
+    return seed.get("live") is False and last_stage not in _FINAL_STAGES
+
+
+def plot_seeds(run: RunView, path: Path) -> Path:
+    seeds = {str(k): v for k, v in (run.summary.get("seeds") or {}).items() if isinstance(v, dict)} \
+        if isinstance(run.summary.get("seeds"), dict) else {}
+    height = max(3.0, 1.2 + 0.45 * len(seeds))
+    fig, ax = _new_axes("Seed lifecycle timeline", "epoch", "seed", size=(9.0, height))
+    rows = [(seed_id, seed) for seed_id, seed in sorted(seeds.items()) if _dicts(seed.get("stage_history"))]
+    if not rows:
+        _no_data(ax, "seeds")
+        return _save(fig, path)
+    last_epochs = run.series("epoch")[0] or [0.0]
+    end = max(last_epochs) + 1
+    colors = _stage_colors()
+    used: dict[str, Any] = {}
+    removed_marked = False
+    for row, (_, seed) in enumerate(rows):
+        for start, width, stage in _seed_segments(seed, end):
+            color = colors.get(stage, "#999999")
+            used.setdefault(stage, color)
+            ax.broken_barh([(start, width)], (row - 0.35, 0.7), facecolors=color, edgecolor="white", lw=0.5,
+                           zorder=2)
+        segments = _seed_segments(seed, end)
+        if segments and _removed_unrecorded(seed, segments[-1][2]):
+            ax.plot(segments[-1][0] + segments[-1][1], row, "kx", ms=8,
+                    label="removed (stage not recorded)" if not removed_marked else None)
+            removed_marked = True
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([f"{sid} ({s.get('slot', '?')}, {s.get('blueprint', '?')})" for sid, s in rows],
+                       fontsize="small")
+    ax.set_ylim(-0.6, len(rows) - 0.4)
+    ax.invert_yaxis()
+    _mark_events(ax, run)
+    order = [_stage_name(n) for n, _ in SeedLifecycleStage.items()]
+    handles = [_patch(used[s], s.lower()) for s in sorted(used, key=lambda s: order.index(s) if s in order else 99)]
+    ax.legend(handles=handles + ax.get_legend_handles_labels()[0], loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              fontsize="small", title="stage")
+    return _save(fig, path)
+
+
+def _patch(color: Any, label: str) -> Any:
+    from matplotlib.patches import Patch
+
+    return Patch(facecolor=color, label=label)
+
+
+def plot_boundary(run: RunView, path: Path) -> Path:
+    boundary = run.summary.get("boundary_ms") if isinstance(run.summary.get("boundary_ms"), dict) else {}
+    phases = {str(k): v for k, v in ((boundary or {}).get("phases") or {}).items() if isinstance(v, dict)}
+    fig, ax = _new_axes("Epoch-boundary phase timings", "phase", "milliseconds")
+    if not phases:
+        _no_data(ax, "boundary timings")
+        return _save(fig, path)
+    names = list(phases)
+    x = list(range(len(names)))
+    p50 = [_num(phases[n].get("p50")) for n in names]
+    p99 = [_num(phases[n].get("p99")) for n in names]
+    ax.bar([i - 0.2 for i in x], p50, width=0.4, label="p50", color="#1f77b4")
+    ax.bar([i + 0.2 for i in x], p99, width=0.4, label="p99", color="#aec7e8")
+    budget_label = "budget"
+    for i, name in enumerate(names):
+        budget = _num(phases[name].get("budget"))
+        if math.isfinite(budget):
+            ax.hlines(budget, i - 0.45, i + 0.45, colors=_ROLLBACK_COLOR, lw=2, label=budget_label)
+            budget_label = "_nolegend_"
+    total = _num((boundary or {}).get("budget_total_ms"))
+    if math.isfinite(total):
+        ax.axhline(total, color="#444444", ls="--", lw=1, label=f"boundary budget {total:g} ms")
+    ax.set_xticks(x)
+    ax.set_xticklabels(names, rotation=20)
+    ax.legend(loc="best")
+    return _save(fig, path)
+
+
+PLOTS: dict[str, tuple[str, Callable[[RunView, Path], Path]]] = {
+    "loss": ("Loss", plot_loss),
+    "accuracy": ("Validation accuracy", plot_accuracy),
+    "lr": ("Learning rates", plot_lr),
+    "params": ("Parameter count", plot_params),
+    "seeds": ("Seed lifecycle", plot_seeds),
+    "boundary": ("Boundary timings", plot_boundary),
+}
+
+
+# ------------------------------------------------------------------------------ HTML
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;color:#222}
+h1{margin-bottom:.2rem} h2{margin-top:2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem}
+table{border-collapse:collapse;margin:.5rem 0;font-size:.9rem} th,td{border:1px solid #ddd;padding:.25rem .6rem;
+text-align:left} th{background:#f4f4f4} td.num{text-align:right;font-variant-numeric:tabular-nums}
+.bad{color:#b00020;font-weight:600} .good{color:#1b7f3b} .muted{color:#777}
+figure{margin:1rem 0} figure img{max-width:100%;border:1px solid #eee} figcaption{font-size:.85rem;color:#555}
+"""
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, bool):
+        return f'<td class="{"good" if value else "bad"}">{value}</td>'
+    if isinstance(value, float):
+        return f'<td class="num">{_fmt(value)}</td>'
+    if isinstance(value, int):
+        return f'<td class="num">{value:,}</td>'
+    if isinstance(value, (dict, list)):
+        return f"<td>{_esc(json.dumps(value, sort_keys=True))}</td>"
+    return f"<td>{_esc('' if value is None else value)}</td>"
+
+
+def _fmt(value: float) -> str:
+    if not math.isfinite(value):
+        return "n/a"
+    return f"{value:.4g}"
+
+
+def _table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], empty: str) -> str:
+    if not rows:
+        return f'<p class="muted">{_esc(empty)}</p>'
+    head = "".join(f"<th>{_esc(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(_cell(r.get(c)) for c in columns) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _header_rows(run: RunView, telemetry: TelemetryStats) -> list[tuple[str, Any]]:
+    s = run.summary
+    seeds = s.get("seeds") if isinstance(s.get("seeds"), dict) else {}
+    stages = Counter(_stage_name(v.get("stage", "")) for v in (seeds or {}).values() if isinstance(v, dict))
+    tel = s.get("telemetry") if isinstance(s.get("telemetry"), dict) else {}
+    drills = _dicts(s.get("drills"))
+    return [
+        ("run id", s.get("run_id", "?")),
+        ("config", s.get("config_path", s.get("experiment", ""))),
+        ("epochs completed", s.get("epochs_completed", len(run.history))),
+        ("final validation accuracy", _num(s.get("final_val_accuracy"))),
+        ("final validation loss", _num(s.get("final_val_loss"))),
+        ("parameters", s.get("param_count", "?")),
+        ("morphogenesis", s.get("morphogenesis", "?")),
+        ("seeds fossilized / culled / total", f"{stages['FOSSILIZED']} / {stages['CULLED']} / {len(seeds or {})}"),
+        ("rollbacks", len(run.rollbacks)),
+        ("emergencies", len(run.emergencies)),
+        ("conservative-mode epochs", len(run.conservative_epochs)),
+        ("telemetry published / dropped", f"{(tel or {}).get('published', 0)} / {(tel or {}).get('dropped', 0)}"),
+        ("telemetry.jsonl lines (skipped)", f"{telemetry.lines} ({telemetry.skipped})"),
+        ("drills", ", ".join(f"{d.get('kind')}@{d.get('epoch')}: {d.get('outcome')}" for d in drills) or "none"),
+        ("final state sha256", str(s.get("final_state_sha256", ""))[:16]),
+    ]
+
+
+def _image(name: str, title: str, png: Path, embed: bool) -> str:
+    src = f"data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}" if embed else png.name
+    return (f'<figure id="{name}"><img alt="{_esc(title)}" src="{src}">'
+            f'<figcaption>{_esc(title)} — <a href="{_esc(png.name)}">{_esc(png.name)}</a></figcaption></figure>')
+
+
+def _sections(run: RunView, telemetry: TelemetryStats) -> list[str]:
+    s = run.summary
+    spans = [{"first epoch": a, "last epoch": b, "epochs": b - a + 1}
+             for a, b in conservative_spans(run.conservative_epochs)]
+    cons = s.get("conservative_mode") if isinstance(s.get("conservative_mode"), dict) else {}
+    reasons = [str(r) for r in (cons or {}).get("reasons", [])]
+    seeds = s.get("seeds") if isinstance(s.get("seeds"), dict) else {}
+    seed_rows = [{"seed": k, "slot": v.get("slot"), "blueprint": v.get("blueprint"), "stage": v.get("stage"),
+                  "path": " → ".join(f"{_stage_name(h.get('stage'))}@{h.get('epoch')}"
+                                     for h in _dicts(v.get("stage_history")))}
+                 for k, v in sorted((seeds or {}).items()) if isinstance(v, dict)]
+    breakers = s.get("breakers") if isinstance(s.get("breakers"), dict) else {}
+    breaker_rows = [{"breaker": k, **v} for k, v in sorted((breakers or {}).items()) if isinstance(v, dict)]
+    tel_rows = [{"stream": k, "entries": n} for k, n in telemetry.by_stream.most_common()]
+    event_rows = [{"event": k, "count": n} for k, n in telemetry.events.most_common()]
+    return [
+        "<h2>Rollbacks</h2>" + _table(run.rollbacks, ["rollback_id", "tier", "epoch", "step", "target_epoch",
+                                                      "target_step", "reason", "succeeded", "phase_ms"],
+                                      "No rollbacks."),
+        "<h2>Emergencies</h2>" + _table(run.emergencies, ["level", "kind", "reason", "epoch", "step", "action",
+                                                          "ok", "duration_ms", "escalated_to"], "No emergencies."),
+        "<h2>Conservative mode</h2>" + _table(spans, ["first epoch", "last epoch", "epochs"],
+                                              "Never entered conservative mode.")
+        + (f"<p>Entered {cons.get('entered', 0)}×, exited {cons.get('exited', 0)}×. Reasons: "
+           + _esc("; ".join(reasons)) + "</p>" if cons and reasons else ""),
+        "<h2>Seeds</h2>" + _table(seed_rows, ["seed", "slot", "blueprint", "stage", "path"], "No seeds."),
+        "<h2>Drills</h2>" + _table(_dicts(s.get("drills")), ["kind", "epoch", "step", "outcome"], "No drills."),
+        "<h2>Circuit breakers</h2>" + _table(breaker_rows, ["breaker", "state", "failures", "opened", "last_reason"],
+                                             "No breaker data."),
+        "<h2>Telemetry</h2>" + _table(tel_rows, ["stream", "entries"], "No telemetry.jsonl entries.")
+        + _table(event_rows, ["event", "count"], "No telemetry events."),
+    ]
+
+
+def render_html(run: RunView, telemetry: TelemetryStats, pngs: Mapping[str, Path], *, embed: bool = True) -> str:
+    """The report page; `pngs` maps plot name -> PNG path in the report folder."""
+    title = f"Tolaria run {run.summary.get('run_id', '?')}"
+    header = "".join(f"<tr><th>{_esc(k)}</th>{_cell(v)}</tr>" for k, v in _header_rows(run, telemetry))
+    images = "".join(_image(name, PLOTS[name][0], png, embed) for name, png in pngs.items())
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>'
+            f"<style>{_CSS}</style></head><body><h1>{_esc(title)}</h1>"
+            f"<table>{header}</table><h2>Plots</h2>{images}{''.join(_sections(run, telemetry))}</body></html>")
+
+
+def generate_report(run_dir: Path, *, embed_images: bool = True) -> Path:
+    """Write `run_dir/report/index.html` and its PNGs; returns the HTML path (see module docstring)."""
+    run_dir = Path(run_dir)
+    run = RunView.of(load_summary(run_dir))
+    telemetry = read_telemetry(run_dir / "telemetry.jsonl")
+    out = run_dir / REPORT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    pngs = {name: plot(run, out / f"{name}.png") for name, (_, plot) in PLOTS.items()}
+    index = out / "index.html"
+    tmp = index.with_suffix(".html.tmp")
+    tmp.write_text(render_html(run, telemetry, pngs, embed=embed_images), encoding="utf-8")
+    tmp.replace(index)  # a reader never sees half a page
+    return index
