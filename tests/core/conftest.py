@@ -41,7 +41,8 @@ class MemoryBus:
 def small_config(**sections: dict[str, Any]) -> TolariaConfig:
     data: dict[str, Any] = {
         "run": {"name": "unit", "epochs": 6, "seed": 0, "threads": 1},
-        "data": {"dataset": "synthetic", "synthetic_samples": 256, "synthetic_features": 16, "batch_size": 32},
+        "data": {"dataset": "digits", "batch_size": 64},
+        "optimizer": {"lr": 0.02},
         "model": {"hidden": [8]},
         "checkpoint": {"enabled": False},
         "telemetry": {"jsonl": False},

@@ -100,6 +100,8 @@ class TelemetryConfig(Section):
     queue_size: int = Field(10_000, ge=16, description="Bounded queue of normal telemetry.")
     step_interval: int = Field(50, ge=0, description="Publish step metrics every N steps (0: only per epoch).")
     jsonl: bool = Field(True, description="Append telemetry to RUN_DIR/telemetry.jsonl (in-process bus).")
+    step_log: bool = Field(False, description="Append `global_step,loss` to RUN_DIR/steps.csv (one sync per step; "
+                           "for comparing runs exactly).")
 
 
 class OonaConfig(Section):

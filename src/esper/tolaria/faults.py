@@ -267,7 +267,8 @@ class StepDrills:
             return loss * float("nan")
         if (d := self.plan.due("loss-spike", epoch, batch)) is not None:
             t.active_drill = d
-            return loss * 20.0
+            baseline = t.safety.loss.baseline or float(loss)
+            return loss * (20.0 * max(1.0, baseline / max(float(loss.detach()), 1e-12)))  # 20x the running baseline
         if (d := self.plan.due("nan-grad", epoch, batch)) is not None:
             t.active_drill = d
             first = next(p for p in t.model.parameters() if p.requires_grad)

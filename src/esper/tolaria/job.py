@@ -25,7 +25,11 @@ def run_job(config: TolariaConfig, run_dir: Path, *, faults: FaultPlan | None = 
     if progress:
         from esper.tolaria.progress import RichProgress
 
-        callbacks = (RichProgress(),)
+        callbacks += (RichProgress(),)
+    if config.telemetry.step_log:
+        from esper.tolaria.steplog import StepLog
+
+        callbacks += (StepLog(run_dir / "steps.csv"),)
     trainer = build_trainer(config, run_dir=run_dir, faults=faults, callbacks=callbacks)
     if resume:
         trainer.resume_from(run_dir / "checkpoints")

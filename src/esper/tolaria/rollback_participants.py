@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from esper.tolaria.snapshot import Snapshot
 from esper.tolaria.snapshot_cache import RestoreError, restore_tensors_, sample_bits
 from esper.tolaria.state import restore_state
@@ -74,10 +76,10 @@ class TolariaParticipant:
 
     def confirm(self, target: Snapshot) -> bool:
         t = self.t
-        live = list(t.model.state_dict().values())
-        saved = [target.state["model"][k] for k in t.model.state_dict()]
-        return bool(live) and sample_bits(live).equal(sample_bits(saved)) and \
-            t.state.global_step == target.state["trainer"]["global_step"]
+        live = t.model.state_dict()
+        saved = target.state["model"]
+        return live.keys() == saved.keys() and t.state.global_step == target.state["trainer"]["global_step"] and \
+            all(torch.equal(sample_bits(v), sample_bits(saved[k])) for k, v in live.items())
 
     def abort(self, target: Snapshot) -> None:
         """See the module docstring."""

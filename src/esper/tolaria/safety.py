@@ -130,7 +130,7 @@ class Safety:
 
     def after_step(self) -> None:
         """A step that returned after the watchdog froze training resumes from the last healthy snapshot."""
-        if self.frozen.is_set():
+        if self.frozen.is_set() and not self.t.stop_requested:
             self.frozen.clear()
             t = self.t
             self._handle(Incident(SEVERE, "resume_after_freeze", "training was frozen by a CRITICAL stall; "
@@ -283,8 +283,14 @@ class Safety:
         return ActionResult(True, "full rollback + checkpoint", detail)
 
     def _critical(self, incident: Incident) -> ActionResult:
-        """Freeze: the broadcast and acks are the protocol's; the training thread resumes when it returns."""
+        """Freeze. The broadcast and acks are the protocol's. A stall (watchdog) resumes from the last
+        healthy snapshot when the stalled step returns; a CRITICAL reached by escalation means no
+        rollback worked, so the run halts with a final checkpoint of where it stands."""
         self.frozen.set()
+        if "escalated_from" in incident.attributes:
+            self.t.request_stop(f"halted: {incident.reason}")
+            self._drill_outcome(incident, "no rollback succeeded; the run halted")
+            return ActionResult(True, "freeze + broadcast + halt", incident.reason)
         self._drill_outcome(incident, "frozen and broadcast; resumed from the last healthy snapshot")
         return ActionResult(True, "freeze + broadcast", f"watchdog: {incident.reason}")
 

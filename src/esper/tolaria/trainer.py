@@ -172,6 +172,7 @@ class TolariaTrainer:
             _restore_signal_handlers(previous)
             self._fire(HookPoint.FIT_END)
         summary = self.summary()
+        summary["stopped"] = self._stop_signal or ""
         return RunResult(summary["epochs_completed"], summary["final_val_accuracy"], summary["final_val_loss"],
                          summary)
 
@@ -354,9 +355,17 @@ class TolariaTrainer:
         np.random.seed(seed)
         torch.manual_seed(seed)
 
+    def request_stop(self, reason: str) -> None:
+        """Finish the current step, checkpoint, and leave `fit()` (signals and halts use this)."""
+        self._stop_signal = reason
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_signal is not None
+
     def _install_signal_handlers(self) -> dict[int, Any]:
         def request_stop(signum: int, _frame: Any) -> None:
-            self._stop_signal = signal.Signals(signum).name
+            self.request_stop(signal.Signals(signum).name)
 
         previous: dict[int, Any] = {}
         try:

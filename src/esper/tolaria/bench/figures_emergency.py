@@ -51,7 +51,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 @figure("broadcast_ack_p99_ms", unit="ms", goal=1.0)
 def broadcast_ack_p99_ms(quick: bool) -> list[float]:
-    trials, raises, gap_s = (2, 150, 0.002) if quick else (5, 400, 0.002)
+    trials, raises, gap_s = (3, 150, 0.002) if quick else (7, 300, 0.002)
     ctx = mp.get_context("spawn")
     channel = EmergencyChannel.create(f"bench-{uuid.uuid4().hex[:10]}")
     procs = [ctx.Process(target=_participant, args=(channel.run_name, f"p{i}"), daemon=True) for i in range(2)]
@@ -126,7 +126,7 @@ def _rollback_ratio(n_params: int, quick: bool) -> list[float]:
     pairs = list(zip(flatten_tensors(live).values(), flatten_tensors(snap).values(), strict=True))
     # Small models restore in ~0.3 ms, so they need many repetitions for a stable median.
     reps = max(5, min(51, 60_000_000 // n_params))
-    trials = 3 if quick else 5
+    trials = 3 if quick else 7
     reps = reps if not quick else max(5, reps // 3)
 
     def raw() -> None:
