@@ -3,12 +3,12 @@
 Levels travel on the wire as Leyline `EmergencyLevel` values; the design's names map onto them in
 the one table below (`LEVELS`), as the proto comment documents:
 
-| design   | wire                           | deadline | action (the trainer's handler)         | escalates to |
-| -------- | ------------------------------ | -------- | -------------------------------------- | ------------ |
-| MINOR    | EMERGENCY_LEVEL_NOTICE (1)     | 5 s      | log and adjust (e.g. scale the LR)     | MAJOR        |
-| MAJOR    | EMERGENCY_LEVEL_ELEVATED (2)   | 2 s      | full rollback + checkpoint             | CRITICAL     |
-| SEVERE   | EMERGENCY_LEVEL_CONSERVATIVE (3)| 500 ms  | fast rollback from the snapshot cache  | MAJOR        |
-| CRITICAL | EMERGENCY_LEVEL_HALT (4)       | 100 ms   | freeze, broadcast over shm, gather acks| abort the run|
+| design   | wire                             | deadline | action (the trainer's handler)          | escalates to  |
+| -------- | -------------------------------- | -------- | --------------------------------------- | ------------- |
+| MINOR    | EMERGENCY_LEVEL_NOTICE (1)       | 5 s      | log and adjust (e.g. scale the LR)      | MAJOR         |
+| MAJOR    | EMERGENCY_LEVEL_ELEVATED (2)     | 2 s      | full rollback + checkpoint              | CRITICAL      |
+| SEVERE   | EMERGENCY_LEVEL_CONSERVATIVE (3) | 500 ms   | fast rollback from the snapshot cache   | MAJOR         |
+| CRITICAL | EMERGENCY_LEVEL_HALT (4)         | 100 ms   | freeze, broadcast over shm, gather acks | abort the run |
 
 Why the chain is not "next number up": a SEVERE fault is answered by a *fast* rollback; if that
 fails or runs over, the design's remedy is the *full* rollback, which is MAJOR's action. A MAJOR
@@ -196,7 +196,8 @@ class EmergencyProtocol:
     `handlers` must hold one handler per level. `publish` sends the signal on the emergency path
     (e.g. `TelemetryCollector.publish_emergency`, which bypasses the telemetry queue). `channel`,
     if given, receives CRITICAL signals and the protocol waits (within CRITICAL's deadline) for
-    every live participant's ack."""
+    every live participant's ack; the raising process should not hold a participant slot itself
+    (it would wait on its own ack)."""
 
     def __init__(
         self,

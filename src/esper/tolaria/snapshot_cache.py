@@ -272,9 +272,15 @@ def confirm_restored(dst: list[torch.Tensor], src: list[torch.Tensor], versions_
         return ""
     picks = {0, len(dst) - 1}
     for i in sorted(picks)[:CONFIRM_SAMPLED_TENSORS]:
-        if not torch.equal(_sample_view(dst[i]), _sample_view(src[i])):
+        if not _samples_equal(dst[i], src[i]):
             return f"tensor #{i} {tuple(dst[i].shape)} differs from the snapshot at sampled elements"
     return ""
+
+
+def _samples_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Sampled elements equal; values first (cheap), raw bits only if they differ (NaN == NaN)."""
+    sa, sb = _strided_sample(a), _strided_sample(b)
+    return torch.equal(sa, sb) or torch.equal(_bits(sa), _bits(sb))
 
 
 def sample_bits(t: torch.Tensor) -> torch.Tensor:
@@ -286,12 +292,21 @@ def sample_bits(t: torch.Tensor) -> torch.Tensor:
 
 def _sample_view(t: torch.Tensor) -> torch.Tensor:
     """`sample_bits` as a view of `t` (no copy): for comparing on the spot, with grad disabled."""
+    return _bits(_strided_sample(t))
+
+
+def _strided_sample(t: torch.Tensor) -> torch.Tensor:
     n = t.numel()
     flat = t if t.is_contiguous() else t.contiguous()
     if n == 0:
-        return flat.reshape(-1).view(torch.uint8)
+        return flat.reshape(-1)
     count = min(n, SAMPLES_PER_TENSOR)
     step = max(1, (n - 1) // max(1, count - 1))
-    sample = flat.as_strided((count,), (step,), flat.storage_offset())
-    bits = _INT_OF_SIZE.get(t.element_size())
-    return sample.view(bits) if bits is not None and not t.is_complex() else sample.contiguous().view(torch.uint8)
+    return flat.as_strided((count,), (step,), flat.storage_offset())
+
+
+def _bits(sample: torch.Tensor) -> torch.Tensor:
+    ints = _INT_OF_SIZE.get(sample.element_size())
+    if ints is not None and not sample.is_complex():
+        return sample.view(ints)
+    return sample.contiguous().view(torch.uint8)
