@@ -35,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     resume.add_argument("run_dir", type=Path)
     resume.add_argument("--epochs", type=int, default=None, help="train up to this many epochs in total")
     resume.add_argument("--quiet", action="store_true")
+    resume.add_argument("--no-report", action="store_true", help="skip the HTML report at the end")
 
     inspect = sub.add_parser("inspect", help="list and verify the checkpoints of a run or one checkpoint")
     inspect.add_argument("path", type=Path)
@@ -97,7 +98,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_resume(args: argparse.Namespace) -> int:
     from esper.tolaria.job import resume_job
 
-    summary = resume_job(args.run_dir, epochs=args.epochs, progress=not args.quiet)
+    summary = resume_job(args.run_dir, epochs=args.epochs, progress=not args.quiet, report=not args.no_report)
     _print_result(summary, args.run_dir)
     return 0
 

@@ -40,14 +40,15 @@ def run_job(config: TolariaConfig, run_dir: Path, *, faults: FaultPlan | None = 
     return result.summary
 
 
-def resume_job(run_dir: Path, *, epochs: int | None = None, progress: bool = True) -> dict[str, Any]:
+def resume_job(run_dir: Path, *, epochs: int | None = None, progress: bool = True,
+               report: bool = True) -> dict[str, Any]:
     path = run_dir / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {run_dir} a run directory written by `tolaria run`?")
     data = json.loads(path.read_text())
     if epochs is not None:
         data["run"]["epochs"] = epochs
-    return run_job(config_from_dict(data, source=str(path)), run_dir, progress=progress, resume=True)
+    return run_job(config_from_dict(data, source=str(path)), run_dir, progress=progress, report=report, resume=True)
 
 
 def _write_report(run_dir: Path) -> None:
