@@ -54,7 +54,7 @@ def test_enabled_spans_nest_and_record_thread_and_attrs() -> None:
     events = {name: (start, dur, tid, attrs) for name, start, dur, tid, attrs in prof.events}
     outer, inner = events["boundary.apply"], events["boundary.check"]
     assert outer[0] <= inner[0] and inner[0] + inner[1] <= outer[0] + outer[1]
-    assert outer[2] == inner[2] == threading.get_ident()
+    assert outer[2] == inner[2] == threading.get_native_id()
     assert outer[3] == {"epoch": 4, "command": "germinate"}
     assert inner[3] is None
 
@@ -72,7 +72,7 @@ def test_spans_from_other_threads_carry_their_own_thread_id() -> None:
     seen: list[int] = []
 
     def work() -> None:
-        seen.append(threading.get_ident())
+        seen.append(threading.get_native_id())
         with prof.span("step.telemetry"):
             pass
 

@@ -87,7 +87,7 @@ class _Span:
         if self._torch_ctx is not None:
             self._torch_ctx.__exit__(exc_type, exc, tb)
             self._torch_ctx = None
-        self._profiler._record(self._name, self._start, end - self._start, threading.get_ident(), self._attrs)
+        self._profiler._record(self._name, self._start, end - self._start, threading.get_native_id(), self._attrs)
 
 
 class _PhaseAccumulator:
