@@ -163,3 +163,52 @@ def test_restore_handles_non_contiguous_live_tensors_bit_exactly() -> None:
     snap = {"w": torch.arange(24.0).reshape(4, 6)}
     restore_tensors_(live, snap)
     assert torch.equal(base.t(), snap["w"])
+
+
+def _state(value: float) -> dict[str, object]:
+    return {"model": {"w": torch.full((64, 8), value), "b": torch.full((8,), value)}, "trainer": {"step": int(value)}}
+
+
+def _ptrs(snap: Snapshot) -> set[int]:
+    model = snap.state["model"]
+    return {model["w"].data_ptr(), model["b"].data_ptr()}
+
+
+def test_take_recycles_the_buffers_of_an_evicted_snapshot_nobody_holds() -> None:
+    cache = SnapshotCache(capacity=1, recycle=True)
+    first = cache.take("s1", 1, 1, _state(1.0))
+    assert first is not None
+    old_ptrs = _ptrs(first)
+    del first
+    cache.take("s2", 2, 2, _state(2.0))  # evicts s1 into the spare
+    third = cache.take("s3", 3, 3, _state(3.0))
+    assert third is not None and cache.recycled_total == 1
+    assert _ptrs(third) == old_ptrs
+    assert state_checksum(third.state) == state_checksum(_state(3.0))
+
+
+def test_take_never_overwrites_an_evicted_snapshot_someone_still_holds() -> None:
+    cache = SnapshotCache(capacity=1, recycle=True)
+    held = cache.take("s1", 1, 1, _state(1.0))  # e.g. an async checkpoint writer still has it
+    assert held is not None
+    cache.take("s2", 2, 2, _state(2.0))
+    cache.take("s3", 3, 3, _state(3.0))
+    assert cache.recycled_total == 0
+    assert state_checksum(held.state) == state_checksum(_state(1.0))
+
+
+def test_take_never_overwrites_a_held_tensor_of_an_evicted_snapshot() -> None:
+    cache = SnapshotCache(capacity=1, recycle=True)
+    snap = cache.take("s1", 1, 1, _state(1.0))
+    assert snap is not None
+    weight = snap.state["model"]["w"]
+    del snap
+    cache.take("s2", 2, 2, _state(2.0))
+    cache.take("s3", 3, 3, _state(3.0))
+    assert cache.recycled_total == 0 and bool((weight == 1.0).all())
+
+
+def test_take_refuses_an_oversize_state_without_cloning_it() -> None:
+    cache = SnapshotCache(capacity=2, max_bytes=100)
+    assert cache.take("big", 0, 0, _state(1.0)) is None
+    assert cache.refused_total == 1 and len(cache) == 0

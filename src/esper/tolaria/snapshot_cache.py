@@ -18,6 +18,7 @@ Contracts:
 from __future__ import annotations
 
 import logging
+import sys
 from collections import OrderedDict, deque
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -25,7 +26,7 @@ from typing import Any, Literal
 
 import torch
 
-from esper.tolaria.snapshot import Snapshot
+from esper.tolaria.snapshot import Snapshot, tensor_bytes
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class CacheEvent:
 class SnapshotCache:
     """LRU of in-memory snapshots bounded by count and bytes (see module docstring)."""
 
-    def __init__(self, capacity: int = 5, max_bytes: int = DEFAULT_MAX_BYTES) -> None:
+    def __init__(self, capacity: int = 5, max_bytes: int = DEFAULT_MAX_BYTES, *, recycle: bool = False) -> None:
         if capacity < 1:
             raise ValueError(f"SnapshotCache capacity={capacity}: keep at least 1 snapshot")
         if max_bytes < 1:
@@ -67,6 +68,9 @@ class SnapshotCache:
         self.evictions_total = 0
         self.refused_total = 0
         self.events: deque[CacheEvent] = deque(maxlen=MAX_EVENTS)
+        self.recycle = recycle
+        self.recycled_total = 0
+        self._spare: Snapshot | None = None  # the last evicted snapshot, kept for `take` to reuse
 
     def __len__(self) -> int:
         return len(self._items)
@@ -77,7 +81,7 @@ class SnapshotCache:
     def put(self, snapshot: Snapshot) -> bool:
         """Insert `snapshot` as most recently used; False (and an event) if it alone exceeds max_bytes."""
         if snapshot.nbytes > self.max_bytes:
-            self._refuse(snapshot)
+            self._refuse(snapshot.snapshot_id, snapshot.global_step, snapshot.nbytes)
             return False
         self._drop(snapshot.snapshot_id)
         self._items[snapshot.snapshot_id] = snapshot
@@ -116,7 +120,40 @@ class SnapshotCache:
         """Snapshot ids from least to most recently used."""
         return list(self._items)
 
+    def take(self, snapshot_id: str, epoch: int, global_step: int, state: Mapping[str, Any]) -> Snapshot | None:
+        """Clone `state` into a new snapshot and `put` it; None (and a refusal event) if too big.
+
+        With `recycle=True`, tensors are copied into the buffers of the last evicted snapshot where
+        path, shape, dtype and device match, instead of freshly allocated (a 20M-param model with
+        Adam state: ~95 ms instead of ~245 ms on a 2-core CPU). The spare is reused only if nothing
+        outside the cache still references it, its state or any container or tensor inside it (an
+        async checkpoint writer holding it keeps it intact). The spare adds one snapshot of memory
+        beyond `max_bytes`."""
+        nbytes = tensor_bytes(state)
+        if nbytes > self.max_bytes:
+            self._refuse(snapshot_id, global_step, nbytes)
+            return None
+        spare = self._take_spare()
+        with torch.no_grad():
+            cloned = _clone_into(state, spare)
+        snapshot = Snapshot(snapshot_id=snapshot_id, epoch=epoch, global_step=global_step, state=cloned, nbytes=nbytes)
+        self.put(snapshot)
+        return snapshot
+
+    def _take_spare(self) -> Any:
+        spare, self._spare = self._spare, None
+        if spare is None:
+            return None
+        state = spare.state
+        del spare
+        # References now: `state` here, getrefcount's argument; anything more is an outside holder.
+        if sys.getrefcount(state) > 2 or not _unshared_children(state):
+            return None
+        self.recycled_total += 1
+        return state
+
     def clear(self) -> None:
+        self._spare = None
         self._items.clear()
         self.bytes_used = 0
 
@@ -133,13 +170,13 @@ class SnapshotCache:
             "events": [e.as_dict() for e in self.events],
         }
 
-    def _refuse(self, snapshot: Snapshot) -> None:
+    def _refuse(self, snapshot_id: str, global_step: int, nbytes: int) -> None:
         reason = (
-            f"snapshot {snapshot.snapshot_id} holds {snapshot.nbytes} bytes, over the cache's max_bytes="
+            f"snapshot {snapshot_id} holds {nbytes} bytes, over the cache's max_bytes="
             f"{self.max_bytes}: raise snapshots.max_bytes or rely on checkpoints for this model"
         )
         self.refused_total += 1
-        self.events.append(CacheEvent("refused", snapshot.snapshot_id, snapshot.global_step, snapshot.nbytes, reason))
+        self.events.append(CacheEvent("refused", snapshot_id, global_step, nbytes, reason))
         log.warning(reason)
 
     def _drop(self, snapshot_id: str) -> Snapshot | None:
@@ -158,12 +195,44 @@ class SnapshotCache:
             why = "count" if len(self._items) + 1 > self.capacity else "bytes"
             reason = f"evicted least recently used snapshot over the {why} cap"
             self.events.append(CacheEvent("evicted", snap.snapshot_id, snap.global_step, snap.nbytes, reason))
+            if self.recycle:
+                self._spare = snap
 
     def _pick_victim(self, keep: str) -> str:
         pinned = self.last_healthy()
         candidates = [sid for sid in self._items if sid != keep]
         spare = [sid for sid in candidates if pinned is None or sid != pinned.snapshot_id]
         return (spare or candidates)[0]
+
+
+def _unshared_children(container: Any) -> bool:
+    """True if every container and tensor below `container` is referenced only by its parent."""
+    children = container.values() if isinstance(container, dict) else container
+    for child in children:
+        # References: the parent, the loop variable `child`, getrefcount's argument.
+        if isinstance(child, (torch.Tensor, dict, list)) and sys.getrefcount(child) > 3:
+            return False
+        if isinstance(child, (dict, list)) and not _unshared_children(child):
+            return False
+    return True
+
+
+def _clone_into(obj: Any, old: Any) -> Any:
+    """deep_clone(obj), copying into `old`'s matching tensors instead of allocating where possible."""
+    if isinstance(obj, torch.Tensor):
+        src = obj.detach()
+        if (isinstance(old, torch.Tensor) and old.shape == src.shape and old.dtype == src.dtype
+                and old.device == src.device):
+            return old.copy_(src)
+        return src.clone()
+    if isinstance(obj, Mapping):
+        olds = old if isinstance(old, dict) else {}
+        return {k: _clone_into(v, olds.get(k)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        seq = old if isinstance(old, list) and len(old) == len(obj) else [None] * len(obj)
+        items = [_clone_into(v, o) for v, o in zip(obj, seq, strict=True)]
+        return items if isinstance(obj, list) else tuple(items)
+    return obj
 
 
 # ---------------------------------------------------------------------- restore
