@@ -71,18 +71,23 @@ def _telemetry_lines() -> str:
     return "\n".join([json.dumps(good), "{torn line", json.dumps(emergency), "[1, 2]", "", json.dumps(good)]) + "\n"
 
 
-def test_report_writes_html_and_one_nonempty_png_per_plot(tmp_path: Path) -> None:
-    index = generate_report(_write(tmp_path / "run", full_summary(), _telemetry_lines()))
-    assert index == tmp_path / "run" / "report" / "index.html"
+@pytest.fixture(scope="module")
+def full_report(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One report of the full fixture run, shared by the tests that only read it."""
+    return generate_report(_write(tmp_path_factory.mktemp("full") / "run", full_summary(), _telemetry_lines()))
+
+
+def test_report_writes_html_and_one_nonempty_png_per_plot(full_report: Path) -> None:
+    index = full_report
+    assert index.parent.parent.joinpath("report", "index.html") == index
     for name in PLOTS:
         png = index.parent / f"{name}.png"
         data = png.read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5_000, name
 
 
-def test_html_embeds_every_plot_and_links_the_png_files(tmp_path: Path) -> None:
-    index = generate_report(_write(tmp_path / "run", full_summary()))
-    page = index.read_text()
+def test_html_embeds_every_plot_and_links_the_png_files(full_report: Path) -> None:
+    page = full_report.read_text()
     embedded = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
     assert len(embedded) == len(PLOTS)
     assert all(base64.b64decode(b).startswith(PNG_MAGIC) for b in embedded)
@@ -90,8 +95,8 @@ def test_html_embeds_every_plot_and_links_the_png_files(tmp_path: Path) -> None:
         assert f'href="{name}.png"' in page
 
 
-def test_html_header_and_tables_show_the_run(tmp_path: Path) -> None:
-    page = generate_report(_write(tmp_path / "run", full_summary(), _telemetry_lines())).read_text()
+def test_html_header_and_tables_show_the_run(full_report: Path) -> None:
+    page = full_report.read_text()
     assert "run-&lt;xss&gt;" in page and "<xss>" not in page  # escaped
     for needle in ("0.91", "592", "1 / 1 / 2",  # fossilized / culled / total
                    "rb-1", "loss 20x baseline", "nan_loss", "fast_rollback",
@@ -174,3 +179,26 @@ def test_rerunning_the_report_overwrites_it(tmp_path: Path) -> None:
     page = generate_report(run_dir).read_text()
     assert "second" in page
     assert not list((run_dir / "report").glob("*.tmp"))
+
+
+def test_profile_section_summarizes_the_chrome_trace(tmp_path: Path) -> None:
+    from esper.tolaria.profiling import Profiler
+
+    run_dir = _write(tmp_path / "run", full_summary(3))
+    prof = Profiler(True)
+    for ms in (1, 2, 3):
+        prof._record("step.forward", 0, ms * 1_000_000, 1, None)
+    prof.write_chrome_trace(run_dir / "trace.json")
+    page = generate_report(run_dir).read_text()
+    profile = page[page.index("<h2>Profile</h2>"):]
+    assert "step.forward" in profile and 'href="../trace.json"' in profile
+    assert re.findall(r'<td class="num">([^<]+)</td>', profile)[:5] == ["3", "2", "2.98", "3", "6"]
+
+
+def test_profile_section_without_trace_or_with_a_damaged_one(tmp_path: Path) -> None:
+    run_dir = _write(tmp_path / "run", full_summary(3))
+    assert "run with <code>--profile</code>" in generate_report(run_dir).read_text()
+    (run_dir / "trace.json").write_text("{torn")
+    page = generate_report(run_dir).read_text()
+    assert "trace.json is not a Chrome trace" in page
+    assert (run_dir / "report" / "loss.png").is_file()

@@ -9,6 +9,7 @@ Contract of `generate_report(run_dir)`:
   seeds, boundary). Every PNG exists and is non-empty, even for a run without epochs: a plot
   without data says so in the image. The HTML embeds each PNG as base64 and links the PNG
   file, so the folder works when copied and the page works alone.
+- When `run_dir/trace.json` (written by `--profile`) exists, a table of span timings is added.
 - Missing keys mean "nothing of that kind" (a run without seeds, rollbacks or telemetry);
   unknown keys are ignored.
 """
@@ -100,6 +101,38 @@ def read_telemetry(path: Path) -> TelemetryStats:
     return stats
 
 
+def read_trace_stats(path: Path) -> list[dict[str, Any]]:
+    """Per span name in a Chrome trace written by `Profiler`: count, p50/p99/max/total in ms.
+
+    An absent file gives []; an unreadable one raises ValueError naming it (the report shows that
+    message instead of the table: a damaged trace must not cost the user the whole report).
+    """
+    if not path.is_file():
+        return []
+    try:
+        events = json.loads(path.read_text(encoding="utf-8")).get("traceEvents", [])
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        raise ValueError(f"{path} is not a Chrome trace ({exc}); delete it or rerun with --profile") from exc
+    durations: dict[str, list[float]] = {}
+    for event in _dicts(events):
+        if event.get("ph") == "X" and math.isfinite(_num(event.get("dur"))):
+            durations.setdefault(str(event.get("name")), []).append(_num(event.get("dur")) / 1e3)
+    rows = []
+    for name, values in sorted(durations.items()):
+        values.sort()
+        rows.append({"span": name, "count": len(values), "p50 ms": _percentile(values, 50),
+                     "p99 ms": _percentile(values, 99), "max ms": values[-1], "total ms": math.fsum(values)})
+    return rows
+
+
+def _percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile of already sorted values (numpy's default method)."""
+    pos = (len(sorted_values) - 1) * q / 100
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
 def _dicts(value: Any) -> list[dict[str, Any]]:
     """The dict items of a list-valued field; anything else is treated as absent."""
     return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
@@ -162,7 +195,7 @@ def conservative_spans(epochs: Sequence[int]) -> list[tuple[int, int]]:
 
 
 def _new_axes(title: str, xlabel: str, ylabel: str, *, size: tuple[float, float] = (8.0, 4.2)) -> tuple[Figure, Axes]:
-    fig = Figure(figsize=size, dpi=DPI)
+    fig = Figure(figsize=size, dpi=DPI, layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
@@ -192,7 +225,6 @@ def _mark_events(ax: Axes, run: RunView) -> None:
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    fig.tight_layout()
     fig.savefig(path, format="png")
     return path
 
@@ -356,6 +388,9 @@ def plot_boundary(run: RunView, path: Path) -> Path:
     if not phases:
         _no_data(ax, "boundary timings")
         return _save(fig, path)
+    total_ms = (boundary or {}).get("total")
+    if isinstance(total_ms, dict) and "total" not in phases:
+        phases["total"] = total_ms  # Tolaria's own boundary work; measured against the dashed total budget
     names = list(phases)
     x = list(range(len(names)))
     p50 = [_num(phases[n].get("p50")) for n in names]
@@ -460,6 +495,17 @@ def _image(name: str, title: str, png: Path, embed: bool) -> str:
             f'<figcaption>{_esc(title)} — <a href="{_esc(png.name)}">{_esc(png.name)}</a></figcaption></figure>')
 
 
+def _profile_section(trace_rows: Sequence[Mapping[str, Any]], problem: str) -> str:
+    if problem:
+        return f'<h2>Profile</h2><p class="bad">{_esc(problem)}</p>'
+    if not trace_rows:
+        return ('<h2>Profile</h2><p class="muted">No trace.json: run with <code>--profile</code> to record '
+                "step and boundary spans.</p>")
+    return ("<h2>Profile</h2><p>Spans from <a href=\"../trace.json\">trace.json</a> (open it in "
+            "<a href=\"https://ui.perfetto.dev\">Perfetto</a> or chrome://tracing).</p>"
+            + _table(trace_rows, ["span", "count", "p50 ms", "p99 ms", "max ms", "total ms"], ""))
+
+
 def _sections(run: RunView, telemetry: TelemetryStats) -> list[str]:
     s = run.summary
     spans = [{"first epoch": a, "last epoch": b, "epochs": b - a + 1}
@@ -494,14 +540,23 @@ def _sections(run: RunView, telemetry: TelemetryStats) -> list[str]:
     ]
 
 
-def render_html(run: RunView, telemetry: TelemetryStats, pngs: Mapping[str, Path], *, embed: bool = True) -> str:
+def render_html(run: RunView, telemetry: TelemetryStats, pngs: Mapping[str, Path], *, embed: bool = True,
+                trace_rows: Sequence[Mapping[str, Any]] = (), trace_problem: str = "") -> str:
     """The report page; `pngs` maps plot name -> PNG path in the report folder."""
     title = f"Tolaria run {run.summary.get('run_id', '?')}"
     header = "".join(f"<tr><th>{_esc(k)}</th>{_cell(v)}</tr>" for k, v in _header_rows(run, telemetry))
     images = "".join(_image(name, PLOTS[name][0], png, embed) for name, png in pngs.items())
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>'
             f"<style>{_CSS}</style></head><body><h1>{_esc(title)}</h1>"
-            f"<table>{header}</table><h2>Plots</h2>{images}{''.join(_sections(run, telemetry))}</body></html>")
+            f"<table>{header}</table><h2>Plots</h2>{images}{''.join(_sections(run, telemetry))}"
+            f"{_profile_section(trace_rows, trace_problem)}</body></html>")
+
+
+def _trace_rows(path: Path) -> tuple[list[dict[str, Any]], str]:
+    try:
+        return read_trace_stats(path), ""
+    except ValueError as exc:
+        return [], str(exc)
 
 
 def generate_report(run_dir: Path, *, embed_images: bool = True) -> Path:
@@ -514,6 +569,8 @@ def generate_report(run_dir: Path, *, embed_images: bool = True) -> Path:
     pngs = {name: plot(run, out / f"{name}.png") for name, (_, plot) in PLOTS.items()}
     index = out / "index.html"
     tmp = index.with_suffix(".html.tmp")
-    tmp.write_text(render_html(run, telemetry, pngs, embed=embed_images), encoding="utf-8")
+    trace_rows, trace_problem = _trace_rows(run_dir / "trace.json")
+    page = render_html(run, telemetry, pngs, embed=embed_images, trace_rows=trace_rows, trace_problem=trace_problem)
+    tmp.write_text(page, encoding="utf-8")
     tmp.replace(index)  # a reader never sees half a page
     return index
