@@ -21,6 +21,7 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -52,13 +53,20 @@ class _NoopSpan:
 NOOP_SPAN = _NoopSpan()
 
 
-def _torch_profiler_active() -> bool:
-    """True while a `torch.profiler.profile` (or autograd profiler) is recording."""
+def _torch_profiler_off() -> bool:
+    return False
+
+
+def _torch_profiler_probe() -> Callable[[], bool]:
+    """The cheapest "is a torch profiler recording?" check this torch offers (a C call), found once."""
     try:
-        import torch
-    except ImportError:
-        return False
-    return bool(torch._C._autograd._profiler_enabled())
+        from torch._C._autograd import _profiler_enabled
+    except ImportError:  # no torch, or a torch without the probe: spans stay Tolaria-only
+        return _torch_profiler_off
+    return _profiler_enabled  # type: ignore[no-any-return]
+
+
+_torch_profiler_active = _torch_profiler_probe()
 
 
 class _Span:
