@@ -213,12 +213,12 @@ def print_table(result: Mapping[str, Any], *, console: Console | None = None) ->
     console = console or Console()
     mode = "quick" if result.get("quick") else "full"
     table = Table(title=f"tolaria bench ({mode}, {result.get('machine', {}).get('cpu', '?')})")
-    for column, justify in (("figure", "left"), ("value", "right"), ("goal", "right"),
-                            ("unit", "left"), ("spread", "right"), ("status", "left")):
-        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    table.add_column("figure", no_wrap=True)
+    for column in ("value", "goal", "spread"):
+        table.add_column(column, justify="right", no_wrap=True)
+    table.add_column("status")
     for name, entry in result.get("figures", {}).items():
-        table.add_row(name, _value_text(entry), _goal_text(entry), str(entry.get("unit", "")),
-                      _spread_text(entry), _status_text(entry))
+        table.add_row(name, _value_text(entry), _goal_text(entry), _spread_text(entry), _status_text(entry))
     console.print(table)
     counts = result.get("counts") or _counts(result.get("figures", {}))
     console.print(f"{counts['ok']} ok, {counts['failed']} failed, {counts['errors']} errors, "
@@ -234,12 +234,12 @@ def _fmt(value: float) -> str:
 
 
 def _value_text(entry: Mapping[str, Any]) -> str:
-    return _fmt(entry["value"]) if "value" in entry else "-"
+    return f"{_fmt(entry['value'])} {entry.get('unit', '')}".rstrip() if "value" in entry else "-"
 
 
 def _goal_text(entry: Mapping[str, Any]) -> str:
     sign = "≤" if entry.get("better") == "lower" else "≥"
-    return f"{sign} {_fmt(float(entry['goal']))}"
+    return f"{sign} {_fmt(float(entry['goal']))} {entry.get('unit', '')}".rstrip()
 
 
 def _spread_text(entry: Mapping[str, Any]) -> str:
