@@ -211,10 +211,9 @@ class Profiler:
 
     def close(self) -> Path | None:
         """Write the trace to `trace_path` once, if enabled and a path was given; returns it."""
-        if self._closed or not self.enabled or self.trace_path is None:
-            self._closed = True
+        already, self._closed = self._closed, True
+        if already or not self.enabled or self.trace_path is None:
             return None
-        self._closed = True
         return self.write_chrome_trace(self.trace_path)
 
 
