@@ -11,13 +11,12 @@ import sys
 import time
 from pathlib import Path
 
-from esper.tolaria.checkpoint import inspect
 from esper.tolaria.steplog import read_step_log
 
 CONFIG = """
 [run]
 name = "resume-{tag}"
-epochs = 9
+epochs = 12
 seed = 3
 threads = 1
 
@@ -66,14 +65,9 @@ def tolaria(*args: str) -> list[str]:
     return [sys.executable, "-m", "esper.tolaria", *args, "--quiet", "--no-report"]
 
 
-def committed(run_dir: Path) -> int:
-    ckpt = run_dir / "checkpoints"
-    if not ckpt.is_dir():
-        return 0
-    try:
-        return sum(1 for c in inspect(ckpt)["checkpoints"] if c["committed"])
-    except (OSError, ValueError):
-        return 0  # a checkpoint being written right now
+def checkpoints_on_disk(run_dir: Path) -> int:
+    """Checkpoint folders in place (cheap to poll; the kill moment only needs to be near one)."""
+    return len(list((run_dir / "checkpoints").glob("ckpt-*")))
 
 
 def test_sigkill_at_a_random_moment_then_resume_is_bit_exact(tmp_path: Path) -> None:
@@ -84,16 +78,17 @@ def test_sigkill_at_a_random_moment_then_resume_is_bit_exact(tmp_path: Path) -> 
     subprocess.run(tolaria("run", str(tmp_path / "ref.toml"), "--run-dir", str(ref_dir)), check=True, timeout=300)
 
     victim = subprocess.Popen(tolaria("run", str(tmp_path / "victim.toml"), "--run-dir", str(victim_dir)))
-    wanted = rng.randint(2, 5)
+    wanted = rng.randint(2, 3)  # keep_last = 3: at most three folders at once
     deadline = time.monotonic() + 240
-    while committed(victim_dir) < wanted and victim.poll() is None and time.monotonic() < deadline:
+    while checkpoints_on_disk(victim_dir) < wanted and victim.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    time.sleep(rng.uniform(0.0, 0.3))
+    time.sleep(rng.uniform(0.0, 0.5))
     victim.send_signal(signal.SIGKILL)
     victim.wait(30)
     assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
 
-    subprocess.run(tolaria("resume", str(victim_dir)), check=True, timeout=300)
+    resumed_run = subprocess.run(tolaria("resume", str(victim_dir)), capture_output=True, text=True, timeout=300)
+    assert resumed_run.returncode == 0, resumed_run.stderr[-3000:]
 
     ref = json.loads((ref_dir / "summary.json").read_text())
     resumed = json.loads((victim_dir / "summary.json").read_text())

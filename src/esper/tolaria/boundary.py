@@ -180,6 +180,8 @@ class EpochBoundary:
         t = self.t
         open_names = t.breakers.open_names()
         reasons = [f"{n}: {t.breakers[n].last_reason}" for n in open_names]
+        if t.world.agree_flag(bool(open_names)) and not open_names:  # ranks enter and leave together
+            open_names, reasons = ["peer"], ["a breaker is open on another rank"]
         change = t.conservative.update(epoch, open_names, reasons)
         if change == "entered":
             t.record_event("conservative_mode_entered", TELEMETRY_LEVEL_ERROR, MESSAGE_PRIORITY_HIGH,

@@ -73,6 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from esper.tolaria.config import load_config
+    from esper.tolaria.distributed import World
     from esper.tolaria.faults import FaultPlan
     from esper.tolaria.job import run_job
 
@@ -88,18 +89,31 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.profile:
         overrides.setdefault("profile", {})["enabled"] = True
     config = load_config(args.config, overrides)
-    faults = FaultPlan.parse(args.inject)
     run_dir = args.run_dir or Path("runs") / config.run.name
-    summary = run_job(config, run_dir, faults=faults, progress=not args.quiet, report=not args.no_report)
-    _print_result(summary, run_dir)
+    world = World.from_env()
+    faults = FaultPlan.parse(args.inject, rank=world.rank)
+    try:
+        summary = run_job(config, run_dir, faults=faults, progress=not args.quiet, report=not args.no_report,
+                          world=world)
+    finally:
+        world.close()
+    if world.is_leader:
+        _print_result(summary, run_dir)
     return 0
 
 
 def _cmd_resume(args: argparse.Namespace) -> int:
+    from esper.tolaria.distributed import World
     from esper.tolaria.job import resume_job
 
-    summary = resume_job(args.run_dir, epochs=args.epochs, progress=not args.quiet, report=not args.no_report)
-    _print_result(summary, args.run_dir)
+    world = World.from_env()
+    try:
+        summary = resume_job(args.run_dir, epochs=args.epochs, progress=not args.quiet, report=not args.no_report,
+                             world=world)
+    finally:
+        world.close()
+    if world.is_leader:
+        _print_result(summary, args.run_dir)
     return 0
 
 

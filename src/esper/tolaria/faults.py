@@ -36,7 +36,7 @@ DRILLS: dict[str, str] = {
     "redis-down": "the Oona bus goes down from this epoch: publishing fails fast, drops counted, training goes on",
 }
 
-_SPEC = re.compile(r"^(?P<kind>[a-z-]+)@epoch=(?P<epoch>\d+)(?:,step=(?P<step>\d+))?$")
+_SPEC = re.compile(r"^(?P<kind>[a-z-]+)@epoch=(?P<epoch>\d+)(?:,step=(?P<step>\d+))?(?:,rank=(?P<rank>\d+))?$")
 
 
 class DrillError(ValueError):
@@ -56,22 +56,24 @@ class Drill:
     kind: str
     epoch: int
     step: int | None = None
+    rank: int | None = None  # under torchrun: only this rank (default: every rank)
     fired: bool = False
     outcome: str = ""
 
     def as_dict(self) -> dict[str, Any]:
-        return {"kind": self.kind, "epoch": self.epoch, "step": self.step, "fired": self.fired,
+        return {"kind": self.kind, "epoch": self.epoch, "step": self.step, "rank": self.rank, "fired": self.fired,
                 "outcome": self.outcome or ("not reached" if not self.fired else "fired")}
 
 
 def parse_drill(spec: str) -> Drill:
     match = _SPEC.match(spec.strip())
     if not match:
-        raise DrillError(f"--inject {spec!r}: expected KIND@epoch=N[,step=M], e.g. tamiyo-hang@epoch=3")
+        raise DrillError(f"--inject {spec!r}: expected KIND@epoch=N[,step=M][,rank=R], e.g. tamiyo-hang@epoch=3")
     kind = match["kind"]
     if kind not in DRILLS:
         raise DrillError(f"--inject {spec!r}: unknown drill {kind!r}; known: {', '.join(sorted(DRILLS))}")
-    return Drill(kind, int(match["epoch"]), int(match["step"]) if match["step"] else None)
+    return Drill(kind, int(match["epoch"]), int(match["step"]) if match["step"] else None,
+                 int(match["rank"]) if match["rank"] else None)
 
 
 @dataclass
@@ -79,8 +81,9 @@ class FaultPlan:
     drills: list[Drill] = field(default_factory=list)
 
     @classmethod
-    def parse(cls, specs: list[str]) -> FaultPlan:
-        return cls([parse_drill(s) for s in specs])
+    def parse(cls, specs: list[str], *, rank: int = 0) -> FaultPlan:
+        """The drills of `specs` that apply to this rank (a drill without `rank=` applies to all)."""
+        return cls([d for d in map(parse_drill, specs) if d.rank is None or d.rank == rank])
 
     def due(self, kind: str, epoch: int, step: int | None = None) -> Drill | None:
         """The unfired drill of this kind due now (step-less drills fire at their epoch)."""

@@ -61,7 +61,8 @@ class Safety:
         t, cfg = trainer, trainer.config
         self.t = t
         self.cache = SnapshotCache(cfg.snapshots.capacity, int(cfg.snapshots.max_mb * 2**20))
-        self.store = self._open_store()
+        self.checkpoint_dir = t.run_dir / "checkpoints" if cfg.checkpoint.enabled and t.run_dir else None
+        self.store = self._open_store()  # rank 0 writes; every rank reads for a full rollback or resume
         e = cfg.emergency
         self.loss = LossMonitor(spike_factor=e.spike_factor)
         self.grads = GradientMonitor()
@@ -84,10 +85,10 @@ class Safety:
     # ---------------------------------------------------------------- setup
     def _open_store(self) -> CheckpointStore | None:
         t, cfg = self.t, self.t.config
-        if not cfg.checkpoint.enabled or t.run_dir is None or not t.world.is_leader:
+        if self.checkpoint_dir is None or not t.world.is_leader:
             return None
-        return CheckpointStore(t.run_dir / "checkpoints", keep_last=cfg.checkpoint.keep_last,
-                               run_id=t.run_id, config_sha256=cfg.sha256(), fault=self._disk_fault)
+        return CheckpointStore(self.checkpoint_dir, keep_last=cfg.checkpoint.keep_last, run_id=t.run_id,
+                               config_sha256=cfg.sha256(), fault=self._disk_fault, world_size=t.world.size)
 
     def _open_channel(self) -> EmergencyChannel | None:
         if not self.t.config.emergency.broadcast:
@@ -263,11 +264,13 @@ class Safety:
 
     def _major(self, incident: Incident) -> ActionResult:
         """Full rollback from the newest valid committed checkpoint, then a fresh checkpoint."""
-        if self.store is None:
+        if self.checkpoint_dir is None:
             return ActionResult(False, "full rollback", "checkpoints are disabled: nothing durable to restore")
-        self.store.flush(timeout=60)
-        self._collect_checkpoints()
-        result = recover(self.store.directory, clean=False)
+        if self.store is not None:
+            self.store.flush(timeout=60)
+            self._collect_checkpoints()
+        self.t.world.barrier()  # every rank reads the same committed checkpoint
+        result = recover(self.checkpoint_dir, clean=False)
         self.recovery_events += result.events
         if result.checkpoint is None:
             return ActionResult(False, "full rollback", "no valid committed checkpoint")
@@ -328,18 +331,23 @@ class Safety:
         self.timing.load_state_dict(state["timing"])
 
     def resume_from(self, directory: Path) -> Snapshot:
-        result = recover(directory, clean=True)
+        result = recover(directory, clean=self.t.world.is_leader)
         self.recovery_events += result.events
         if result.checkpoint is None:
             raise FileNotFoundError(f"no valid committed checkpoint in {directory}: "
                                     f"{'; '.join(result.events) or 'the directory holds none'}")
+        written_by = result.checkpoint.manifest.world_size
+        if written_by and written_by != self.t.world.size:
+            raise ValueError(f"{result.checkpoint.name} was written by a job of {written_by} process(es); resume it "
+                             f"with the same world size (torchrun --nproc-per-node {written_by}), not "
+                             f"{self.t.world.size}, so the data order and results stay exact")
         return result.checkpoint.snapshot()
 
     def summary(self) -> dict[str, Any]:
         return {
             "snapshot_cache": self.cache.stats(),
             "checkpoints": self.checkpoints_committed,
-            "checkpoint_dir": str(self.store.directory) if self.store is not None else "",
+            "checkpoint_dir": str(self.checkpoint_dir or ""),
             "recovery_events": self.recovery_events,
             "watchdog_fired": self.watchdog.fired_total,
         }

@@ -65,9 +65,9 @@ def build_summary(t: TolariaTrainer) -> dict[str, Any]:
     }
 
 
-def write_summary(summary: dict[str, Any], run_dir: Path) -> Path:
+def write_summary(summary: dict[str, Any], run_dir: Path, *, name: str = "summary.json") -> Path:
     """Write strict JSON (NaN/Inf become null) atomically."""
-    path = run_dir / "summary.json"
+    path = run_dir / name
     data = json.dumps(_jsonable(summary), indent=2, allow_nan=False).encode()
     atomic_write_bytes(path, data)
     return path

@@ -97,7 +97,7 @@ class TolariaTrainer:
         self.run_id = f"{cfg.run.name}-{new_id()[:8]}"
         self.faults = faults or FaultPlan()
         self.state = TrainerState()
-        bus = bus if bus is not None else _default_bus(self.run_dir, cfg)
+        bus = bus if bus is not None else _default_bus(self.run_dir if self.world.is_leader else None, cfg)
         tamiyo, kasmina, self.bus, verifier = wire_drills(self.faults, tamiyo=tamiyo, kasmina=kasmina, bus=bus,
                                                           verifier=verifier, epoch_of=lambda: self.state.epoch)
         self.kasmina: ExecutionLayer = kasmina

@@ -83,7 +83,7 @@ class CheckpointStore:
 
     def __init__(self, directory: str | os.PathLike[str], *, keep_last: int = 3,
                  wal_max_bytes: int = 16 * 1024 * 1024, fsync: bool = True, fault: FaultFn | None = None,
-                 run_id: str = "", config_sha256: str = "") -> None:
+                 run_id: str = "", config_sha256: str = "", world_size: int = 1) -> None:
         if keep_last < 1:
             raise ValueError(f"keep_last={keep_last}: keep at least 1 committed checkpoint")
         self.directory = Path(directory)
@@ -93,6 +93,7 @@ class CheckpointStore:
         self.fault = fault
         self.run_id = run_id
         self.config_sha256 = config_sha256
+        self.world_size = world_size
         self.last_error: CheckpointWriteError | None = None
         self.events: deque[str] = deque(maxlen=100)  # notable store events, newest last
         self._committed: dict[str, CheckpointInfo] = {}
@@ -195,7 +196,7 @@ class CheckpointStore:
     def _write_files(self, staging: Path, name: str, txn: int, snapshot: Snapshot, blobs: dict[str, bytes]) -> bytes:
         manifest = CheckpointManifest(
             checkpoint_id=name, txn_id=txn, epoch=snapshot.epoch, global_step=snapshot.global_step,
-            run_id=self.run_id, config_sha256=self.config_sha256, created_at=now_timestamp(), world_size=1,
+            run_id=self.run_id, config_sha256=self.config_sha256, created_at=now_timestamp(), world_size=self.world_size,
             files=[CheckpointFile(name=f, size_bytes=len(b), sha256=sha256_hex(b)) for f, b in blobs.items()],
         )
         manifest_bytes = manifest.SerializeToString(deterministic=True)
