@@ -196,7 +196,8 @@ class CheckpointStore:
     def _write_files(self, staging: Path, name: str, txn: int, snapshot: Snapshot, blobs: dict[str, bytes]) -> bytes:
         manifest = CheckpointManifest(
             checkpoint_id=name, txn_id=txn, epoch=snapshot.epoch, global_step=snapshot.global_step,
-            run_id=self.run_id, config_sha256=self.config_sha256, created_at=now_timestamp(), world_size=self.world_size,
+            run_id=self.run_id, config_sha256=self.config_sha256, created_at=now_timestamp(),
+            world_size=self.world_size,
             files=[CheckpointFile(name=f, size_bytes=len(b), sha256=sha256_hex(b)) for f, b in blobs.items()],
         )
         manifest_bytes = manifest.SerializeToString(deterministic=True)
