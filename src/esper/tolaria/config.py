@@ -121,6 +121,8 @@ class SnapshotConfig(Section):
     capacity: int = Field(5, ge=1, description="In-memory snapshots kept for fast rollback.")
     every_steps: int = Field(0, ge=0, description="Also snapshot every N steps (0: epoch boundaries only).")
     max_mb: float = Field(2048.0, gt=0, description="Memory cap of the snapshot cache.")
+    recycle: bool = Field(True, description="Copy new snapshots into an evicted snapshot's buffers (one extra "
+                          "snapshot of memory beyond max_mb; far less time per snapshot).")
 
 
 class EmergencyConfig(Section):

@@ -43,7 +43,7 @@ from esper.tolaria.rollback_participants import participants
 from esper.tolaria.signal import ChannelError, EmergencyChannel
 from esper.tolaria.snapshot import Snapshot
 from esper.tolaria.snapshot_cache import SnapshotCache
-from esper.tolaria.state import take_snapshot
+from esper.tolaria.state import live_state, take_snapshot
 
 if TYPE_CHECKING:
     from esper.tolaria.aggregation import AggregationStats
@@ -60,7 +60,8 @@ class Safety:
     def __init__(self, trainer: TolariaTrainer) -> None:
         t, cfg = trainer, trainer.config
         self.t = t
-        self.cache = SnapshotCache(cfg.snapshots.capacity, int(cfg.snapshots.max_mb * 2**20))
+        self.cache = SnapshotCache(cfg.snapshots.capacity, int(cfg.snapshots.max_mb * 2**20),
+                                   recycle=cfg.snapshots.recycle)
         self.checkpoint_dir = t.run_dir / "checkpoints" if cfg.checkpoint.enabled and t.run_dir else None
         self.store = self._open_store()  # rank 0 writes; every rank reads for a full rollback or resume
         e = cfg.emergency
@@ -158,9 +159,11 @@ class Safety:
 
     def _snapshot(self) -> Snapshot:
         t = self.t
+        snapshot_id = f"e{t.state.epoch:04d}-s{t.state.global_step:08d}"
         with t.profiler.span("boundary.snapshot"), t.timer.phase("snapshot"):
-            snapshot = take_snapshot(t, f"e{t.state.epoch:04d}-s{t.state.global_step:08d}")
-            self.cache.put(snapshot)
+            # Copied into an evicted snapshot's buffers where shapes match: no fresh allocation.
+            cached = self.cache.take(snapshot_id, t.state.epoch, t.state.global_step, live_state(t))
+            snapshot = cached if cached is not None else take_snapshot(t, snapshot_id)  # over the cap
         self._unproven, self._window_clean = snapshot.snapshot_id, True
         return snapshot
 

@@ -40,7 +40,12 @@ def _optional_state(component: Any) -> Any:
 
 def capture_state(t: TolariaTrainer) -> dict[str, Any]:
     """Everything needed to continue bit-for-bit from this point, with tensors cloned."""
-    state = {
+    return deep_clone(live_state(t))  # type: ignore[no-any-return]
+
+
+def live_state(t: TolariaTrainer) -> dict[str, Any]:
+    """The same sections as `capture_state`, holding the *live* tensors: clone before keeping it."""
+    return {
         "model": t.model.state_dict(),
         "kasmina": t.kasmina.state_dict(),
         "optimizer": t.optim.state_dict(),
@@ -60,7 +65,6 @@ def capture_state(t: TolariaTrainer) -> dict[str, Any]:
             "emergencies": t.safety.emergency_records(),
         },
     }
-    return deep_clone(state)  # type: ignore[no-any-return]
 
 
 def take_snapshot(t: TolariaTrainer, snapshot_id: str) -> Snapshot:

@@ -139,7 +139,7 @@ class TelemetryCollector:
             self._send(self.emergency_stream, BUS_MESSAGE_TYPE_TELEMETRY, packet.SerializeToString(),
                        priority, packet.packet_id)
             return
-        self.queue.put(packet, priority)
+        self.queue.put((packet, priority), priority)
 
     def emit_event(self, description: str, level: int = TELEMETRY_LEVEL_INFO,
                    priority: int = MESSAGE_PRIORITY_NORMAL, **attributes: object) -> None:
@@ -167,12 +167,12 @@ class TelemetryCollector:
 
     def _drain(self) -> None:
         while not self._stop.is_set() or len(self.queue):
-            packet = self.queue.get(timeout=0.05)
-            if packet is None:
+            item = self.queue.get(timeout=0.05)
+            if item is None:
                 self._idle.set()
                 continue
             self._idle.clear()
-            priority = _priority_of(packet)
+            packet, priority = item
             if not self._send(self.telemetry_stream, BUS_MESSAGE_TYPE_TELEMETRY, packet.SerializeToString(),
                               priority, packet.packet_id):
                 # Bus down: back off briefly so a dead Redis does not spin this thread.
@@ -200,10 +200,6 @@ class TelemetryCollector:
             "queued": len(self.queue),
             "last_error": self.last_error,
         }
-
-
-def _priority_of(packet: TelemetryPacket) -> int:
-    return MESSAGE_PRIORITY_HIGH if packet.level >= 2 else MESSAGE_PRIORITY_NORMAL
 
 
 def _unit(name: str) -> str:

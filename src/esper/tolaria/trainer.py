@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from esper.leyline import (
+    MESSAGE_PRIORITY_LOW,
     MESSAGE_PRIORITY_NORMAL,
     TELEMETRY_LEVEL_ERROR,
     TELEMETRY_LEVEL_INFO,
@@ -225,7 +226,17 @@ class TolariaTrainer:
             self._check_lr_violations()
         with prof.span("step.kasmina"):
             self.kasmina.on_step()
+        with prof.span("step.telemetry"):
+            self._step_telemetry(stats.total_loss, stats.grad_norm)
         return host_loss.detach() if finite else None
+
+    def _step_telemetry(self, loss: float, grad_norm: float) -> None:
+        """Every `telemetry.step_interval` steps, one LOW-priority packet (dropped first under pressure)."""
+        interval = self.config.telemetry.step_interval
+        if interval and self.state.global_step % interval == 0:
+            packet = self.telemetry.packet({"tolaria.step.loss": loss, "tolaria.step.grad_norm": grad_norm},
+                                           attributes={"step": str(self.state.global_step)})
+            self.telemetry.publish(packet, MESSAGE_PRIORITY_LOW)
 
     # ---------------------------------------------------------------- boundary helpers
     def validate(self) -> tuple[float, float]:

@@ -1,0 +1,105 @@
+"""Figures that need the whole trainer: full rollback from disk, and Redis telemetry's cost to training."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from esper.tolaria.bench.registry import figure
+from esper.tolaria.checkpoint import recover
+from esper.tolaria.checkpoint.layout import MODEL_FILE, STATE_FILE, loads_state
+
+
+def _trainer(run_dir: Path | None, features: int, hidden: list[int], steps: int, **config: Any) -> Any:
+    from esper.kasmina import KasminaLayer
+    from esper.tamiyo import HeuristicTamiyo
+    from esper.tolaria.bench.figures_core import _batches, _mlp, _NullBus
+    from esper.tolaria.config import config_from_dict
+    from esper.tolaria.trainer import TolariaTrainer
+
+    batches = _batches(features, steps, 64)
+    model = _mlp(features, hidden)
+    kasmina = KasminaLayer(model, ["stem", "body.1"], example_input=batches[0][0][:2])
+    cfg = config_from_dict({"lr": {"host_policy": "constant"}, "telemetry": {"jsonl": False},
+                            "emergency": {"broadcast": False}, **config})
+    return TolariaTrainer(kasmina=kasmina, tamiyo=HeuristicTamiyo(), optimizer=lambda g: torch.optim.Adam(g, lr=1e-3),
+                          train_loader=batches, val_loader=batches[:1], loss_fn=nn.functional.cross_entropy,
+                          config=cfg, bus=_NullBus(), run_dir=run_dir)
+
+
+@figure("full_rollback_ratio", unit="x", goal=1.3)
+def full_rollback_ratio(quick: bool) -> list[float]:
+    """A MAJOR's full rollback (WAL replay, checksum verification, load, prepare/commit/confirm of a
+    ~1M-param MLP with Adam state) ÷ raw `torch.load` of the same two files + `load_state_dict`
+    of model and optimizer. Alternating, median of each."""
+    from esper.tolaria.state import take_snapshot
+
+    ratios = []
+    with tempfile.TemporaryDirectory(prefix="bench-full-") as tmp:
+        t = _trainer(Path(tmp), 256, [1024, 768], 6, checkpoint={"enabled": True})
+        t._train_epoch(0)
+        assert t.safety.store is not None  # noqa: S101 - checkpoints are enabled above
+        info = t.safety.store.save(take_snapshot(t, "bench"))
+        ours, raw = [], []
+        for _ in range(5 if quick else 11):
+            ours.append(_full_rollback_s(t))
+            raw.append(_raw_load_s(t, info.path))
+        ratios.append(statistics.median(ours) / statistics.median(raw))
+        t.close()
+    return ratios
+
+
+def _full_rollback_s(t: Any) -> float:
+    started = time.perf_counter()
+    loaded = recover(t.safety.checkpoint_dir, clean=False).checkpoint
+    if loaded is None:
+        raise RuntimeError("the checkpoint written for the figure does not recover")
+    outcome = t.safety.coordinator.rollback(loaded.snapshot(), "full")
+    if not outcome.succeeded:
+        raise RuntimeError(f"full rollback failed: {outcome.reason}")
+    return time.perf_counter() - started
+
+
+def _raw_load_s(t: Any, path: Path) -> float:
+    started = time.perf_counter()
+    state = loads_state((path / STATE_FILE).read_bytes())
+    model = loads_state((path / MODEL_FILE).read_bytes())
+    t.model.load_state_dict(model)
+    t.optim.load_state_dict(state["optimizer"])
+    return time.perf_counter() - started
+
+
+@figure("redis_publish_overhead", unit="fraction", goal=0.01, needs="redis")
+def redis_publish_overhead(quick: bool) -> list[float]:
+    """Steps/s lost with step telemetry published to Redis (every step) vs not published, in
+    alternating windows of one run on a ~1M-param MLP: 1 − rate_on / rate_off (medians)."""
+    from esper.oona import RedisBus
+    from esper.tolaria.bench.figures_core import _NullBus
+
+    url = os.environ["TOLARIA_BENCH_OONA"]
+    secret = os.environ.get("ESPER_LEYLINE_SECRET", "bench-secret").encode()
+    t = _trainer(None, 256, [1024, 768], 25 if quick else 60, telemetry={"jsonl": False, "step_interval": 1})
+    redis_bus, null_bus = RedisBus(url, secret=secret), _NullBus()
+    on: list[float] = []
+    off: list[float] = []
+    t._train_epoch(0)  # warm-up
+    for _ in range(5 if quick else 11):
+        for bus, rates in ((redis_bus, on), (null_bus, off)):
+            t.telemetry.bus = bus
+            started = time.perf_counter()
+            t._train_epoch(0)
+            rates.append(len(t.train_loader) / (time.perf_counter() - started))
+            t.telemetry.flush(10.0)
+    published = t.telemetry.published
+    t.close()
+    redis_bus.close()
+    if published == 0:
+        raise RuntimeError("nothing reached Redis: is the URL right?")
+    return [1.0 - statistics.median(on) / statistics.median(off)]
