@@ -135,6 +135,13 @@ class EmergencyConfig(Section):
                             "name is refused).")
 
 
+class ExportersConfig(Section):
+    prometheus_port: int = Field(0, ge=0, le=65535, description="Serve Prometheus metrics on 127.0.0.1:PORT "
+                                 "while the run is live (0: off).")
+    tensorboard_dir: str = Field("", description="Write TensorBoard scalars here (needs `pip install "
+                                 "tensorboard`; empty: off).")
+
+
 class ProfileConfig(Section):
     enabled: bool = Field(False, description="Record spans and write RUN_DIR/trace.json (Chrome trace).")
 
@@ -158,6 +165,7 @@ class TolariaConfig(Section):
     snapshots: SnapshotConfig = Field(default_factory=SnapshotConfig)
     emergency: EmergencyConfig = Field(default_factory=EmergencyConfig)
     profile: ProfileConfig = Field(default_factory=ProfileConfig)
+    exporters: ExportersConfig = Field(default_factory=ExportersConfig)
 
     def sha256(self) -> str:
         """Hash of the effective config, stored in snapshots so a resume notices a changed config."""

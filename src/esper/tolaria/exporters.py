@@ -222,3 +222,27 @@ class PrometheusExporter:
     def on_emergency(self) -> None:
         self.emergencies.inc()
 
+
+
+class ExporterCallback:
+    """Feeds an exporter from the trainer's named points: start at fit begin, one record per epoch, stop at end."""
+
+    def __init__(self, exporter: PrometheusExporter | TensorBoardExporter) -> None:
+        self.exporter = exporter
+
+    def on_fit_begin(self, trainer: Any) -> None:
+        if isinstance(self.exporter, PrometheusExporter):
+            self.exporter.start()
+
+    def on_boundary_end(self, trainer: Any, epoch: int, report: Any) -> None:
+        record = dict(trainer.history[-1])
+        record.update({"global_step": trainer.state.global_step, "rollbacks": len(trainer.rollbacks),
+                       "emergencies": len(trainer.safety.emergency_records()),
+                       "telemetry": trainer.telemetry.summary()})
+        self.exporter.on_epoch(record)
+
+    def on_fit_end(self, trainer: Any) -> None:
+        if isinstance(self.exporter, PrometheusExporter):
+            self.exporter.stop()
+        else:
+            self.exporter.close()

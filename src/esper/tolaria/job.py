@@ -50,6 +50,13 @@ def _callbacks(config: TolariaConfig, run_dir: Path, world: World, progress: boo
         from esper.tolaria.progress import RichProgress
 
         callbacks += (RichProgress(),)
+    if world.is_leader and (config.exporters.prometheus_port or config.exporters.tensorboard_dir):
+        from esper.tolaria.exporters import ExporterCallback, PrometheusExporter, TensorBoardExporter
+
+        if config.exporters.prometheus_port:
+            callbacks += (ExporterCallback(PrometheusExporter(config.exporters.prometheus_port)),)
+        if config.exporters.tensorboard_dir:
+            callbacks += (ExporterCallback(TensorBoardExporter(Path(config.exporters.tensorboard_dir))),)
     if config.telemetry.step_log and world.is_leader:
         from esper.tolaria.steplog import StepLog
 
