@@ -75,13 +75,18 @@ class PriorityDropQueue:
     def get(self, timeout: float) -> Any | None:
         """Highest priority first; None after `timeout` with nothing queued."""
         with self._cond:
-            if not self._size and not self._cond.wait_for(lambda: self._size > 0, timeout):
+            if not self._size and not self._cond.wait(timeout) or not self._size:
                 return None
             for p in reversed(_PRIORITIES):
                 if self._queues[p]:
                     self._size -= 1
                     return self._queues[p].popleft()
         return None
+
+    def wake(self) -> None:
+        """Wake a waiting `get` (used to stop the publisher without waiting for its timeout)."""
+        with self._cond:
+            self._cond.notify_all()
 
     def __len__(self) -> int:
         return self._size
@@ -167,7 +172,8 @@ class TelemetryCollector:
 
     def _drain(self) -> None:
         while not self._stop.is_set() or len(self.queue):
-            item = self.queue.get(timeout=0.05)
+            # A long wait: an idle publisher must not wake up and steal a core from torch's threads.
+            item = self.queue.get(timeout=1.0)
             if item is None:
                 self._idle.set()
                 continue
@@ -187,6 +193,7 @@ class TelemetryCollector:
     def close(self, timeout_s: float = 5.0) -> None:
         self.flush(timeout_s)
         self._stop.set()
+        self.queue.wake()
         self._thread.join(timeout_s)
 
     def summary(self) -> dict[str, Any]:

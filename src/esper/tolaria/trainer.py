@@ -314,7 +314,15 @@ class TolariaTrainer:
     # ---------------------------------------------------------------- small helpers
     @property
     def _trainable(self) -> dict[str, nn.Parameter]:
-        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        """Trainable parameters by name, rebuilt only when the optimizer is (growth, cull, restore)."""
+        optimizer = self.optim.optimizer
+        if self._trainable_for is not optimizer:
+            self._trainable_cache = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+            self._trainable_for = optimizer
+        return self._trainable_cache
+
+    _trainable_for: object = None
+    _trainable_cache: dict[str, nn.Parameter] = {}
 
     def param_count(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
