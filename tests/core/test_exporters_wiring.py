@@ -6,9 +6,9 @@ import socket
 import urllib.request
 from typing import Any
 
-from esper.tolaria.exporters import ExporterCallback, PrometheusExporter
-
 from conftest import small_config  # type: ignore[import-not-found]
+
+from esper.tolaria.exporters import ExporterCallback, PrometheusExporter
 
 
 def _free_port() -> int:
