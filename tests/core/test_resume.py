@@ -11,52 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+from job_toml import job_toml  # type: ignore[import-not-found]
+
 from esper.tolaria.steplog import read_step_log
 
-CONFIG = """
-[run]
-name = "resume-{tag}"
-epochs = 12
-seed = 3
-threads = 1
-
-[data]
-dataset = "digits"
-batch_size = 64
-
-[model]
-hidden = [8]
-
-[optimizer]
-lr = 0.02
-
-[checkpoint]
-every_epochs = 1
-keep_last = 3
-
-[telemetry]
-step_log = true
-
-[handshake]
-tamiyo_timeout_s = 30.0
-
-[boundary]
-state_assembly_ms = 10000.0
-tamiyo_ms = 10000.0
-apply_ms = 10000.0
-check_ms = 10000.0
-total_ms = 100000.0
-
-[kasmina]
-min_training_steps = 5
-blend_steps = 10
-seed_hidden = 16
-
-[tamiyo]
-plateau_window = 1
+CULLING = """
 plateau_threshold = 1.0
-cooldown_epochs = 0
-min_training_epochs = 1
 cull_tolerance = 0.0   # a seed that costs any validation loss is culled: the run germinates and culls
 """
 
@@ -73,7 +33,7 @@ def checkpoints_on_disk(run_dir: Path) -> int:
 def test_sigkill_at_a_random_moment_then_resume_is_bit_exact(tmp_path: Path) -> None:
     rng = random.Random(os.getpid())
     for tag in ("ref", "victim"):
-        (tmp_path / f"{tag}.toml").write_text(CONFIG.format(tag=tag))
+        (tmp_path / f"{tag}.toml").write_text(job_toml(f"resume-{tag}", epochs=12, seed=3, tamiyo=CULLING))
     ref_dir, victim_dir = tmp_path / "ref", tmp_path / "victim"
     subprocess.run(tolaria("run", str(tmp_path / "ref.toml"), "--run-dir", str(ref_dir)), check=True, timeout=300)
 

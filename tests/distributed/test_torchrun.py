@@ -13,54 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from job_toml import job_toml  # type: ignore[import-not-found]
 
 from esper.tolaria.checkpoint import recover
 from esper.tolaria.steplog import read_step_log
 
-CONFIG = """
-[run]
-name = "dist-{tag}"
-epochs = 8
-seed = 1
-threads = 1
-
-[data]
-dataset = "digits"
-batch_size = 64
-
-[model]
-hidden = [8]
-
-[optimizer]
-lr = 0.02
-
-[checkpoint]
-every_epochs = 1
-keep_last = 3
-
-[telemetry]
-step_log = true
-
-[handshake]
-tamiyo_timeout_s = 30.0
-
-[boundary]
-state_assembly_ms = 10000.0
-tamiyo_ms = 10000.0
-apply_ms = 10000.0
-check_ms = 10000.0
-total_ms = 100000.0
-
-[kasmina]
-min_training_steps = 5
-blend_steps = 10
-seed_hidden = 16
-
-[tamiyo]
-plateau_window = 1
+GROWTH = """
 plateau_threshold = 1.0     # growth decisions follow epoch counts only, so float noise cannot change them
-cooldown_epochs = 0
-min_training_epochs = 1
 shadow_epochs = 1
 probation_epochs = 1
 fossilize_tolerance = 10.0
@@ -70,7 +29,7 @@ cull_tolerance = 10.0
 
 def write_config(tmp_path: Path, tag: str) -> Path:
     path = tmp_path / f"{tag}.toml"
-    path.write_text(CONFIG.format(tag=tag))
+    path.write_text(job_toml(f"dist-{tag}", epochs=8, seed=1, tamiyo=GROWTH))
     return path
 
 

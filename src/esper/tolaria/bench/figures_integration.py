@@ -86,7 +86,7 @@ def redis_publish_overhead(quick: bool) -> list[float]:
 
     url = os.environ["TOLARIA_BENCH_OONA"]
     secret = os.environ.get("ESPER_LEYLINE_SECRET", "bench-secret").encode()
-    t = _trainer(None, 256, [1024, 768], 25 if quick else 60, telemetry={"jsonl": False, "step_interval": 10})
+    t = _trainer(None, 256, [1024, 768], 60 if quick else 120, telemetry={"jsonl": False, "step_interval": 10})
     redis_bus, null_bus = RedisBus(url, secret=secret), _NullBus()
     on: list[float] = []
     off: list[float] = []
