@@ -78,8 +78,12 @@ class TolariaParticipant:
         t = self.t
         live = t.model.state_dict()
         saved = target.state["model"]
-        return live.keys() == saved.keys() and t.state.global_step == target.state["trainer"]["global_step"] and \
-            all(torch.equal(sample_bits(v), sample_bits(saved[k])) for k, v in live.items())
+        if live.keys() != saved.keys() or t.state.global_step != target.state["trainer"]["global_step"]:
+            return False
+        # Sampled raw bits of the first and last tensors: proves the copy took effect without a
+        # checksum that would cost more than the copy (tests prove bit-exactness with state_checksum).
+        keys = list(live)
+        return all(torch.equal(sample_bits(live[k]), sample_bits(saved[k])) for k in {keys[0], keys[-1]})
 
     def abort(self, target: Snapshot) -> None:
         """See the module docstring."""

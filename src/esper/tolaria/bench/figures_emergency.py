@@ -156,11 +156,55 @@ def _interleaved(a: Any, b: Any, reps: int) -> tuple[list[float], list[float]]:
     return ta, tb
 
 
+def _trainer_rollback_ratio(features: int, hidden: list[int], quick: bool) -> list[float]:
+    """The trainer's whole fast rollback (prepare/commit/confirm across Kasmina, Tolaria and
+    Tamiyo: structure check, in-place tensor restore, LR/RNG/data/counters, sampled confirm)
+    divided by a raw `copy_` loop over the same model and Adam-state tensors."""
+    import torch
+
+    from esper.tolaria.bench.figures_integration import _trainer
+    from esper.tolaria.snapshot_cache import flatten_tensors
+
+    t = _trainer(None, features, hidden, 3)
+    t._train_epoch(0)
+    t.safety.start()
+    target = t.safety.cache.last_healthy()
+    live = {"model": t.model.state_dict(), "optimizer": t.optim.state_dict()["state"]}
+    snap = {"model": target.state["model"], "optimizer": target.state["optimizer"]["state"]}
+    pairs = list(zip(flatten_tensors(live).values(), flatten_tensors(snap).values(), strict=True))
+    n_params = sum(p.numel() for p in t.model.parameters())
+    reps = max(5, min(51, 60_000_000 // n_params))
+    reps = reps if not quick else max(5, reps // 3)
+
+    def raw() -> None:
+        with torch.no_grad():
+            for dst, src in pairs:
+                dst.copy_(src)
+
+    def ours() -> None:
+        outcome = t.safety.coordinator.rollback(target, "fast")
+        if not outcome.succeeded:
+            raise RuntimeError(f"fast rollback failed: {outcome.reason}")
+
+    out = []
+    for _ in range(3 if quick else 7):
+        raw_t, ours_t = _interleaved(raw, ours, reps)
+        out.append(statistics.median(ours_t) / statistics.median(raw_t))
+    t.close()
+    return out
+
+
 @figure("fast_rollback_ratio_1m", unit="x", goal=1.3)
 def fast_rollback_ratio_1m(quick: bool) -> list[float]:
-    return _rollback_ratio(1_000_000, quick)
+    return _trainer_rollback_ratio(256, [1024, 768], quick)
 
 
 @figure("fast_rollback_ratio_20m", unit="x", goal=1.3)
 def fast_rollback_ratio_20m(quick: bool) -> list[float]:
-    return _rollback_ratio(20_000_000, quick)
+    return _trainer_rollback_ratio(1024, [4096, 4096], quick)
+
+
+@figure("restore_tensors_ratio_1m", unit="x", goal=1.3)
+def restore_tensors_ratio_1m(quick: bool) -> list[float]:
+    """The in-place tensor restore alone (the commit's core), 1M params + Adam, ÷ raw copy_."""
+    return _rollback_ratio(1_000_000, quick)
