@@ -81,8 +81,9 @@ def step_overhead(features: int, hidden: list[int], steps: int, rounds: int) -> 
     plain_model = _mlp(features, hidden)
     plain_opt = torch.optim.Adam(plain_model.parameters(), lr=1e-3)
     trainer = _tolaria(features, hidden, batches)
-    _plain_epoch(plain_model, plain_opt, batches[:3])  # warm-up both
-    _tolaria_epoch(trainer)
+    for _ in range(2):  # warm-up both: allocator pools, caches, lazily built state
+        _plain_epoch(plain_model, plain_opt, batches)
+        _tolaria_epoch(trainer)
     plain, ours = [], []
     for r in range(rounds):
         # ABBA order: whichever loop runs second in a round was measured ~7 % slower here
