@@ -57,3 +57,26 @@ def test_sigkill_at_a_random_moment_then_resume_is_bit_exact(tmp_path: Path) -> 
     assert resumed["final_state_sha256"] == ref["final_state_sha256"]
     stages = {h["stage"] for s in ref["seeds"].values() for h in s["stage_history"]}
     assert {"GERMINATED", "CULLED"} <= stages, "the run must cross a germination and a cull"
+
+
+def test_sigterm_finishes_the_step_checkpoints_mid_epoch_and_resume_is_bit_exact(tmp_path: Path) -> None:
+    for tag in ("ref", "term"):
+        (tmp_path / f"{tag}.toml").write_text(job_toml(f"term-{tag}", epochs=8, seed=5, tamiyo=CULLING))
+    ref_dir, term_dir = tmp_path / "ref", tmp_path / "term"
+    subprocess.run(tolaria("run", str(tmp_path / "ref.toml"), "--run-dir", str(ref_dir)), check=True, timeout=300)
+    run = subprocess.Popen(tolaria("run", str(tmp_path / "term.toml"), "--run-dir", str(term_dir)))
+    deadline = time.monotonic() + 240
+    while checkpoints_on_disk(term_dir) < 2 and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)
+    run.send_signal(signal.SIGTERM)
+    assert run.wait(60) == 0, "SIGTERM must end the run cleanly"
+    stopped = json.loads((term_dir / "summary.json").read_text())
+    assert stopped["stopped"] == "SIGTERM" and stopped["epochs_completed"] < 8
+    last = stopped["safety"]["checkpoints"][-1]
+    assert last["reason"] == "stopped by SIGTERM" and last["step"] == stopped["global_step"]
+    resumed_run = subprocess.run(tolaria("resume", str(term_dir)), capture_output=True, text=True, timeout=300)
+    assert resumed_run.returncode == 0, resumed_run.stderr[-3000:]
+    resumed = json.loads((term_dir / "summary.json").read_text())
+    assert read_step_log(term_dir / "steps.csv") == read_step_log(ref_dir / "steps.csv")
+    assert resumed["final_state_sha256"] == json.loads((ref_dir / "summary.json").read_text())["final_state_sha256"]

@@ -231,6 +231,7 @@ class Safety:
             return
         snapshot = take_snapshot(self.t, f"e{self.t.state.epoch:04d}-s{self.t.state.global_step:08d}-stop")
         self.store.flush(timeout=60)
+        self._collect_checkpoints()  # earlier async writes first, so the list stays in order
         try:
             info = self.store.save(snapshot)
         except CheckpointWriteError as exc:
