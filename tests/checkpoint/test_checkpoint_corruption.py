@@ -67,7 +67,7 @@ def test_truncated_checkpoint_file_falls_back(two_checkpoints: Path, file_name: 
 def test_model_sha_mismatch_event_text(two_checkpoints: Path) -> None:
     corrupt_latest(two_checkpoints)
     result = recover(two_checkpoints)
-    assert result.events == [f"{NEWEST}/model.pt sha256 mismatch; fell back to {PREVIOUS}"]
+    assert result.events == [f"{NEWEST}/model.pt crc32c mismatch; fell back to {PREVIOUS}"]
 
 
 def test_missing_file_is_reported(two_checkpoints: Path) -> None:
@@ -102,9 +102,9 @@ def test_all_checkpoints_corrupt_gives_none_and_names_each(two_checkpoints: Path
         _flip(two_checkpoints / name / "model.pt", 100)
     result = recover(two_checkpoints)
     assert result.checkpoint is None
-    assert result.events == [f"{NEWEST}/model.pt sha256 mismatch; no valid committed checkpoint left",
-                             f"{PREVIOUS}/model.pt sha256 mismatch; no valid committed checkpoint left"]
-    with pytest.raises(CheckpointNotFound, match="model.pt sha256 mismatch"):
+    assert result.events == [f"{NEWEST}/model.pt crc32c mismatch; no valid committed checkpoint left",
+                             f"{PREVIOUS}/model.pt crc32c mismatch; no valid committed checkpoint left"]
+    with pytest.raises(CheckpointNotFound, match="model.pt crc32c mismatch"):
         load_for_rollback(two_checkpoints)
 
 
@@ -125,7 +125,7 @@ def test_inspect_reports_sizes_seeds_and_status(two_checkpoints: Path) -> None:
     corrupt_latest(two_checkpoints)
     info = inspect(two_checkpoints)
     first, second = info["checkpoints"]
-    assert first["name"] == NEWEST and first["status"] == "corrupt: model.pt sha256 mismatch"
+    assert first["name"] == NEWEST and first["status"] == "corrupt: model.pt crc32c mismatch"
     assert second["status"] == "ok" and second["epoch"] == 8 and second["step"] == 80
     assert second["seeds"] == [{"seed_id": "s1", "stage": "BLENDING"}]
     assert second["size_bytes"] == sum(second["files"].values()) > 0
@@ -137,3 +137,35 @@ def test_inspect_reports_sizes_seeds_and_status(two_checkpoints: Path) -> None:
 def test_inspect_of_run_dir_uses_its_checkpoints_folder(tmp_path: Path) -> None:
     CheckpointStore(tmp_path / "checkpoints", fsync=False).save(make_snapshot(10))
     assert [c["status"] for c in inspect(tmp_path)["checkpoints"]] == ["ok"]
+
+
+def test_a_manifest_edited_after_its_commit_is_not_trusted(tmp_path: Path) -> None:
+    import torch
+
+    from esper.leyline import CheckpointManifest
+    from esper.tolaria.checkpoint import CheckpointStore, recover
+    from esper.tolaria.snapshot import Snapshot
+
+    store = CheckpointStore(tmp_path, keep_last=2)
+    info = store.save(Snapshot("s", 1, 10, {"model": {"w": torch.ones(3)}, "trainer": {"epoch": 1}}))
+    store.close()
+    manifest_path = info.path / "manifest.pb"
+    manifest = CheckpointManifest.FromString(manifest_path.read_bytes())
+    manifest.files[0].crc32c ^= 1
+    manifest_path.write_bytes(manifest.SerializeToString())
+    result = recover(tmp_path, clean=False)
+    assert result.checkpoint is None
+    assert any("manifest.pb sha256 mismatch with its WAL COMMIT" in e for e in result.events)
+
+
+def test_files_listed_with_a_sha256_by_older_manifests_are_checked_by_it(tmp_path: Path) -> None:
+    from esper.leyline import CheckpointFile
+    from esper.tolaria.checkpoint.layout import sha256_hex
+    from esper.tolaria.checkpoint.recovery import _check_file
+
+    path = tmp_path / "model.pt"
+    path.write_bytes(b"weights")
+    good = CheckpointFile(name="model.pt", size_bytes=7, sha256=sha256_hex(b"weights"))
+    assert _check_file(path, good) == ("", b"weights")
+    bad = CheckpointFile(name="model.pt", size_bytes=7, sha256=sha256_hex(b"weighTs"))
+    assert _check_file(path, bad) == ("sha256 mismatch", b"")

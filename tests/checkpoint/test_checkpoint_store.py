@@ -28,8 +28,8 @@ def test_save_then_recover_returns_equal_nested_state(tmp_path: Path) -> None:
     assert loaded.snapshot().global_step == 120
 
 
-def test_manifest_lists_each_file_with_size_and_sha256(tmp_path: Path) -> None:
-    import hashlib
+def test_manifest_lists_each_file_with_size_and_crc32c(tmp_path: Path) -> None:
+    import crc32c
 
     CheckpointStore(tmp_path, fsync=False, run_id="run-7").save(make_snapshot(10))
     manifest = CheckpointManifest()
@@ -38,7 +38,7 @@ def test_manifest_lists_each_file_with_size_and_sha256(tmp_path: Path) -> None:
     assert manifest.run_id == "run-7" and manifest.global_step == 10 and manifest.epoch == 1
     for f in manifest.files:
         data = (ckpt / f.name).read_bytes()
-        assert (f.size_bytes, f.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+        assert (f.size_bytes, f.crc32c, f.sha256) == (len(data), crc32c.crc32c(data), "")
     assert sorted(f.name for f in manifest.files) == ["model.pt", "state.pt"]
 
 

@@ -625,14 +625,16 @@ class CheckpointManifest(_message.Message):
     def __init__(self, checkpoint_id: _Optional[str] = ..., txn_id: _Optional[int] = ..., epoch: _Optional[int] = ..., global_step: _Optional[int] = ..., run_id: _Optional[str] = ..., config_sha256: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., files: _Optional[_Iterable[_Union[CheckpointFile, _Mapping]]] = ..., world_size: _Optional[int] = ..., state_sha256: _Optional[str] = ...) -> None: ...
 
 class CheckpointFile(_message.Message):
-    __slots__ = ("name", "size_bytes", "sha256")
+    __slots__ = ("name", "size_bytes", "sha256", "crc32c")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
+    CRC32C_FIELD_NUMBER: _ClassVar[int]
     name: str
     size_bytes: int
     sha256: str
-    def __init__(self, name: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+    crc32c: int
+    def __init__(self, name: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., crc32c: _Optional[int] = ...) -> None: ...
 
 class RollbackRecord(_message.Message):
     __slots__ = ("rollback_id", "tier", "target_snapshot_id", "target_epoch", "target_step", "reason", "succeeded", "phase_ms")

@@ -3,7 +3,7 @@
     <root>/wal-000001.log ...            write-ahead log segments (see WAL.md)
     <root>/ckpt-<step:012d>/model.pt     the snapshot's `model` section (torch.save bytes)
     <root>/ckpt-<step:012d>/state.pt     every other section
-    <root>/ckpt-<step:012d>/manifest.pb  Leyline CheckpointManifest with per-file sha256 and size
+    <root>/ckpt-<step:012d>/manifest.pb  Leyline CheckpointManifest with per-file CRC32C and size
     <root>/.ckpt-...tmp, .<file>.tmp     leftovers of interrupted writes: never read, cleaned
 """
 
@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import crc32c
 import numpy as np
 import torch
 
@@ -40,6 +41,11 @@ def is_leftover(path: Path) -> bool:
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def crc32c_of(data: bytes) -> int:
+    """CRC32C of a checkpoint file (hardware-accelerated where the CPU has it)."""
+    return int(crc32c.crc32c(data))
 
 
 @dataclass(frozen=True)

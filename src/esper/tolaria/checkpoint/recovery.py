@@ -2,7 +2,8 @@
 
 Trust rules: a checkpoint counts only if the WAL holds a readable COMMIT for it whose txn id
 matches its manifest and whose manifest sha256 matches manifest.pb, and every file's size and
-sha256 match the manifest. Files are read once; the verified bytes are the bytes loaded.
+CRC32C (sha256 in older manifests) match the manifest. Files are read once; the verified bytes
+are the bytes loaded.
 Anything else is reported as an event naming the file, and recovery falls back to the next
 older committed checkpoint.
 """
@@ -12,14 +13,13 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from esper.leyline import CheckpointManifest
+from esper.leyline import CheckpointFile, CheckpointManifest
 from esper.tolaria.checkpoint.layout import (
     CKPT_RE,
     DATA_FILES,
@@ -27,6 +27,7 @@ from esper.tolaria.checkpoint.layout import (
     MODEL_FILE,
     STATE_FILE,
     CommitInfo,
+    crc32c_of,
     decode_commit,
     is_leftover,
     loads_state,
@@ -114,7 +115,7 @@ def verify_checkpoint(path: str | os.PathLike[str], commit: CommitEntry | Commit
         return checked
     blobs: dict[str, bytes] = {}
     for entry in checked.manifest.files:  # type: ignore[union-attr]
-        problem, data = _check_file(root / entry.name, entry.size_bytes, entry.sha256)
+        problem, data = _check_file(root / entry.name, entry)
         if problem:
             return Verification(False, f"{entry.name} {problem}", checked.manifest)
         blobs[entry.name] = data
@@ -144,15 +145,10 @@ def _checked_manifest(root: Path, commit: CommitEntry | CommitInfo | None) -> Ve
     return Verification(True, "", manifest)
 
 
-# Hashing overlaps deserialization: hashlib releases the GIL on large buffers. Created once.
-_HASHERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="tolaria-ckpt-verify")
-
-
 def verify_and_load(path: Path, entry: CommitEntry) -> LoadedCheckpoint | Verification:
-    """Verify every file's size and sha256 while deserializing the same bytes in parallel.
+    """Verify every file's size and checksum, then deserialize those same bytes (read once).
 
-    The loaded state is returned only if every checksum matches; otherwise the failed
-    `Verification` (a checksum problem is reported before a load error, as it is the cause)."""
+    Returns the loaded checkpoint, or the failed `Verification` naming the file and problem."""
     checked = _checked_manifest(path, entry)
     if not checked.ok:
         return checked
@@ -160,37 +156,28 @@ def verify_and_load(path: Path, entry: CommitEntry) -> LoadedCheckpoint | Verifi
     assert manifest is not None  # noqa: S101 - ok implies a parsed manifest
     blobs: dict[str, bytes] = {}
     for f in manifest.files:
-        try:
-            data = (path / f.name).read_bytes()
-        except FileNotFoundError:
-            return Verification(False, f"{f.name} missing", manifest)
-        if len(data) != f.size_bytes:
-            return Verification(False, f"{f.name} size {len(data)} bytes, manifest says {f.size_bytes} "
-                                f"(truncated or extended)", manifest)
+        problem, data = _check_file(path / f.name, f)
+        if problem:
+            return Verification(False, f"{f.name} {problem}", manifest)
         blobs[f.name] = data
-    digests = {f.name: _HASHERS.submit(sha256_hex, blobs[f.name]) for f in manifest.files}
     try:
-        loaded: LoadedCheckpoint | None = load_verified(path, entry, Verification(True, "", manifest, blobs))
-        load_error = ""
+        return load_verified(path, entry, Verification(True, "", manifest, blobs))
     except ValueError as exc:
-        loaded, load_error = None, str(exc)
-    for f in manifest.files:
-        if digests[f.name].result() != f.sha256:
-            return Verification(False, f"{f.name} sha256 mismatch", manifest)
-    if loaded is None:
-        return Verification(False, load_error, manifest)
-    return loaded
+        return Verification(False, str(exc), manifest)
 
 
-def _check_file(path: Path, size: int, sha256: str) -> tuple[str, bytes]:
+def _check_file(path: Path, entry: CheckpointFile) -> tuple[str, bytes]:
+    """("", bytes) if the file matches its manifest entry, else (what is wrong, b"")."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         return "missing", b""
-    if len(data) != size:
-        return f"size {len(data)} bytes, manifest says {size} (truncated or extended)", b""
-    if sha256_hex(data) != sha256:
-        return "sha256 mismatch", b""
+    if len(data) != entry.size_bytes:
+        return f"size {len(data)} bytes, manifest says {entry.size_bytes} (truncated or extended)", b""
+    if entry.sha256:  # written before files carried a CRC32C
+        return ("sha256 mismatch", b"") if sha256_hex(data) != entry.sha256 else ("", data)
+    if crc32c_of(data) != entry.crc32c:
+        return "crc32c mismatch", b""
     return "", data
 
 

@@ -38,6 +38,7 @@ from esper.tolaria.checkpoint.layout import (
     CheckpointStateError,
     CommitInfo,
     checkpoint_name,
+    crc32c_of,
     dumps_state,
     encode_commit,
     is_leftover,
@@ -198,7 +199,7 @@ class CheckpointStore:
             checkpoint_id=name, txn_id=txn, epoch=snapshot.epoch, global_step=snapshot.global_step,
             run_id=self.run_id, config_sha256=self.config_sha256, created_at=now_timestamp(),
             world_size=self.world_size,
-            files=[CheckpointFile(name=f, size_bytes=len(b), sha256=sha256_hex(b)) for f, b in blobs.items()],
+            files=[CheckpointFile(name=f, size_bytes=len(b), crc32c=crc32c_of(b)) for f, b in blobs.items()],
         )
         manifest_bytes = manifest.SerializeToString(deterministic=True)
         # manifest last: its presence means the data files are complete
@@ -300,7 +301,7 @@ class CheckpointStore:
 
 
 def _serialize(snapshot: Snapshot) -> dict[str, bytes]:
-    """The bytes of model.pt and state.pt; the sha256 in the manifest is taken of these same bytes."""
+    """The bytes of model.pt and state.pt; the checksums in the manifest are taken of these same bytes."""
     state = dict(snapshot.state)
     return {MODEL_FILE: dumps_state(state.pop("model", {})), STATE_FILE: dumps_state(state)}
 
