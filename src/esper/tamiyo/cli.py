@@ -12,7 +12,8 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+import tomllib
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -35,16 +36,23 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--deadletter-stream", default="oona.deadletter", help="stream for dead letters")
     serve.add_argument("--key-file", type=Path, default=None,
                        help="file holding the shared secret (default: env ESPER_LEYLINE_SECRET)")
+    serve.add_argument("--config", type=Path, default=None, metavar="TOML",
+                       help="read the heuristic's thresholds from this file's [tamiyo] section (e.g. the run's config)")
     serve.add_argument("--once", action="store_true", help="exit after answering one request")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser
 
 
-def _heuristic() -> TamiyoClient:
+def _heuristic_factory(config_path: Path | None) -> Callable[[], TamiyoClient]:
+    """One HeuristicTamiyo per run, configured from a TOML file's [tamiyo] section if given."""
     # Imported here so the worker module loads (and is testable) without the heuristic policy.
-    from esper.tamiyo.heuristic import HeuristicTamiyo
+    from esper.tamiyo.heuristic import HeuristicTamiyo, TamiyoConfig
 
-    return HeuristicTamiyo()
+    settings: dict[str, object] = {}
+    if config_path is not None:
+        settings = tomllib.loads(config_path.read_text(encoding="utf-8")).get("tamiyo", {})
+    config = TamiyoConfig.model_validate(settings)  # unknown keys are errors that name the key
+    return lambda: HeuristicTamiyo(config)
 
 
 def _install_stop_handlers(stop: threading.Event) -> None:
@@ -63,8 +71,13 @@ def serve(args: argparse.Namespace) -> int:
     except SecretMissing as exc:
         print(f"tamiyo serve: {exc}", file=sys.stderr)
         return 2
+    try:
+        factory = _heuristic_factory(args.config)
+    except (OSError, ValueError) as exc:
+        print(f"tamiyo serve: bad --config {args.config}: {exc}", file=sys.stderr)
+        return 2
     bus = RedisBus(args.oona, secret=secret, streams=StreamNames(deadletter=args.deadletter_stream))
-    worker = TamiyoWorker(bus, _heuristic, secret=secret, group=args.group, consumer=args.consumer,
+    worker = TamiyoWorker(bus, factory, secret=secret, group=args.group, consumer=args.consumer,
                           request_stream=args.request_stream)
     stop = threading.Event()
     _install_stop_handlers(stop)
