@@ -100,7 +100,7 @@ def step_overhead(features: int, hidden: list[int], steps: int, rounds: int) -> 
 
 @figure("step_overhead_1m", unit="fraction", goal=0.03)
 def step_overhead_1m(quick: bool) -> list[float]:
-    return step_overhead(256, [1024, 768], steps=40 if quick else 100, rounds=9 if quick else 15)
+    return step_overhead(256, [1024, 768], steps=20 if quick else 50, rounds=31 if quick else 61)
 
 
 @figure("step_overhead_20m", unit="fraction", goal=0.01)
