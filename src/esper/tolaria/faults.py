@@ -113,14 +113,26 @@ class FaultPlan:
         return [d.as_dict() for d in self.drills]
 
 
-class FaultyTamiyo:
+class _ControllerWrapper:
+    """A Tamiyo wrapper whose state (for snapshots) is the wrapped controller's."""
+
+    inner: Any
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.inner.state_dict() if hasattr(self.inner, "state_dict") else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if hasattr(self.inner, "load_state_dict"):
+            self.inner.load_state_dict(state)
+
+
+class FaultyTamiyo(_ControllerWrapper):
     """Wraps a Tamiyo client and misbehaves at the epochs the plan names."""
 
-    def __init__(self, inner: Any, plan: FaultPlan, *, sign: Any = None) -> None:
+    def __init__(self, inner: Any, plan: FaultPlan) -> None:
         self.inner = inner
         self.plan = plan
         self._never = threading.Event()
-        self._sign = sign
 
     def evaluate_epoch(self, packet: SystemStatePacket) -> AdaptationCommand:
         epoch = packet.current_epoch
@@ -138,13 +150,6 @@ class FaultyTamiyo:
             d.outcome = "answered a forged command; see the handshake fallback"
             command.annotations["signature"] = "Zm9yZ2VkIHNpZ25hdHVyZQ=="
         return command
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.inner.state_dict() if hasattr(self.inner, "state_dict") else {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if hasattr(self.inner, "load_state_dict"):
-            self.inner.load_state_dict(state)
 
 
 class FaultyKasmina:
@@ -169,7 +174,7 @@ def stall(seconds: float) -> None:
     time.sleep(seconds)
 
 
-class SigningTamiyo:
+class SigningTamiyo(_ControllerWrapper):
     """Signs an in-process controller's commands, so a drill can show verification rejecting a forgery."""
 
     def __init__(self, inner: Any, secret: bytes) -> None:
@@ -181,13 +186,6 @@ class SigningTamiyo:
 
         command: AdaptationCommand = self.inner.evaluate_epoch(packet)
         return sign_command(command, self.secret)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.inner.state_dict() if hasattr(self.inner, "state_dict") else {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if hasattr(self.inner, "load_state_dict"):
-            self.inner.load_state_dict(state)
 
 
 class FaultyBus:

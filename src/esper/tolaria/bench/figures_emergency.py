@@ -116,17 +116,26 @@ def _live(model: Any, opt: Any) -> dict[str, Any]:
 
 
 def _rollback_ratio(n_params: int, quick: bool) -> list[float]:
-    import torch
-
     from esper.tolaria.snapshot import deep_clone
     from esper.tolaria.snapshot_cache import flatten_tensors, restore_tensors_
 
     live, model, opt = _mlp_state(n_params)
     snap = deep_clone(live)
-    pairs = list(zip(flatten_tensors(live).values(), flatten_tensors(snap).values(), strict=True))
+
+    def ours() -> None:
+        restore_tensors_(_live(model, opt), snap)
+
+    return _ratio_to_raw_copy(flatten_tensors(live), flatten_tensors(snap), ours, n_params, quick)
+
+
+def _ratio_to_raw_copy(live: dict[str, Any], snap: dict[str, Any], ours: Any, n_params: int,
+                       quick: bool) -> list[float]:
+    """median(ours) ÷ median(raw `copy_` of snap's tensors into live's), interleaved, per trial."""
+    import torch
+
+    pairs = list(zip(live.values(), snap.values(), strict=True))
     # Small models restore in ~0.3 ms, so they need many repetitions for a stable median.
     reps = max(5, min(51, 60_000_000 // n_params))
-    trials = 3 if quick else 7
     reps = reps if not quick else max(5, reps // 3)
 
     def raw() -> None:
@@ -134,11 +143,8 @@ def _rollback_ratio(n_params: int, quick: bool) -> list[float]:
             for dst, src in pairs:
                 dst.copy_(src)
 
-    def ours() -> None:
-        restore_tensors_(_live(model, opt), snap)
-
     out = []
-    for _ in range(trials):
+    for _ in range(3 if quick else 7):
         raw_t, ours_t = _interleaved(raw, ours, reps)
         out.append(statistics.median(ours_t) / statistics.median(raw_t))
     return out
@@ -160,8 +166,6 @@ def _trainer_rollback_ratio(features: int, hidden: list[int], quick: bool) -> li
     """The trainer's whole fast rollback (prepare/commit/confirm across Kasmina, Tolaria and
     Tamiyo: structure check, in-place tensor restore, LR/RNG/data/counters, sampled confirm)
     divided by a raw `copy_` loop over the same model and Adam-state tensors."""
-    import torch
-
     from esper.tolaria.bench.figures_integration import _trainer
     from esper.tolaria.snapshot_cache import flatten_tensors
 
@@ -171,25 +175,14 @@ def _trainer_rollback_ratio(features: int, hidden: list[int], quick: bool) -> li
     target = t.safety.cache.last_healthy()
     live = {"model": t.model.state_dict(), "optimizer": t.optim.state_dict()["state"]}
     snap = {"model": target.state["model"], "optimizer": target.state["optimizer"]["state"]}
-    pairs = list(zip(flatten_tensors(live).values(), flatten_tensors(snap).values(), strict=True))
-    n_params = sum(p.numel() for p in t.model.parameters())
-    reps = max(5, min(51, 60_000_000 // n_params))
-    reps = reps if not quick else max(5, reps // 3)
-
-    def raw() -> None:
-        with torch.no_grad():
-            for dst, src in pairs:
-                dst.copy_(src)
 
     def ours() -> None:
         outcome = t.safety.coordinator.rollback(target, "fast")
         if not outcome.succeeded:
             raise RuntimeError(f"fast rollback failed: {outcome.reason}")
 
-    out = []
-    for _ in range(3 if quick else 7):
-        raw_t, ours_t = _interleaved(raw, ours, reps)
-        out.append(statistics.median(ours_t) / statistics.median(raw_t))
+    n_params = sum(p.numel() for p in t.model.parameters())
+    out = _ratio_to_raw_copy(flatten_tensors(live), flatten_tensors(snap), ours, n_params, quick)
     t.close()
     return out
 
