@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from conftest import small_config  # type: ignore[import-not-found]
+from trainer_fixtures import small_config  # type: ignore[import-not-found]
 
 from esper.tolaria.faults import FaultPlan
 

@@ -6,7 +6,7 @@ import socket
 import urllib.request
 from typing import Any
 
-from conftest import small_config  # type: ignore[import-not-found]
+from trainer_fixtures import small_config  # type: ignore[import-not-found]
 
 from esper.tolaria.exporters import ExporterCallback, PrometheusExporter
 

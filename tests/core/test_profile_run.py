@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from conftest import small_config  # type: ignore[import-not-found]
+from trainer_fixtures import small_config  # type: ignore[import-not-found]
 
 STEP = {"step.forward", "step.seed_losses", "step.backward", "step.monitors", "step.optimizer", "step.kasmina",
         "step.telemetry"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from conftest import small_config  # type: ignore[import-not-found]
+from trainer_fixtures import small_config  # type: ignore[import-not-found]
 
 from esper.tolaria.checkpoint import inspect
 from esper.tolaria.faults import FaultPlan

@@ -6,7 +6,7 @@ import threading
 import time
 from typing import Any
 
-from conftest import small_config  # type: ignore[import-not-found]
+from trainer_fixtures import small_config  # type: ignore[import-not-found]
 
 from esper.leyline import AdaptationCommand, SystemStatePacket
 from esper.tamiyo import HeuristicTamiyo
