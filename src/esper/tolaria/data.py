@@ -58,12 +58,6 @@ class ResumableBatchSampler(Sampler[list[int]]):
                 self.last_index = index
                 yield batches[index]
 
-    def iter_indexed(self) -> Iterator[tuple[int, list[int]]]:
-        batches = self.batches_for_epoch(self.epoch)
-        for index in range(self.start_batch, len(batches)):
-            if (self.epoch, index) not in self.skipped:
-                yield index, batches[index]
-
     def __len__(self) -> int:
         return len(self.batches_for_epoch(self.epoch))
 

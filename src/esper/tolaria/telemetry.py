@@ -28,7 +28,6 @@ from esper.leyline import (
     MessagePriority,
     MetricPoint,
     TelemetryEvent,
-    TelemetryLevel,
     TelemetryPacket,
     new_id,
     now_timestamp,
@@ -108,7 +107,6 @@ class TelemetryCollector:
         self.emergency_published = 0
         self.last_error = ""
         self._stop = threading.Event()
-        self._idle = threading.Event()
         self._thread = threading.Thread(target=self._drain, name="tolaria-telemetry", daemon=True)
         self._thread.start()
 
@@ -188,9 +186,7 @@ class TelemetryCollector:
             # A long wait: an idle publisher must not wake up and steal a core from torch's threads.
             item = self.queue.get(timeout=1.0)
             if item is None:
-                self._idle.set()
                 continue
-            self._idle.clear()
             batch = [item]
             while len(batch) < _BATCH and (more := self.queue.get(timeout=0.0)) is not None:
                 batch.append(more)  # whatever else is already queued goes in the same round trip
@@ -231,6 +227,3 @@ def _unit(name: str) -> str:
             return unit
     return ""
 
-
-def level_name(level: int) -> str:
-    return TelemetryLevel.Name(level).removeprefix("TELEMETRY_LEVEL_")  # type: ignore[arg-type]

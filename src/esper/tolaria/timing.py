@@ -31,11 +31,6 @@ class MonotonicTimer:
         self.last[name] = ms
         self._samples.setdefault(name, deque(maxlen=self._window)).append(ms)
 
-    def over_budget(self, names: Mapping[str, float] | None = None) -> dict[str, float]:
-        """Phases whose last sample exceeded their budget: name -> measured ms."""
-        budgets = names if names is not None else self.budgets_ms
-        return {n: self.last[n] for n, b in budgets.items() if n in self.last and self.last[n] > b}
-
     def summary(self) -> dict[str, dict[str, float]]:
         out: dict[str, dict[str, float]] = {}
         for name, values in self._samples.items():

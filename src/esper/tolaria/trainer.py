@@ -136,12 +136,10 @@ class TolariaTrainer:
         self.apply_failures: list[dict[str, Any]] = []
         self.rollbacks: list[dict[str, Any]] = []
         self.emergencies: list[dict[str, Any]] = []
-        self.events_recorded = 0
         self.step_drills = StepDrills(self)
         self.active_drill: Drill | None = None
         self.safety = Safety(self)
         self._stop_signal: str | None = None
-        self._last_val = (float("nan"), float("nan"))
 
     # ---------------------------------------------------------------- the loop
     def fit(self) -> RunResult:
@@ -249,9 +247,9 @@ class TolariaTrainer:
                 correct += int((out.argmax(dim=1) == y).sum())
                 n += len(y)
         self.model.train()
-        self._last_val = (loss_sum / max(n, 1), correct / max(n, 1))
-        self.lr.report_validation(self._last_val[0])
-        return self._last_val
+        val_loss, val_accuracy = loss_sum / max(n, 1), correct / max(n, 1)
+        self.lr.report_validation(val_loss)
+        return val_loss, val_accuracy
 
     def apply_command(self, command: AdaptationCommand, report: BoundaryReport) -> None:
         """Apply through Kasmina; a raise is recorded and escalated and the model must be unchanged."""
@@ -340,7 +338,6 @@ class TolariaTrainer:
 
     def record_event(self, description: str, level: int = TELEMETRY_LEVEL_INFO,
                      priority: int = MESSAGE_PRIORITY_NORMAL, **attributes: object) -> None:
-        self.events_recorded += 1
         self.telemetry.emit_event(description, level, priority, **attributes)
 
     def _host_policy(self) -> dict[str, Any]:
