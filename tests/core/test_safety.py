@@ -35,8 +35,30 @@ def test_nan_loss_is_severe_and_fast_rolls_back_then_training_resumes(make_train
         "severe", "loss_nonfinite", "fast rollback", True)
     rollback = s["rollbacks"][0]
     assert rollback["tier"] == "fast" and rollback["succeeded"] and rollback["target_epoch"] <= 2
+    assert rollback["restore"] == "rebuilt"  # the last healthy snapshot predates a germination
     assert set(rollback["phase_ms"]) == {"prepare", "commit", "confirm"}
     assert s["epochs_completed"] == 6 and "skipping batch 3 of epoch 2" in s["drills"][0]["outcome"]
+
+
+def test_a_rollback_within_one_structure_uses_the_snapshots_copy_plan_and_is_exact(make_trainer: Any) -> None:
+    cfg = {**CALM, "run": {"epochs": 4, "morphogenesis": False}}
+    trainer, _ = make_trainer(small_config(**cfg))
+    checks: list[str] = []
+
+    class RollBackOnce:
+        def on_boundary_end(self, t: Any, epoch: int, report: Any) -> None:
+            target = t.safety.cache.last_healthy()
+            if target is None or target.global_step == 0 or checks:  # step 0: no optimizer state yet
+                return
+            outcome = t.safety.coordinator.rollback(target, "fast")
+            assert outcome.succeeded, outcome.reason
+            checks.append(t.safety._tolaria_participant.last_restore)
+            assert state_checksum(capture_state(t)["model"]) == state_checksum(target.state["model"])
+            assert state_checksum(capture_state(t)["optimizer"]) == state_checksum(target.state["optimizer"])
+
+    trainer.callbacks.append(RollBackOnce())
+    trainer.fit()
+    assert checks == ["planned copy"]
 
 
 def test_nan_gradient_under_a_finite_loss_is_severe(make_trainer: Any) -> None:
@@ -104,6 +126,7 @@ def test_a_rollback_across_a_germination_restores_structure_alpha_and_optimizer_
                 snap = before["snapshot"]
                 outcome = t.safety.coordinator.rollback(snap, "fast")
                 assert outcome.succeeded, outcome.reason
+                assert t.safety._tolaria_participant.last_restore == "rebuilt"
                 restored = capture_state(t)
                 for key in ("model", "optimizer", "kasmina", "lr"):
                     assert state_checksum(restored[key]) == state_checksum(snap.state[key]), key

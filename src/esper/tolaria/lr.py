@@ -34,7 +34,9 @@ HOST_GROUP = "host"
 class BasePolicy(BaseModel):
     """Base of every LR policy: a pure function of (step, registration step, host LR, small state)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Frozen: a policy's definition never changes after it is built (its counters are private
+    # state), so the controller can compare definitions instead of re-parsing them.
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     def lr(self, step: int, start: int, host_lr: float) -> float:
         """The LR at global `step` for a group registered at `start` (host_lr: the host's LR now)."""
@@ -196,6 +198,7 @@ class UnifiedLRController:
         self._provider = optimizer_provider
         self.tolerance = tolerance
         self._policies: dict[str, BasePolicy] = {}
+        self._definitions: dict[str, Mapping[str, Any]] = {}  # each policy's dump, for load_state_dict
         self._starts: dict[str, int] = {}
         self._scale = 1.0
         self._scale_reasons: deque[tuple[float, str]] = deque(maxlen=32)
@@ -215,13 +218,14 @@ class UnifiedLRController:
             raise ValueError(f"start_step must be >= 0 or None (the next step), got {start_step}")
         start = self._next_step() if start_step is None else start_step
         self._policies[name] = policy if isinstance(policy, BasePolicy) else parse_policy(policy)
+        self._definitions[name] = self._policies[name].model_dump(by_alias=True)
         self._starts[name] = start
 
     def unregister_group(self, name: str) -> None:
         """Stop controlling `name` (its seed was removed). Unknown names are an error."""
         if name not in self._policies:
             raise KeyError(f"LR group {name!r} is not registered; registered: {sorted(self._policies)}")
-        del self._policies[name], self._starts[name]
+        del self._policies[name], self._starts[name], self._definitions[name]
         self._current.pop(name, None)
         self._written.pop(name, None)
 
@@ -297,13 +301,18 @@ class UnifiedLRController:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Replace all registrations with the saved ones; LRs are recomputed at the next step."""
         policies: dict[str, BasePolicy] = {}
+        definitions: dict[str, Mapping[str, Any]] = {}
         starts: dict[str, int] = {}
         for name, entry in state["groups"].items():
-            policy = parse_policy(entry["policy"])
+            live = self._policies.get(name)
+            # The same definition keeps its (frozen) policy object: a fast rollback then skips
+            # re-validating every policy; only the counters are loaded.
+            same = live is not None and self._definitions.get(name) == entry["policy"]
+            policy = live if same and live is not None else parse_policy(entry["policy"])
             policy.set_state(entry["state"])
-            policies[name] = policy
+            policies[name], definitions[name] = policy, entry["policy"]
             starts[name] = int(entry["start_step"])
-        self._policies, self._starts = policies, starts
+        self._policies, self._starts, self._definitions = policies, starts, definitions
         self._scale = float(state["scale"])
         self._scale_reasons = deque(((float(f), str(r)) for f, r in state["scale_reasons"]), maxlen=32)
         self._last_step = None if state["last_step"] is None else int(state["last_step"])

@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from esper.tolaria.restore_plan import RestorePlan
 from esper.tolaria.snapshot import Snapshot
-from esper.tolaria.snapshot_cache import RestoreError, restore_tensors_, sample_bits
+from esper.tolaria.snapshot_cache import RestoreError, confirm_restored, restore_tensors_, sample_bits
 from esper.tolaria.state import restore_state
 
 if TYPE_CHECKING:
@@ -30,55 +31,114 @@ class KasminaParticipant:
 
     def __init__(self, trainer: TolariaTrainer) -> None:
         self.t = trainer
+        self._prepared: Any = None  # the live manifest read by prepare (prepares change nothing)
 
     def prepare(self, target: Snapshot) -> bool:
         kasmina = target.state.get("kasmina") or {}
-        return "manifest" in kasmina and kasmina["manifest"].get("slots") == list(self.t.kasmina.manifest()["slots"])
+        self._prepared = live = self.t.kasmina.manifest()
+        return "manifest" in kasmina and kasmina["manifest"].get("slots") == list(live["slots"])
 
     def commit(self, target: Snapshot) -> None:
-        self.t.kasmina.load_state_dict(target.state["kasmina"])
+        # The manifest is Kasmina's whole state: when the live one equals the target's there is
+        # nothing to rebuild (the common fast rollback, within one structure).
+        live, self._prepared = self._prepared, None
+        if live is None or live != target.state["kasmina"]["manifest"]:
+            self.t.kasmina.load_state_dict(target.state["kasmina"])
 
     def confirm(self, target: Snapshot) -> bool:
-        return _manifest_json(self.t.kasmina.manifest()) == _manifest_json(target.state["kasmina"]["manifest"])
+        live, saved = self.t.kasmina.manifest(), target.state["kasmina"]["manifest"]
+        return live == saved or _manifest_json(live) == _manifest_json(saved)  # JSON: tuples vs lists
 
     def abort(self, target: Snapshot) -> None:
         """Nothing to undo that would help: the escalation restores from disk."""
+        self._prepared = None
+
+
+# How the Tolaria participant restored tensors, fastest first: through the snapshot's
+# RestorePlan, paired by name (same structure, plan unusable), or structure + optimizer rebuilt.
+RESTORE_PATHS = ("planned copy", "copy by name", "rebuilt")
 
 
 class TolariaParticipant:
     """Weights, optimizer, LR, aggregator, breakers, RNG, data position, counters.
 
-    When the structure did not change since the snapshot, tensors are copied in place
-    (`restore_tensors_`, one foreach copy): a fast rollback then costs about a raw `copy_`.
+    When the structure did not change since the snapshot, tensors are copied in place with one
+    `_foreach_copy_`: through the snapshot's `RestorePlan` when it still resolves, else paired by
+    name (`restore_tensors_`). Only when the structure changed is the optimizer rebuilt.
     """
 
     name = "tolaria"
 
     def __init__(self, trainer: TolariaTrainer) -> None:
         self.t = trainer
+        self._copied: tuple[list[torch.Tensor], list[torch.Tensor], list[int]] | None = None
+        self.last_restore = ""  # how the last commit restored tensors: RESTORE_PATHS
 
     def prepare(self, target: Snapshot) -> bool:
         return all(k in target.state for k in ("model", "optimizer", "lr", "rng", "trainer"))
 
     def commit(self, target: Snapshot) -> None:
+        self._copied, self.last_restore = None, ""
+        pairs = self._planned_pairs(target)
+        if pairs is not None:
+            self._copy_planned(target, *pairs)
+            self._restore_rest(target, structure=False)
+            self.last_restore = "planned copy"
+            return
+        in_place = self._copy_by_name(target)
+        self._restore_rest(target, structure=not in_place)
+        self.last_restore = "copy by name" if in_place else "rebuilt"
+
+    def _restore_rest(self, target: Snapshot, *, structure: bool) -> None:
+        # Kasmina and Tamiyo restore their own sections as participants.
+        skip = ("kasmina", "tamiyo") if structure else ("model", "optimizer", "kasmina", "tamiyo")
+        rest = {k: v for k, v in target.state.items() if k not in skip}
+        restore_state(self.t, rest, keep_records=True, structure=structure)
+
+    def _planned_pairs(self, target: Snapshot) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+        plan: RestorePlan | None = target.restore_plan
+        optimizer = self.t.optim.optimizer
+        saved_groups = target.state["optimizer"]["groups"]
+        if plan is None or [g["name"] for g in optimizer.param_groups] != [g["name"] for g in saved_groups]:
+            return None
+        return plan.resolve(optimizer)
+
+    def _copy_planned(self, target: Snapshot, dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+        versions = [x._version for x in dst]
+        grad_was = torch.is_grad_enabled()
+        torch.set_grad_enabled(False)  # in-place writes into leaf parameters
+        try:
+            torch._foreach_copy_(dst, src)
+        finally:
+            torch.set_grad_enabled(grad_was)
+        _restore_group_hyper(self.t.optim.optimizer, target.state["optimizer"]["groups"])
+        self._copied = (dst, src, versions)
+
+    def _copy_by_name(self, target: Snapshot) -> bool:
         t = self.t
         live = {"model": t.model.state_dict(), "optimizer": t.optim.state_dict()["state"]}
         snap = {"model": target.state["model"], "optimizer": target.state["optimizer"]["state"]}
         try:
             restore_tensors_(live, snap, verify=False)
-            in_place = [g["param_names"] for g in t.optim.state_dict()["groups"]] == \
-                [g["param_names"] for g in target.state["optimizer"]["groups"]]
         except RestoreError:
-            in_place = False
-        rest = {k: v for k, v in target.state.items() if k not in ("model", "optimizer", "kasmina")} \
-            if in_place else {k: v for k, v in target.state.items() if k != "kasmina"}
-        restore_state(t, rest, keep_records=True, structure=not in_place)
+            return False
+        saved_groups = target.state["optimizer"]["groups"]
+        if [g["param_names"] for g in t.optim.state_dict()["groups"]] != [g["param_names"] for g in saved_groups]:
+            return False
+        _restore_group_hyper(t.optim.optimizer, saved_groups)
+        return True
 
     def confirm(self, target: Snapshot) -> bool:
         t = self.t
+        if t.state.global_step != target.state["trainer"]["global_step"]:
+            return False
+        if self._copied is not None:  # the planned copy: every tensor written, sampled bits equal
+            dst, src, versions = self._copied
+            self._copied = None
+            return confirm_restored(dst, src, versions) == ""
         live = t.model.state_dict()
         saved = target.state["model"]
-        if live.keys() != saved.keys() or t.state.global_step != target.state["trainer"]["global_step"]:
+        if live.keys() != saved.keys():
             return False
         # Sampled raw bits of the first and last tensors: proves the copy took effect without a
         # checksum that would cost more than the copy (tests prove bit-exactness with state_checksum).
@@ -87,6 +147,7 @@ class TolariaParticipant:
 
     def abort(self, target: Snapshot) -> None:
         """See the module docstring."""
+        self._copied = None
 
 
 class TamiyoParticipant:
@@ -107,11 +168,21 @@ class TamiyoParticipant:
         state = target.state.get("tamiyo")
         if state is None or not hasattr(self.t.tamiyo, "state_dict"):
             return True
-        return _manifest_json(self.t.tamiyo.state_dict()) == _manifest_json(state)
+        live = self.t.tamiyo.state_dict()
+        return live == state or _manifest_json(live) == _manifest_json(state)
 
     def abort(self, target: Snapshot) -> None:
         """Tamiyo's history is advisory; a full rollback restores it with everything else."""
 
 
+def _restore_group_hyper(optimizer: torch.optim.Optimizer, saved_groups: list[dict[str, Any]]) -> None:
+    """Put back each group's saved hyperparameters (not the LR: the LR controller owns it)."""
+    for group, saved in zip(optimizer.param_groups, saved_groups, strict=True):
+        for key, value in saved["hyper"].items():
+            if group.get(key) != value:
+                group[key] = value
+
+
 def participants(trainer: TolariaTrainer) -> list[Any]:
+    """Kasmina first: the structure before the weights."""
     return [KasminaParticipant(trainer), TolariaParticipant(trainer), TamiyoParticipant(trainer)]

@@ -38,8 +38,9 @@ from esper.tolaria.emergency import (
     level_name,
 )
 from esper.tolaria.monitors import AccuracyMonitor, GradientMonitor, LossMonitor, TimingMonitor, Watchdog
+from esper.tolaria.restore_plan import RestorePlan
 from esper.tolaria.rollback import RollbackCoordinator
-from esper.tolaria.rollback_participants import participants
+from esper.tolaria.rollback_participants import TolariaParticipant, participants
 from esper.tolaria.signal import ChannelError, EmergencyChannel
 from esper.tolaria.snapshot import Snapshot
 from esper.tolaria.snapshot_cache import SnapshotCache
@@ -75,6 +76,7 @@ class Safety:
                                            CRITICAL: self._critical}, channel=self.channel,
                                           publish=t.telemetry.publish_emergency, run_id=t.run_id)
         self.coordinator = RollbackCoordinator(participants(t))
+        self._tolaria_participant = next(p for p in self.coordinator.participants if isinstance(p, TolariaParticipant))
         self.frozen = threading.Event()
         self._unproven: str | None = None
         self._window_clean = True
@@ -164,6 +166,7 @@ class Safety:
             # Copied into an evicted snapshot's buffers where shapes match: no fresh allocation.
             cached = self.cache.take(snapshot_id, t.state.epoch, t.state.global_step, live_state(t))
             snapshot = cached if cached is not None else take_snapshot(t, snapshot_id)  # over the cap
+            snapshot.restore_plan = RestorePlan.build(t.model, t.optim.optimizer, snapshot.state)
         self._unproven, self._window_clean = snapshot.snapshot_id, True
         return snapshot
 
@@ -313,7 +316,7 @@ class Safety:
                  "target_snapshot_id": target.snapshot_id, "target_epoch": target.epoch,
                  "target_step": target.global_step, "reason": f"{level_name(incident.level)} {incident.kind}: "
                  f"{incident.reason}", "succeeded": outcome.succeeded, "phase_ms": dict(outcome.phase_ms),
-                 "failure": outcome.reason}
+                 "failure": outcome.reason, "restore": self._tolaria_participant.last_restore}
         t.rollbacks.append(entry)
         t.record_event(f"rollback_{outcome.tier}", TELEMETRY_LEVEL_ERROR, MESSAGE_PRIORITY_HIGH,
                        target=target.snapshot_id, succeeded=outcome.succeeded, total_ms=outcome.total_ms)

@@ -28,6 +28,9 @@ class Snapshot:
     created_ns: int = field(default_factory=time.time_ns)
     healthy: bool = False
     nbytes: int = 0
+    # A `RestorePlan` pairing the live tensors with this snapshot's, made when it was taken;
+    # derived data, never saved (see restore_plan.py).
+    restore_plan: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.nbytes == 0:

@@ -17,6 +17,7 @@ Contracts:
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import sys
 from collections import OrderedDict, deque
@@ -347,9 +348,33 @@ def confirm_restored(dst: list[torch.Tensor], src: list[torch.Tensor], versions_
 
 
 def _samples_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Sampled elements equal; values first (cheap), raw bits only if they differ (NaN == NaN)."""
+    """The raw bits of SAMPLES_PER_TENSOR evenly spaced elements are equal (NaN equals NaN)."""
+    if _plain_cpu(a) and _plain_cpu(b) and a.dtype == b.dtype and a.numel() == b.numel():
+        return _host_samples_equal(a, b)
     sa, sb = _strided_sample(a), _strided_sample(b)
     return torch.equal(sa, sb) or torch.equal(_bits(sa), _bits(sb))
+
+
+def _plain_cpu(t: torch.Tensor) -> bool:
+    return t.is_cpu and t.layout is torch.strided and not t.is_quantized and t.is_contiguous()
+
+
+def _host_samples_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """`_samples_equal` for contiguous CPU tensors, reading the raw bytes through a memoryview:
+    the same comparison without four torch dispatches per tensor, which run cache-cold right
+    after a rollback's copy and dominated the confirm phase."""
+    n, size = a.numel(), a.element_size()
+    code = _MEMORYVIEW_CODE.get(size)
+    if n == 0 or code is None:
+        return n == 0 or torch.equal(_sample_view(a), _sample_view(b))
+    step = max(1, (n - 1) // max(1, min(n, SAMPLES_PER_TENSOR) - 1))
+    span = ((min(n, SAMPLES_PER_TENSOR) - 1) * step + 1) * size
+    va = memoryview((ctypes.c_char * span).from_address(a.data_ptr())).cast("B").cast(code)
+    vb = memoryview((ctypes.c_char * span).from_address(b.data_ptr())).cast("B").cast(code)
+    return va[::step] == vb[::step]
+
+
+_MEMORYVIEW_CODE: dict[int, Literal["B", "H", "I", "Q"]] = {1: "B", 2: "H", 4: "I", 8: "Q"}  # unsigned ints: compare bits, so NaN == NaN
 
 
 def sample_bits(t: torch.Tensor) -> torch.Tensor:
