@@ -123,6 +123,9 @@ class SnapshotConfig(Section):
     max_mb: float = Field(2048.0, gt=0, description="Memory cap of the snapshot cache.")
     recycle: bool = Field(True, description="Copy new snapshots into an evicted snapshot's buffers (one extra "
                           "snapshot of memory beyond max_mb; far less time per snapshot).")
+    copy_behind: bool = Field(True, description="Copy parameters and optimizer state into a snapshot on a "
+                              "background thread while the next step's forward and backward run; the step "
+                              "waits for it only before the optimizer writes them.")
 
 
 class EmergencyConfig(Section):

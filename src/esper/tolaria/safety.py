@@ -26,7 +26,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from esper.leyline import MESSAGE_PRIORITY_HIGH, TELEMETRY_LEVEL_ERROR, TELEMETRY_LEVEL_WARNING, new_id
-from esper.tolaria.checkpoint import CheckpointInfo, CheckpointStore, CheckpointWriteError, corrupt_latest, recover
+from esper.tolaria.checkpoint import (
+    CheckpointInfo,
+    CheckpointStore,
+    CheckpointSuperseded,
+    CheckpointWriteError,
+    corrupt_latest,
+    recover,
+)
 from esper.tolaria.emergency import (
     CRITICAL,
     MAJOR,
@@ -42,8 +49,8 @@ from esper.tolaria.restore_plan import RestorePlan
 from esper.tolaria.rollback import RollbackCoordinator
 from esper.tolaria.rollback_participants import TolariaParticipant, participants
 from esper.tolaria.signal import ChannelError, EmergencyChannel
-from esper.tolaria.snapshot import Snapshot
-from esper.tolaria.snapshot_cache import SnapshotCache
+from esper.tolaria.snapshot import Snapshot, SnapshotCopyError
+from esper.tolaria.snapshot_cache import DeferRule, SnapshotCache
 from esper.tolaria.state import live_state, take_snapshot
 
 if TYPE_CHECKING:
@@ -107,6 +114,10 @@ class Safety:
 
     def close(self) -> None:
         self.watchdog.stop()
+        try:
+            self.cache.close()
+        except SnapshotCopyError as exc:
+            log.error("the last snapshot was lost: %s", exc)
         if self.store is not None:
             self.store.close(timeout=60)
             self._collect_checkpoints()
@@ -133,12 +144,30 @@ class Safety:
         self._handle(incident)
 
     def after_step(self) -> None:
-        """A step that returned after the watchdog froze training resumes from the last healthy snapshot."""
-        if self.frozen.is_set() and not self.t.stop_requested:
+        """A step that returned after the watchdog froze training resumes from the last healthy snapshot;
+        with `snapshots.every_steps`, every N steps the window closes and a snapshot is taken."""
+        t = self.t
+        if self.frozen.is_set() and not t.stop_requested:
             self.frozen.clear()
-            t = self.t
             self._handle(Incident(SEVERE, "resume_after_freeze", "training was frozen by a CRITICAL stall; "
                                   "resuming from the last healthy snapshot", t.state.epoch, t.state.global_step))
+        every = t.config.snapshots.every_steps
+        if every and t.state.global_step % every == 0:
+            self._close_window()
+            self._snapshot()
+
+    def settle(self) -> None:
+        """Wait for the last snapshot's copy-behind job. Call before anything writes parameters or
+        optimizer state (the optimizer step, a rollback, the boundary). A failed copy loses only
+        that snapshot: it leaves the cache, is never a rollback target, and is reported."""
+        if not self.cache.filling:
+            return
+        try:
+            self.cache.settle()
+        except SnapshotCopyError as exc:
+            self._window_clean = False  # the lost snapshot must not be marked healthy
+            log.error("snapshot lost: %s", exc)
+            self.t.record_event("snapshot_copy_failed", TELEMETRY_LEVEL_ERROR, MESSAGE_PRIORITY_HIGH, error=str(exc))
 
     # ---------------------------------------------------------------- per boundary
     def boundary(self, epoch: int, val_accuracy: float, own_ms: float) -> None:
@@ -152,23 +181,38 @@ class Safety:
                                       epoch, t.state.global_step))
         for incident in sorted(incidents, key=lambda i: -i.level):
             self._handle(incident)  # a rollback raises out of here
-        if self._unproven is not None and self._window_clean:
-            self.cache.mark_healthy(self._unproven)
+        self._close_window()
         t.state.epoch, t.state.batch_in_epoch = epoch + 1, 0
         snapshot = self._snapshot()
         if self.store is not None and (epoch + 1) % t.config.checkpoint.every_epochs == 0:
             self._checkpoint(snapshot, epoch)
 
+    def _close_window(self) -> None:
+        """The window since the last snapshot trained cleanly: that snapshot becomes a rollback target."""
+        if self._unproven is not None and self._window_clean:
+            self.settle()
+            if self._window_clean:
+                self.cache.mark_healthy(self._unproven)
+
     def _snapshot(self) -> Snapshot:
         t = self.t
         snapshot_id = f"e{t.state.epoch:04d}-s{t.state.global_step:08d}"
         with t.profiler.span("boundary.snapshot"), t.timer.phase("snapshot"):
-            # Copied into an evicted snapshot's buffers where shapes match: no fresh allocation.
-            cached = self.cache.take(snapshot_id, t.state.epoch, t.state.global_step, live_state(t))
+            # Copied into an evicted snapshot's buffers where shapes match: no fresh allocation;
+            # parameters and optimizer state copied behind, while the next step runs.
+            defer = self._copy_behind_rule() if t.config.snapshots.copy_behind else None
+            self.settle()
+            cached = self.cache.take(snapshot_id, t.state.epoch, t.state.global_step, live_state(t), defer=defer)
             snapshot = cached if cached is not None else take_snapshot(t, snapshot_id)  # over the cap
             snapshot.restore_plan = RestorePlan.build(t.model, t.optim.optimizer, snapshot.state)
         self._unproven, self._window_clean = snapshot.snapshot_id, True
         return snapshot
+
+    def _copy_behind_rule(self) -> DeferRule:
+        """Only the optimizer writes parameters and optimizer state; buffers (e.g. BatchNorm's) change
+        in the forward pass, so they are cloned at once."""
+        params = {p.data_ptr() for p in self.t.model.parameters()}
+        return lambda section, x: section == "optimizer" or (section == "model" and x.data_ptr() in params)
 
     def _checkpoint(self, snapshot: Snapshot, epoch: int) -> None:
         assert self.store is not None  # noqa: S101 - guarded by the caller
@@ -202,6 +246,10 @@ class Safety:
                 opened = breaker.record_failure(str(error))
                 self.t.record_event("checkpoint_write_failed", TELEMETRY_LEVEL_ERROR, MESSAGE_PRIORITY_HIGH,
                                     error=str(error), errno=error.errno, breaker_opened=opened)
+            elif not isinstance(error, CheckpointSuperseded):  # e.g. the snapshot's copy failed
+                opened = breaker.record_failure(str(error))
+                self.t.record_event("checkpoint_failed", TELEMETRY_LEVEL_ERROR, MESSAGE_PRIORITY_HIGH,
+                                    error=f"{type(error).__name__}: {error}", breaker_opened=opened)
         self._pending = still
 
     def _disk_fault(self, where: str) -> None:
@@ -215,6 +263,7 @@ class Safety:
 
     # ---------------------------------------------------------------- the protocol and its handlers
     def _handle(self, incident: Incident) -> None:
+        self.settle()  # a response may write the live tensors the last snapshot is copying
         self._window_clean = False
         self._rolled_back = False
         record = self.protocol.handle(incident)

@@ -31,10 +31,24 @@ class Snapshot:
     # A `RestorePlan` pairing the live tensors with this snapshot's, made when it was taken;
     # derived data, never saved (see restore_plan.py).
     restore_plan: Any = field(default=None, repr=False, compare=False)
+    # A `CopyJob` still filling this snapshot's tensors in the background (copy-behind); None once
+    # taken synchronously. Read tensor *contents* only after `wait_ready`.
+    ready: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.nbytes == 0:
             self.nbytes = tensor_bytes(self.state)
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Return once every tensor holds its value; raise SnapshotCopyError if the copy failed."""
+        job = self.ready
+        if job is not None:
+            job.wait(timeout)
+            self.ready = None
+
+
+class SnapshotCopyError(RuntimeError):
+    """A snapshot's background copy failed or did not finish in time: the snapshot is unusable."""
 
 
 def deep_clone(obj: Any) -> Any:
@@ -50,15 +64,25 @@ def deep_clone(obj: Any) -> Any:
     return obj
 
 
+# Values that hold no tensor: checked by exact type first, since the Mapping ABC check is slow and
+# a snapshot is mostly plain values.
+ATOMS = frozenset({int, float, str, bool, bytes, type(None)})
+
+
 def tensor_bytes(obj: Any) -> int:
     """Bytes held by tensors anywhere inside `obj`."""
+    if type(obj) in ATOMS:
+        return 0
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
-    if isinstance(obj, Mapping):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
+    total = 0
+    if isinstance(obj, (dict, Mapping)):
+        for value in obj.values():
+            total += tensor_bytes(value)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            total += tensor_bytes(value)
+    return total
 
 
 def state_checksum(obj: Any) -> str:

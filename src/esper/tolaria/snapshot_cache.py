@@ -21,13 +21,18 @@ import ctypes
 import logging
 import sys
 from collections import OrderedDict, deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import torch
 
-from esper.tolaria.snapshot import Snapshot, tensor_bytes
+from esper.tolaria.snapshot import ATOMS, Snapshot, SnapshotCopyError, tensor_bytes
+from esper.tolaria.snapshot_copier import BackgroundCopier
+
+# defer(section, tensor): True to copy this tensor behind (see snapshot_copier.py). `section` is the
+# top-level key of the state it sits under ("model", "optimizer", ...).
+DeferRule = Callable[[str, torch.Tensor], bool]
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +77,8 @@ class SnapshotCache:
         self.recycle = recycle
         self.recycled_total = 0
         self._spare: Snapshot | None = None  # the last evicted snapshot, kept for `take` to reuse
+        self._copier: BackgroundCopier | None = None
+        self._filling: Snapshot | None = None  # the snapshot whose copy-behind job may be running
 
     def __len__(self) -> int:
         return len(self._items)
@@ -121,7 +128,8 @@ class SnapshotCache:
         """Snapshot ids from least to most recently used."""
         return list(self._items)
 
-    def take(self, snapshot_id: str, epoch: int, global_step: int, state: Mapping[str, Any]) -> Snapshot | None:
+    def take(self, snapshot_id: str, epoch: int, global_step: int, state: Mapping[str, Any], *,
+             defer: DeferRule | None = None) -> Snapshot | None:
         """Clone `state` into a new snapshot and `put` it; None (and a refusal event) if too big.
 
         With `recycle=True`, tensors are copied into the buffers of the last evicted snapshot where
@@ -129,17 +137,54 @@ class SnapshotCache:
         Adam state: ~95 ms instead of ~245 ms on a 2-core CPU). The spare is reused only if nothing
         outside the cache still references it, its state or any container or tensor inside it (an
         async checkpoint writer holding it keeps it intact). The spare adds one snapshot of memory
-        beyond `max_bytes`."""
+        beyond `max_bytes`.
+
+        With `defer`, the tensors it selects are copied behind, on the cache's background thread:
+        the snapshot's `ready` job runs until `settle()`, which the caller must reach before
+        anything writes those live tensors."""
+        self.settle()  # its buffers may be the spare now, and jobs never overlap
         nbytes = tensor_bytes(state)
         if nbytes > self.max_bytes:
             self._refuse(snapshot_id, global_step, nbytes)
             return None
         spare = self._take_spare()
+        deferred: list[tuple[torch.Tensor, torch.Tensor]] = []
         with torch.no_grad():
-            cloned = _clone_into(state, spare)
+            cloned = _clone_into(state, spare, defer, deferred)
         snapshot = Snapshot(snapshot_id=snapshot_id, epoch=epoch, global_step=global_step, state=cloned, nbytes=nbytes)
+        if deferred:
+            if self._copier is None:
+                self._copier = BackgroundCopier()
+            snapshot.ready = self._copier.submit([d for d, _ in deferred], [s for _, s in deferred])
+            self._filling = snapshot
         self.put(snapshot)
         return snapshot
+
+    def settle(self, timeout: float | None = None) -> None:
+        """Wait until the last snapshot's copy-behind job is done. If it failed, that snapshot is
+        dropped from the cache and SnapshotCopyError is raised."""
+        snapshot, self._filling = self._filling, None
+        if snapshot is None:
+            return
+        try:
+            snapshot.wait_ready(timeout)
+        except SnapshotCopyError:
+            if self._items.get(snapshot.snapshot_id) is snapshot:
+                self._drop(snapshot.snapshot_id)
+            raise
+
+    @property
+    def filling(self) -> bool:
+        """A copy-behind job was handed out and not yet settled."""
+        return self._filling is not None
+
+    def close(self) -> None:
+        """Finish any copy-behind job and stop the copier thread."""
+        try:
+            self.settle()
+        finally:
+            if self._copier is not None:
+                self._copier.close()
 
     def _take_spare(self) -> Any:
         spare, self._spare = self._spare, None
@@ -154,6 +199,7 @@ class SnapshotCache:
         return state
 
     def clear(self) -> None:
+        self.settle()
         self._spare = None
         self._items.clear()
         self.bytes_used = 0
@@ -168,6 +214,8 @@ class SnapshotCache:
             "healthy": sum(1 for s in self._items.values() if s.healthy),
             "evictions_total": self.evictions_total,
             "refused_total": self.refused_total,
+            "copied_behind": {"jobs": self._copier.jobs_total if self._copier else 0,
+                              "bytes": self._copier.bytes_total if self._copier else 0},
             "events": [e.as_dict() for e in self.events],
         }
 
@@ -218,20 +266,33 @@ def _unshared_children(container: Any) -> bool:
     return True
 
 
-def _clone_into(obj: Any, old: Any) -> Any:
-    """deep_clone(obj), copying into `old`'s matching tensors instead of allocating where possible."""
+def _fits(old: Any, t: torch.Tensor) -> bool:
+    """`old` can receive a copy of `t` as is (a recycled buffer)."""
+    return isinstance(old, torch.Tensor) and old.dtype == t.dtype and old.shape == t.shape and old.device == t.device
+
+
+def _clone_into(obj: Any, old: Any, defer: DeferRule | None = None,
+                deferred: list[tuple[torch.Tensor, torch.Tensor]] | None = None, section: str | None = None) -> Any:
+    """deep_clone(obj), copying into `old`'s matching tensors instead of allocating where possible.
+
+    Tensors that `defer(section, tensor)` selects get their destination only; the (destination,
+    source) pair goes to `deferred` for the caller to copy later."""
+    if type(obj) in ATOMS:
+        return obj
     if isinstance(obj, torch.Tensor):
+        if defer is not None and deferred is not None and defer(section or "", obj):
+            dst = old if _fits(old, obj) else torch.empty_like(obj, requires_grad=False)
+            deferred.append((dst, obj))  # the copier copies under no_grad: no detach needed
+            return dst
         src = obj.detach()
-        if (isinstance(old, torch.Tensor) and old.shape == src.shape and old.dtype == src.dtype
-                and old.device == src.device):
-            return old.copy_(src)
-        return src.clone()
-    if isinstance(obj, Mapping):
+        return old.copy_(src) if _fits(old, src) else src.clone()
+    if isinstance(obj, (dict, Mapping)):  # dict first: the common case skips the slow ABC check
         olds = old if isinstance(old, dict) else {}
-        return {k: _clone_into(v, olds.get(k)) for k, v in obj.items()}
+        return {k: _clone_into(v, olds.get(k), defer, deferred, str(k) if section is None else section)
+                for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         seq = old if isinstance(old, list) and len(old) == len(obj) else [None] * len(obj)
-        items = [_clone_into(v, o) for v, o in zip(obj, seq, strict=True)]
+        items = [_clone_into(v, o, defer, deferred, section or "") for v, o in zip(obj, seq, strict=True)]
         return items if isinstance(obj, list) else tuple(items)
     return obj
 
@@ -374,7 +435,8 @@ def _host_samples_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return va[::step] == vb[::step]
 
 
-_MEMORYVIEW_CODE: dict[int, Literal["B", "H", "I", "Q"]] = {1: "B", 2: "H", 4: "I", 8: "Q"}  # unsigned ints: compare bits, so NaN == NaN
+# Unsigned integer views: the comparison is of bits, so NaN equals NaN.
+_MEMORYVIEW_CODE: dict[int, Literal["B", "H", "I", "Q"]] = {1: "B", 2: "H", 4: "I", 8: "Q"}
 
 
 def sample_bits(t: torch.Tensor) -> torch.Tensor:

@@ -158,6 +158,7 @@ class TolariaTrainer:
                     if self._stop_signal:
                         break
                     self._fire(HookPoint.BOUNDARY_BEGIN, epoch=epoch)
+                    self.safety.settle()  # the boundary may change the structure and write weights
                     self.step_drills.before_boundary(epoch)
                     report = self.boundary.run(epoch, train_loss)
                     self._end_epoch(epoch, train_loss, report, time.perf_counter() - started)
@@ -213,6 +214,7 @@ class TolariaTrainer:
                 self.optim.optimizer.zero_grad(set_to_none=True)
                 safety.respond_to_step(incident, level, batch)  # raises RolledBack after a rollback
         with prof.span("step.optimizer"):
+            safety.settle()  # the last snapshot's copy-behind must finish before the optimizer writes
             if finite:
                 self.world.average_gradients(params.values(), len(y), rows)
                 self.lr.step(self.state.global_step)

@@ -167,6 +167,7 @@ class CheckpointStore:
 
     def _save(self, snapshot: Snapshot) -> CheckpointInfo:
         name = checkpoint_name(snapshot.global_step)
+        snapshot.wait_ready()  # a copy-behind snapshot: its tensors are complete only then
         blobs = _serialize(snapshot)  # CheckpointStateError here touches no file and no WAL record
         txn = self._next_txn
         self._next_txn += 1
