@@ -62,9 +62,46 @@ def test_a_rollback_within_one_structure_uses_the_snapshots_copy_plan_and_is_exa
 
 
 def test_nan_gradient_under_a_finite_loss_is_severe(make_trainer: Any) -> None:
-    s = run(make_trainer, ["nan-grad@epoch=1,step=2"])
-    assert s["emergencies"][0]["kind"] == "grad_nonfinite" and s["rollbacks"][0]["succeeded"]
-    assert s["epochs_completed"] == 6
+    checked = run(make_trainer, ["nan-grad@epoch=1,step=2"], emergency={"grad_check_every": 1})
+    assert checked["emergencies"][0]["kind"] == "grad_nonfinite" and checked["rollbacks"][0]["succeeded"]
+    assert checked["epochs_completed"] == 6
+    # Not a check step: the optimizer makes the weights NaN, the next step's loss shows it, and the
+    # rollback replays the unchecked steps with checks (the one-shot drill does not fire again).
+    late = run(make_trainer, ["nan-grad@epoch=1,step=2"], emergency={"grad_check_every": 1000})
+    first = late["emergencies"][0]
+    assert (first["level"], first["kind"]) == ("severe", "loss_nonfinite")
+    assert "replaying them with gradient checks" in first["reason"]
+    assert late["rollbacks"][0]["succeeded"] and late["epochs_completed"] == 6
+    assert late["history"][-1]["train_loss"] == late["history"][-1]["train_loss"]  # finite: not NaN
+
+
+def test_a_batch_whose_gradient_is_always_nan_is_found_on_the_replay_and_skipped(make_trainer: Any) -> None:
+    """A data-driven NaN gradient on an unchecked step: caught one step late through the loss, then
+    the checked replay names the batch, and the run equals one that never saw it."""
+    from esper.tolaria.faults import _NaNGradient
+
+    bad = (2, 5)
+    cfg = {**CALM, "run": {"epochs": 5}, "telemetry": {"step_interval": 0},
+           "emergency": {"spike_lr_factor": 1.0, "watchdog_s": 30.0, "grad_check_every": 1000}}
+    trainer, _ = make_trainer(small_config(**cfg))
+    plain_loss = trainer.loss_fn
+
+    def poisoned(out: Any, y: Any) -> Any:
+        loss = plain_loss(out, y)
+        if trainer.model.training and (trainer.state.epoch, trainer.sampler.last_index) == bad:
+            return loss + _NaNGradient.apply(next(trainer.model.parameters()))
+        return loss
+
+    trainer.loss_fn = poisoned
+    recovered = trainer.fit().summary
+    kinds = [e["kind"] for e in recovered["emergencies"]]
+    assert kinds == ["loss_nonfinite", "grad_nonfinite"], recovered["emergencies"]
+    assert trainer.sampler.skipped == {bad}
+    reference, _ = make_trainer(small_config(**cfg))
+    reference.sampler.skipped.add(bad)
+    clean = reference.fit().summary
+    assert [h["train_loss"] for h in recovered["history"]] == [h["train_loss"] for h in clean["history"]]
+    assert recovered["final_state_sha256"] == clean["final_state_sha256"]
 
 
 def test_a_x20_loss_spike_is_severe(make_trainer: Any) -> None:

@@ -109,12 +109,16 @@ class AggregationStats:
     weighted seed gradient, before projection), `cosine_with_host` (on shared parameters),
     `projected` (the seed gradient was changed by pcgrad/priority). In `none` mode seed gradients
     are never separated, so `grad_norm` and `cosine_with_host` are NaN (not measured).
+
+    `grad_checked=False`: the step was not asked to measure the whole gradient (no clipping, not
+    a check step); `grad_norm` is NaN and `finite` speaks for the loss alone.
     """
 
     total_loss: float
     finite: bool
     grad_norm: float
     seeds: dict[str, dict[str, float]] = field(default_factory=dict)
+    grad_checked: bool = True
 
 
 @dataclass
@@ -148,11 +152,13 @@ class GradientAggregator:
         terms: Sequence[SeedLossTerm],
         params: Mapping[str, nn.Parameter],
         host_batch_size: int | None = None,
+        check_grads: bool = True,
     ) -> AggregationStats:
         """Backpropagate `L_host + Σ w_i (b_i/b_host) L_i` per the configured mode.
 
         `params` are the trainable parameters by name. `host_batch_size` is b_host; None means
-        every term used the host's batch (ratio 1).
+        every term used the host's batch (ratio 1). `check_grads=False` skips the read pass over
+        every gradient (its norm and non-finite check) unless clipping needs the norm anyway.
         """
         names = [n for n, p in params.items() if p.requires_grad]
         plist = [params[n] for n in names]
@@ -161,7 +167,7 @@ class GradientAggregator:
             extras = self._backward_fused(host_loss, weighted)
         else:
             extras = self._backward_split(host_loss, weighted, names, plist)
-        return self._finish(host_loss, terms, weighted, plist, extras)
+        return self._finish(host_loss, terms, weighted, plist, extras, check_grads)
 
     # -- fast path -------------------------------------------------------------------------
     def _backward_fused(self, host_loss: Tensor, weighted: list[tuple[SeedLossTerm, float]]) -> list[Tensor]:
@@ -215,13 +221,15 @@ class GradientAggregator:
         weighted: list[tuple[SeedLossTerm, float]],
         plist: list[nn.Parameter],
         extras: list[Tensor],
+        check_grads: bool = True,
     ) -> AggregationStats:
         dev = host_loss.device
-        grads = [p.grad for p in plist if p.grad is not None]
+        checked = check_grads or self.config.max_grad_norm is not None
+        grads = [p.grad for p in plist if p.grad is not None] if checked else []
         if self.config.max_grad_norm is not None and grads:
             norm = torch.nn.utils.clip_grad_norm_(plist, self.config.max_grad_norm, foreach=True)
         else:
-            norm = _total_norm(grads, dev)
+            norm = _total_norm(grads, dev)  # zero when not checked: `finite` then speaks for the loss
         total_loss = host_loss.detach().float()
         for term, scale in weighted:
             total_loss = total_loss + scale * term.loss.detach().float()
@@ -237,8 +245,9 @@ class GradientAggregator:
         return AggregationStats(
             total_loss=values[0],
             finite=finite,
-            grad_norm=values[1],
+            grad_norm=values[1] if checked else math.nan,
             seeds=self._seed_stats(terms, weighted, values[2:]),
+            grad_checked=checked,
         )
 
     def _seed_stats(

@@ -132,6 +132,12 @@ class EmergencyConfig(Section):
     spike_factor: float = Field(15.0, gt=1, description="Loss above factor x running baseline is a SEVERE spike.")
     accuracy_drop: float = Field(0.25, gt=0, le=1, description="Validation accuracy drop vs best that is MAJOR.")
     watchdog_s: float = Field(60.0, gt=0, description="No step progress for this long is CRITICAL.")
+    grad_check_every: int = Field(8, ge=1, description="Read every gradient (norm and non-finite check) every N "
+                                  "steps, and on every step while replaying after a rollback. Between checks a "
+                                  "non-finite gradient makes the weights non-finite, which the next step's loss "
+                                  "shows; the rollback's replay then checks each step and skips the batch that "
+                                  "caused it. 1 checks every step (1-2 % of a CPU step). Clipping measures the "
+                                  "norm on every step anyway.")
     spike_lr_factor: float = Field(0.5, gt=0, le=1, description="LR multiplier applied after a spike recovery.")
     broadcast: bool = Field(True, description="Create the shared-memory emergency channel for this run name "
                             "(CRITICAL signals reach other processes on the host; a second run of the same "

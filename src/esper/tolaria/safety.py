@@ -16,9 +16,11 @@ component the trainer calls at named points (`start`, `step`, `boundary`, `close
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import threading
+from collections.abc import Mapping
 from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -91,6 +93,9 @@ class Safety:
         self.checkpoints_committed: list[dict[str, Any]] = []
         self.recovery_events: list[str] = []
         self._offending: tuple[int, int] | None = None
+        self._grad_check_every = cfg.emergency.grad_check_every
+        self._last_grad_check = -1  # the last global step whose whole gradient was read
+        self._careful_until = -1  # check every step up to this global step (a replay after a rollback)
 
     # ---------------------------------------------------------------- setup
     def _open_store(self) -> CheckpointStore | None:
@@ -126,11 +131,20 @@ class Safety:
             self.channel.unlink()
 
     # ---------------------------------------------------------------- per step
+    def grad_check_due(self, step: int) -> bool:
+        """Whether this step reads every gradient: every `emergency.grad_check_every` steps, on steps
+        whose telemetry reports the norm, and on every step of a replay after a rollback."""
+        interval = self.t.config.telemetry.step_interval
+        return (step % self._grad_check_every == 0 or step <= self._careful_until
+                or bool(interval and step % interval == 0))
+
     def step_incident(self, stats: AggregationStats) -> Incident | None:
         """Monitors of this rank's step (the loss is already synced by the aggregator)."""
         epoch, step = self.t.state.epoch, self.t.state.global_step
+        if stats.grad_checked:
+            self._last_grad_check = step
         return self.loss.observe(stats.total_loss, epoch, step) or \
-            self.grads.observe(stats.finite, stats.grad_norm, epoch, step)
+            self.grads.observe(stats.finite, stats.grad_norm, epoch, step, stats.grad_checked)
 
     def respond_to_step(self, local: Incident | None, agreed_level: int, batch_index: int) -> None:
         """Run the agreed response (every rank does the same); raises RolledBack after a rollback."""
@@ -141,6 +155,14 @@ class Safety:
             agreed_level, "peer_incident", "another rank saw an incident at this step", t.state.epoch,
             t.state.global_step)
         self._offending = (t.state.epoch, batch_index)
+        if incident.kind == "loss_nonfinite" and self._last_grad_check < t.state.global_step - 1 \
+                and not weights_finite(t.model):
+            # An unchecked earlier gradient broke the weights; this batch is innocent. The replay
+            # after the rollback checks every step up to here and skips the batch that did it.
+            self._offending = None
+            self._careful_until = t.state.global_step
+            incident = dataclasses.replace(incident, reason=f"{incident.reason}; the weights are non-finite "
+                                           "after unchecked steps: replaying them with gradient checks")
         self._handle(incident)
 
     def after_step(self) -> None:
@@ -188,11 +210,19 @@ class Safety:
             self._checkpoint(snapshot, epoch)
 
     def _close_window(self) -> None:
-        """The window since the last snapshot trained cleanly: that snapshot becomes a rollback target."""
+        """The window since the last snapshot trained cleanly: that snapshot becomes a rollback target,
+        unless its weights are non-finite (a NaN from an unchecked gradient in a parameter that no
+        loss of the window used)."""
         if self._unproven is not None and self._window_clean:
             self.settle()
-            if self._window_clean:
-                self.cache.mark_healthy(self._unproven)
+            snapshot = self.cache.peek(self._unproven)
+            if snapshot is None or not self._window_clean:
+                return
+            if not tensors_finite(snapshot.state["model"]):
+                self.t.record_event("snapshot_nonfinite", TELEMETRY_LEVEL_ERROR, MESSAGE_PRIORITY_HIGH,
+                                    snapshot=snapshot.snapshot_id)
+                return
+            self.cache.mark_healthy(self._unproven)
 
     def _snapshot(self) -> Snapshot:
         t = self.t
@@ -407,6 +437,20 @@ class Safety:
             "recovery_events": self.recovery_events,
             "watchdog_fired": self.watchdog.fired_total,
         }
+
+
+def weights_finite(model: torch.nn.Module) -> bool:
+    """Every parameter is finite (one read pass, on incidents only)."""
+    return tensors_finite({str(i): p.detach() for i, p in enumerate(model.parameters())})
+
+
+def tensors_finite(tensors: Mapping[str, Any]) -> bool:
+    """Every floating-point tensor among `tensors`' values is finite (one read pass)."""
+    floats = [t for t in tensors.values() if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
+    if not floats:
+        return True
+    with torch.no_grad():
+        return bool(torch.isfinite(torch.stack(torch._foreach_norm(floats)).sum()))
 
 
 def scramble_weights(model: torch.nn.Module) -> None:

@@ -104,6 +104,10 @@ class SnapshotCache:
             self._items.move_to_end(snapshot_id)
         return snap
 
+    def peek(self, snapshot_id: str) -> Snapshot | None:
+        """The snapshot without touching LRU order; None if absent."""
+        return self._items.get(snapshot_id)
+
     def mark_healthy(self, snapshot_id: str) -> bool:
         """Declare the window after `snapshot_id` clean, making it a rollback target; False if absent."""
         snap = self._items.get(snapshot_id)

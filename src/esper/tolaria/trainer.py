@@ -206,7 +206,8 @@ class TolariaTrainer:
             terms = self.kasmina.seed_loss_terms(x, y, self.loss_fn) if self.morphogenesis else []
         with prof.span("step.backward"):
             params = self._trainable
-            stats = self.aggregator.backward(host_loss, terms, params, host_batch_size=len(y))
+            stats = self.aggregator.backward(host_loss, terms, params, host_batch_size=len(y),
+                                             check_grads=safety.grad_check_due(self.state.global_step))
         with prof.span("step.monitors"):
             incident = safety.step_incident(stats)
             finite, level, rows = self.world.agree_step(stats.finite, incident.level if incident else 0, len(y))
