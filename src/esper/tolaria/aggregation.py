@@ -171,6 +171,9 @@ class GradientAggregator:
 
     # -- fast path -------------------------------------------------------------------------
     def _backward_fused(self, host_loss: Tensor, weighted: list[tuple[SeedLossTerm, float]]) -> list[Tensor]:
+        if not weighted:
+            host_loss.backward()
+            return []
         total = host_loss
         for term, scale in weighted:
             total = total + scale * term.loss
@@ -225,6 +228,10 @@ class GradientAggregator:
     ) -> AggregationStats:
         dev = host_loss.device
         checked = check_grads or self.config.max_grad_norm is not None
+        self.steps += 1
+        if not weighted and not checked:  # the plain step: the loss is all there is to read
+            loss_value = float(host_loss.detach())  # the one sync
+            return self._stats(loss_value, math.isfinite(loss_value), math.nan, plist, terms, weighted, [], False)
         grads = [p.grad for p in plist if p.grad is not None] if checked else []
         if self.config.max_grad_norm is not None and grads:
             norm = torch.nn.utils.clip_grad_norm_(plist, self.config.max_grad_norm, foreach=True)
@@ -237,18 +244,18 @@ class GradientAggregator:
         head = torch.stack([total_loss.reshape(()), norm.detach().float().reshape(()).to(dev)] + seed_losses)
         values = torch.cat([head] + [e.float().to(dev) for e in extras]).tolist()  # the one sync
         finite = math.isfinite(values[0]) and math.isfinite(values[1])
-        self.steps += 1
+        return self._stats(values[0], finite, values[1] if checked else math.nan, plist, terms, weighted,
+                           values[2:], checked)
+
+    def _stats(self, loss: float, finite: bool, norm: float, plist: list[nn.Parameter],
+               terms: Sequence[SeedLossTerm], weighted: list[tuple[SeedLossTerm, float]], values: list[float],
+               checked: bool) -> AggregationStats:
         if not finite:
             self.nonfinite_steps += 1
             for p in plist:
                 p.grad = None
-        return AggregationStats(
-            total_loss=values[0],
-            finite=finite,
-            grad_norm=values[1] if checked else math.nan,
-            seeds=self._seed_stats(terms, weighted, values[2:]),
-            grad_checked=checked,
-        )
+        return AggregationStats(total_loss=loss, finite=finite, grad_norm=norm,
+                                seeds=self._seed_stats(terms, weighted, values), grad_checked=checked)
 
     def _seed_stats(
         self, terms: Sequence[SeedLossTerm], weighted: list[tuple[SeedLossTerm, float]], values: list[float]

@@ -182,19 +182,24 @@ class TolariaTrainer:
             self.sampler.set_position(epoch, self.state.batch_in_epoch)
         total, count = torch.zeros(()), 0
         for x, y in self.train_loader:
-            batch = self.sampler.last_index if self.sampler is not None else self.state.batch_in_epoch
-            self._fire(HookPoint.STEP_BEGIN, step=self.state.global_step)
-            loss = self._train_step(x, y, batch)
-            self.state.batch_in_epoch = batch + 1
-            self.state.global_step += 1
+            loss = self._run_batch(x, y)
             if loss is not None:
                 total += loss
                 count += 1
-            self._fire(HookPoint.STEP_END, step=self.state.global_step, loss=loss)
-            self.safety.after_step()
             if self._stop_signal:
                 break
         return float(total) / max(count, 1)
+
+    def _run_batch(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """One batch of the epoch: hooks, the step, the position counters, the after-step checks."""
+        batch = self.sampler.last_index if self.sampler is not None else self.state.batch_in_epoch
+        self._fire(HookPoint.STEP_BEGIN, step=self.state.global_step)
+        loss = self._train_step(x, y, batch)
+        self.state.batch_in_epoch = batch + 1
+        self.state.global_step += 1
+        self._fire(HookPoint.STEP_END, step=self.state.global_step, loss=loss)
+        self.safety.after_step()
+        return loss
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor, batch: int) -> torch.Tensor | None:
         """One step; returns the detached host loss, or None when the step was skipped."""
