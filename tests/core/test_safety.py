@@ -104,6 +104,27 @@ def test_a_batch_whose_gradient_is_always_nan_is_found_on_the_replay_and_skipped
     assert recovered["final_state_sha256"] == clean["final_state_sha256"]
 
 
+def test_a_fault_that_recurs_after_every_rollback_escalates_instead_of_looping(make_trainer: Any) -> None:
+    cfg = {**CALM, "run": {"epochs": 5}, "emergency": {"watchdog_s": 30.0, "max_rollbacks_without_progress": 3}}
+    trainer, _ = make_trainer(small_config(**cfg))
+    plain_loss = trainer.loss_fn
+
+    def broken_from_epoch_2(out: Any, y: Any) -> Any:  # every batch, whatever is skipped or restored
+        loss = plain_loss(out, y)
+        return loss * float("nan") if trainer.model.training and trainer.state.epoch >= 2 else loss
+
+    trainer.loss_fn = broken_from_epoch_2
+    s = trainer.fit().summary
+    assert len(s["rollbacks"]) == 3 and all(r["succeeded"] for r in s["rollbacks"])
+    levels = [(e["level"], e["ok"]) for e in s["emergencies"]]
+    assert levels[:3] == [("severe", True)] * 3
+    assert ("severe", False) in levels and ("major", False) in levels and ("critical", True) in levels
+    assert "fault recurs" in " ".join(e.get("detail", "") + e.get("reason", "") for e in s["emergencies"])
+    assert s["stopped"].startswith("halted") and s["epochs_completed"] == 2
+    # Each rollback skipped one more batch: earlier skips survive a rollback to the same snapshot.
+    assert trainer.sampler.skipped == {(2, 0), (2, 1), (2, 2)}
+
+
 def test_a_x20_loss_spike_is_severe(make_trainer: Any) -> None:
     s = run(make_trainer, ["loss-spike@epoch=4,step=1"])
     assert s["emergencies"][0]["kind"] == "loss_spike" and s["emergencies"][0]["level"] == "severe"

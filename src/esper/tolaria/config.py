@@ -132,6 +132,9 @@ class EmergencyConfig(Section):
     spike_factor: float = Field(15.0, gt=1, description="Loss above factor x running baseline is a SEVERE spike.")
     accuracy_drop: float = Field(0.25, gt=0, le=1, description="Validation accuracy drop vs best that is MAJOR.")
     watchdog_s: float = Field(60.0, gt=0, description="No step progress for this long is CRITICAL.")
+    max_rollbacks_without_progress: int = Field(5, ge=1, description="Rollbacks allowed before a clean window "
+                                                "proves a new snapshot; one more fails the level and "
+                                                "escalates (a fault that recurs must not loop forever).")
     grad_check_every: int = Field(8, ge=1, description="Read every gradient (norm and non-finite check) every N "
                                   "steps, and on every step while replaying after a rollback. Between checks a "
                                   "non-finite gradient makes the weights non-finite, which the next step's loss "

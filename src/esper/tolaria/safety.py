@@ -96,6 +96,7 @@ class Safety:
         self._grad_check_every = cfg.emergency.grad_check_every
         self._last_grad_check = -1  # the last global step whose whole gradient was read
         self._careful_until = -1  # check every step up to this global step (a replay after a rollback)
+        self._stalled_rollbacks = 0  # successful rollbacks since a snapshot was last proven healthy
 
     # ---------------------------------------------------------------- setup
     def _open_store(self) -> CheckpointStore | None:
@@ -223,6 +224,7 @@ class Safety:
                                     snapshot=snapshot.snapshot_id)
                 return
             self.cache.mark_healthy(self._unproven)
+            self._stalled_rollbacks = 0  # training got through a clean window: progress
 
     def _snapshot(self) -> Snapshot:
         t = self.t
@@ -332,6 +334,8 @@ class Safety:
         target = self.cache.last_healthy()
         if target is None:
             return ActionResult(False, "fast rollback", "no healthy snapshot in the cache")
+        if (looping := self._rollback_loop()) is not None:
+            return ActionResult(False, "fast rollback", looping)
         outcome = self.coordinator.rollback(target, "fast")
         self._record_rollback(outcome, target, incident)
         if not outcome.succeeded:
@@ -352,6 +356,8 @@ class Safety:
         """Full rollback from the newest valid committed checkpoint, then a fresh checkpoint."""
         if self.checkpoint_dir is None:
             return ActionResult(False, "full rollback", "checkpoints are disabled: nothing durable to restore")
+        if (looping := self._rollback_loop()) is not None:
+            return ActionResult(False, "full rollback", looping)
         if self.store is not None:
             self.store.flush(timeout=60)
             self._collect_checkpoints()
@@ -389,8 +395,19 @@ class Safety:
         except ChannelError as exc:
             log.error("CRITICAL broadcast failed: %s", exc)
 
+    def _rollback_loop(self) -> str | None:
+        """Why another rollback would only repeat itself, or None: more rollbacks than allowed since
+        the last clean window (the fault comes back whatever is restored and skipped)."""
+        limit = self.t.config.emergency.max_rollbacks_without_progress
+        if self._stalled_rollbacks < limit:
+            return None
+        return (f"{self._stalled_rollbacks} rollbacks since the last clean window and the fault recurs; "
+                "escalating instead of rolling back again")
+
     def _record_rollback(self, outcome: Any, target: Snapshot, incident: Incident) -> None:
         t = self.t
+        if outcome.succeeded:
+            self._stalled_rollbacks += 1
         entry = {"rollback_id": new_id()[:12], "tier": outcome.tier, "epoch": incident.epoch, "step": incident.step,
                  "target_snapshot_id": target.snapshot_id, "target_epoch": target.epoch,
                  "target_step": target.global_step, "reason": f"{level_name(incident.level)} {incident.kind}: "

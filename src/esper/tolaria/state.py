@@ -131,7 +131,10 @@ def restore_state(t: TolariaTrainer, state: Mapping[str, Any], *, keep_records: 
     if state.get("monitors") is not None and t.safety is not None:
         t.safety.load_monitors_state(state["monitors"])
     if state.get("data") is not None and t.sampler is not None:
+        skipped = set(t.sampler.skipped)
         t.sampler.load_state_dict(state["data"])
+        if keep_records:  # batches skipped by earlier rollbacks stay skipped, whatever the target knew
+            t.sampler.skipped |= skipped
     set_rng_state(state["rng"])
     _restore_trainer_counters(t, state["trainer"], keep_records=keep_records)
 
