@@ -9,29 +9,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
 from esper.tolaria.bench.registry import figure
 from esper.tolaria.checkpoint import recover
 from esper.tolaria.checkpoint.layout import MODEL_FILE, STATE_FILE, loads_state
 
 
 def _trainer(run_dir: Path | None, features: int, hidden: list[int], steps: int, **config: Any) -> Any:
-    from esper.kasmina import KasminaLayer
-    from esper.tamiyo import HeuristicTamiyo
-    from esper.tolaria.bench.figures_core import _batches, _mlp, _NullBus
-    from esper.tolaria.config import config_from_dict
-    from esper.tolaria.trainer import TolariaTrainer
+    from esper.tolaria.bench.figures_core import _batches, bench_trainer
 
-    batches = _batches(features, steps, 64)
-    model = _mlp(features, hidden)
-    kasmina = KasminaLayer(model, ["stem", "body.1"], example_input=batches[0][0][:2])
-    cfg = config_from_dict({"lr": {"host_policy": "constant"}, "telemetry": {"jsonl": False},
-                            "emergency": {"broadcast": False}, **config})
-    return TolariaTrainer(kasmina=kasmina, tamiyo=HeuristicTamiyo(), optimizer=lambda g: torch.optim.Adam(g, lr=1e-3),
-                          train_loader=batches, val_loader=batches[:1], loss_fn=nn.functional.cross_entropy,
-                          config=cfg, bus=_NullBus(), run_dir=run_dir)
+    config.setdefault("checkpoint", {"enabled": False})
+    return bench_trainer(features, hidden, _batches(features, steps, 64), run_dir, **config)
 
 
 @figure("full_rollback_ratio", unit="x", goal=1.3)
@@ -82,7 +69,7 @@ def redis_publish_overhead(quick: bool) -> list[float]:
     alternating windows of one run on a ~1M-param MLP: 1 − rate_on / rate_off (medians). Step
     metrics every 10 steps (5x the default rate) plus every epoch packet; the publisher pipelines."""
     from esper.oona import RedisBus
-    from esper.tolaria.bench.figures_core import _NullBus
+    from esper.tolaria.bench.figures_core import _NullBus, require_no_incidents
 
     url = os.environ["TOLARIA_BENCH_OONA"]
     secret = os.environ.get("ESPER_LEYLINE_SECRET", "bench-secret").encode()
@@ -100,6 +87,7 @@ def redis_publish_overhead(quick: bool) -> list[float]:
             rates.append(len(t.train_loader) / (time.perf_counter() - started))
             t.telemetry.flush(10.0)
     published = t.telemetry.published
+    require_no_incidents(t, "redis_publish_overhead")
     t.close()
     redis_bus.close()
     if published == 0:
