@@ -35,7 +35,7 @@ def full_rollback_ratio(quick: bool) -> list[float]:
         assert t.safety.store is not None  # noqa: S101 - checkpoints are enabled above
         info = t.safety.store.save(take_snapshot(t, "bench"))
         ours, raw = [], []
-        for _ in range(5 if quick else 11):
+        for _ in range(9 if quick else 15):
             ours.append(_full_rollback_s(t))
             raw.append(_raw_load_s(t, info.path))
         ratios.append(statistics.median(ours) / statistics.median(raw))
