@@ -39,11 +39,11 @@ def is_leftover(path: Path) -> bool:
     return path.name.startswith(".") and path.name.endswith(".tmp")
 
 
-def sha256_hex(data: bytes) -> str:
+def sha256_hex(data: bytes | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def crc32c_of(data: bytes) -> int:
+def crc32c_of(data: bytes | memoryview) -> int:
     """CRC32C of a checkpoint file (hardware-accelerated where the CPU has it)."""
     return int(crc32c.crc32c(data))
 
@@ -109,6 +109,11 @@ def dumps_state(obj: Any) -> bytes:
 def loads_state(data: bytes) -> Any:
     """Inverse of `dumps_state`; only tensors and plain containers/values are accepted."""
     return _decode(torch.load(io.BytesIO(data), weights_only=True, map_location="cpu"))
+
+
+def load_state_file(path: Path) -> Any:
+    """`loads_state` of a file, memory-mapped: tensors share the page cache (copy-on-write)."""
+    return _decode(torch.load(str(path), weights_only=True, map_location="cpu", mmap=True))
 
 
 def _encode(obj: Any) -> Any:
