@@ -161,11 +161,14 @@ def test_a_manifest_edited_after_its_commit_is_not_trusted(tmp_path: Path) -> No
 def test_files_listed_with_a_sha256_by_older_manifests_are_checked_by_it(tmp_path: Path) -> None:
     from esper.leyline import CheckpointFile
     from esper.tolaria.checkpoint.layout import sha256_hex
-    from esper.tolaria.checkpoint.recovery import _check_file
+    from esper.tolaria.checkpoint.recovery import _check_mapped
 
     path = tmp_path / "model.pt"
     path.write_bytes(b"weights")
     good = CheckpointFile(name="model.pt", size_bytes=7, sha256=sha256_hex(b"weights"))
-    assert _check_file(path, good) == ("", b"weights")
+    assert _check_mapped(path, good) == ""
     bad = CheckpointFile(name="model.pt", size_bytes=7, sha256=sha256_hex(b"weighTs"))
-    assert _check_file(path, bad) == ("sha256 mismatch", b"")
+    assert _check_mapped(path, bad) == "sha256 mismatch"
+    assert _check_mapped(tmp_path / "gone.pt", good) == "missing"
+    longer = CheckpointFile(name="model.pt", size_bytes=8, sha256=sha256_hex(b"weights"))
+    assert "truncated or extended" in _check_mapped(path, longer)

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from esper.tolaria.checkpoint.layout import CKPT_RE, MODEL_FILE, STATE_FILE, loads_state
+from esper.tolaria.checkpoint.layout import CKPT_RE, MODEL_FILE, STATE_FILE, load_state_file
 from esper.tolaria.checkpoint.recovery import (
     CheckpointNotFound,
     CommitEntry,
@@ -88,12 +88,12 @@ def _describe(path: Path, commit: CommitEntry | None) -> dict[str, Any]:
         info["status"] = f"corrupt: {verification.problem}"
     else:
         info["status"] = "ok"
-        info["seeds"] = _seeds(verification.blobs[STATE_FILE])
+        info["seeds"] = _seeds(path / STATE_FILE)
     return info
 
 
-def _seeds(state_bytes: bytes) -> list[dict[str, Any]]:
-    state = loads_state(state_bytes)
+def _seeds(state_file: Path) -> list[dict[str, Any]]:
+    state = load_state_file(state_file)
     manifest = state.get("kasmina", {}).get("manifest", {}) if isinstance(state, dict) else {}
     seeds = manifest.get("seeds", []) if isinstance(manifest, dict) else []
     return [{"seed_id": s.get("seed_id"), "stage": s.get("stage")} for s in seeds if isinstance(s, dict)]

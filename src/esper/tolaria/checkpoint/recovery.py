@@ -59,7 +59,6 @@ class Verification:
     ok: bool
     problem: str = ""
     manifest: CheckpointManifest | None = None
-    blobs: dict[str, bytes] = field(default_factory=dict)
 
 
 @dataclass
@@ -114,13 +113,11 @@ def verify_checkpoint(path: str | os.PathLike[str], commit: CommitEntry | Commit
     checked = _checked_manifest(root, commit)
     if not checked.ok:
         return checked
-    blobs: dict[str, bytes] = {}
     for entry in checked.manifest.files:  # type: ignore[union-attr]
-        problem, data = _check_file(root / entry.name, entry)
+        problem = _check_mapped(root / entry.name, entry)
         if problem:
             return Verification(False, f"{entry.name} {problem}", checked.manifest)
-        blobs[entry.name] = data
-    return Verification(True, "", checked.manifest, blobs)
+    return Verification(True, "", checked.manifest)
 
 
 def _checked_manifest(root: Path, commit: CommitEntry | CommitInfo | None) -> Verification:
@@ -191,21 +188,6 @@ def _check_mapped(path: Path, entry: CheckpointFile) -> str:
                 return "crc32c mismatch" if crc32c_of(view) != entry.crc32c else ""
     except FileNotFoundError:
         return "missing"
-
-
-def _check_file(path: Path, entry: CheckpointFile) -> tuple[str, bytes]:
-    """("", bytes) if the file matches its manifest entry, else (what is wrong, b"")."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return "missing", b""
-    if len(data) != entry.size_bytes:
-        return f"size {len(data)} bytes, manifest says {entry.size_bytes} (truncated or extended)", b""
-    if entry.sha256:  # written before files carried a CRC32C
-        return ("sha256 mismatch", b"") if sha256_hex(data) != entry.sha256 else ("", data)
-    if crc32c_of(data) != entry.crc32c:
-        return "crc32c mismatch", b""
-    return "", data
 
 
 def recover(directory: str | os.PathLike[str], *, clean: bool = True) -> RecoveryResult:
