@@ -31,6 +31,10 @@ class MonotonicTimer:
         self.last[name] = ms
         self._samples.setdefault(name, deque(maxlen=self._window)).append(ms)
 
+    def samples(self, name: str) -> list[float]:
+        """The kept samples of `name` in ms, oldest first."""
+        return list(self._samples.get(name, ()))
+
     def summary(self) -> dict[str, dict[str, float]]:
         out: dict[str, dict[str, float]] = {}
         for name, values in self._samples.items():
