@@ -51,7 +51,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 @figure("broadcast_ack_p99_ms", unit="ms", goal=1.0)
 def broadcast_ack_p99_ms(quick: bool) -> list[float]:
-    trials, raises, gap_s = (3, 150, 0.002) if quick else (7, 300, 0.002)
+    trials, raises, gap_s = (3, 500, 0.002) if quick else (7, 1000, 0.002)
     ctx = mp.get_context("spawn")
     channel = EmergencyChannel.create(f"bench-{uuid.uuid4().hex[:10]}")
     procs = [ctx.Process(target=_participant, args=(channel.run_name, f"p{i}"), daemon=True) for i in range(2)]
