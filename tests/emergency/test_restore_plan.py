@@ -15,7 +15,7 @@ from torch import nn
 
 from esper.tolaria.restore_plan import RestorePlan
 from esper.tolaria.snapshot import deep_clone, state_checksum
-from esper.tolaria.snapshot_cache import SnapshotCache, _sample_view, _samples_equal
+from esper.tolaria.snapshot_cache import SnapshotCache, _sample_view, samples_equal
 from esper.tolaria.state import _NumpyStateProbe, rng_state, set_rng_state
 
 
@@ -127,16 +127,16 @@ def test_a_snapshot_with_a_plan_can_still_be_recycled() -> None:
 def test_host_sampling_agrees_with_the_torch_sampling(n: int, dtype: torch.dtype, flip: int) -> None:
     a = (torch.randn(n) * 100).to(dtype)
     b = a.clone()
-    assert _samples_equal(a, b)
+    assert samples_equal(a, b)
     index = flip % n
     b.view(-1).view(torch.uint8)[index * b.element_size()] ^= 1
     torch_says = torch.equal(_sample_view(a), _sample_view(b))
-    assert _samples_equal(a, b) == torch_says
+    assert samples_equal(a, b) == torch_says
 
 
 def test_nan_samples_compare_equal_by_their_bits() -> None:
     a = torch.full((10,), float("nan"))
-    assert _samples_equal(a, a.clone())
+    assert samples_equal(a, a.clone())
 
 
 def test_rng_restore_skips_numpy_only_when_nothing_was_drawn() -> None:

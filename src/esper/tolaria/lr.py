@@ -304,11 +304,11 @@ class UnifiedLRController:
         definitions: dict[str, Mapping[str, Any]] = {}
         starts: dict[str, int] = {}
         for name, entry in state["groups"].items():
-            live = self._policies.get(name)
             # The same definition keeps its (frozen) policy object: a fast rollback then skips
             # re-validating every policy; only the counters are loaded.
-            same = live is not None and self._definitions.get(name) == entry["policy"]
-            policy = live if same and live is not None else parse_policy(entry["policy"])
+            policy = self._policies.get(name)
+            if policy is None or self._definitions.get(name) != entry["policy"]:
+                policy = parse_policy(entry["policy"])
             policy.set_state(entry["state"])
             policies[name], definitions[name] = policy, entry["policy"]
             starts[name] = int(entry["start_step"])

@@ -15,7 +15,13 @@ import torch
 
 from esper.tolaria.restore_plan import RestorePlan
 from esper.tolaria.snapshot import Snapshot
-from esper.tolaria.snapshot_cache import RestoreError, confirm_restored, restore_tensors_, sample_bits
+from esper.tolaria.snapshot_cache import (
+    RestoreError,
+    confirm_restored,
+    copy_in_place_,
+    restore_tensors_,
+    samples_equal,
+)
 from esper.tolaria.state import restore_state
 
 if TYPE_CHECKING:
@@ -104,13 +110,7 @@ class TolariaParticipant:
         return plan.resolve(optimizer)
 
     def _copy_planned(self, target: Snapshot, dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
-        versions = [x._version for x in dst]
-        grad_was = torch.is_grad_enabled()
-        torch.set_grad_enabled(False)  # in-place writes into leaf parameters
-        try:
-            torch._foreach_copy_(dst, src)
-        finally:
-            torch.set_grad_enabled(grad_was)
+        versions = copy_in_place_(dst, src)
         _restore_group_hyper(self.t.optim.optimizer, target.state["optimizer"]["groups"])
         self._copied = (dst, src, versions)
 
@@ -143,7 +143,7 @@ class TolariaParticipant:
         # Sampled raw bits of the first and last tensors: proves the copy took effect without a
         # checksum that would cost more than the copy (tests prove bit-exactness with state_checksum).
         keys = list(live)
-        return all(torch.equal(sample_bits(live[k]), sample_bits(saved[k])) for k in {keys[0], keys[-1]})
+        return all(samples_equal(live[k], saved[k]) for k in {keys[0], keys[-1]})
 
     def abort(self, target: Snapshot) -> None:
         """See the module docstring."""

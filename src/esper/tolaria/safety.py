@@ -20,7 +20,7 @@ import dataclasses
 import errno
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,7 +52,7 @@ from esper.tolaria.rollback import RollbackCoordinator
 from esper.tolaria.rollback_participants import TolariaParticipant, participants
 from esper.tolaria.signal import ChannelError, EmergencyChannel
 from esper.tolaria.snapshot import Snapshot, SnapshotCopyError
-from esper.tolaria.snapshot_cache import DeferRule, SnapshotCache
+from esper.tolaria.snapshot_cache import SnapshotCache, copy_behind_rule
 from esper.tolaria.state import live_state, take_snapshot
 
 if TYPE_CHECKING:
@@ -94,6 +94,7 @@ class Safety:
         self.recovery_events: list[str] = []
         self._offending: tuple[int, int] | None = None
         self._grad_check_every = cfg.emergency.grad_check_every
+        self._telemetry_interval = cfg.telemetry.step_interval  # those steps report the gradient norm
         self._last_grad_check = -1  # the last global step whose whole gradient was read
         self._careful_until = -1  # check every step up to this global step (a replay after a rollback)
         self._stalled_rollbacks = 0  # successful rollbacks since a snapshot was last proven healthy
@@ -135,7 +136,7 @@ class Safety:
     def grad_check_due(self, step: int) -> bool:
         """Whether this step reads every gradient: every `emergency.grad_check_every` steps, on steps
         whose telemetry reports the norm, and on every step of a replay after a rollback."""
-        interval = self.t.config.telemetry.step_interval
+        interval = self._telemetry_interval
         return (step % self._grad_check_every == 0 or step <= self._careful_until
                 or bool(interval and step % interval == 0))
 
@@ -219,7 +220,7 @@ class Safety:
             snapshot = self.cache.peek(self._unproven)
             if snapshot is None or not self._window_clean:
                 return
-            if not tensors_finite(snapshot.state["model"]):
+            if not tensors_finite(snapshot.state["model"].values()):
                 self.t.record_event("snapshot_nonfinite", TELEMETRY_LEVEL_ERROR, MESSAGE_PRIORITY_HIGH,
                                     snapshot=snapshot.snapshot_id)
                 return
@@ -232,19 +233,13 @@ class Safety:
         with t.profiler.span("boundary.snapshot"), t.timer.phase("snapshot"):
             # Copied into an evicted snapshot's buffers where shapes match: no fresh allocation;
             # parameters and optimizer state copied behind, while the next step runs.
-            defer = self._copy_behind_rule() if t.config.snapshots.copy_behind else None
+            defer = copy_behind_rule(t.model) if t.config.snapshots.copy_behind else None
             self.settle()
             cached = self.cache.take(snapshot_id, t.state.epoch, t.state.global_step, live_state(t), defer=defer)
             snapshot = cached if cached is not None else take_snapshot(t, snapshot_id)  # over the cap
             snapshot.restore_plan = RestorePlan.build(t.model, t.optim.optimizer, snapshot.state)
         self._unproven, self._window_clean = snapshot.snapshot_id, True
         return snapshot
-
-    def _copy_behind_rule(self) -> DeferRule:
-        """Only the optimizer writes parameters and optimizer state; buffers (e.g. BatchNorm's) change
-        in the forward pass, so they are cloned at once."""
-        params = {p.data_ptr() for p in self.t.model.parameters()}
-        return lambda section, x: section == "optimizer" or (section == "model" and x.data_ptr() in params)
 
     def _checkpoint(self, snapshot: Snapshot, epoch: int) -> None:
         assert self.store is not None  # noqa: S101 - guarded by the caller
@@ -458,12 +453,12 @@ class Safety:
 
 def weights_finite(model: torch.nn.Module) -> bool:
     """Every parameter is finite (one read pass, on incidents only)."""
-    return tensors_finite({str(i): p.detach() for i, p in enumerate(model.parameters())})
+    return tensors_finite(p.detach() for p in model.parameters())
 
 
-def tensors_finite(tensors: Mapping[str, Any]) -> bool:
-    """Every floating-point tensor among `tensors`' values is finite (one read pass)."""
-    floats = [t for t in tensors.values() if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
+def tensors_finite(values: Iterable[Any]) -> bool:
+    """Every floating-point tensor among `values` is finite (one read pass)."""
+    floats = [t for t in values if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
     if not floats:
         return True
     with torch.no_grad():

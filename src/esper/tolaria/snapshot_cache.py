@@ -339,24 +339,40 @@ def restore_tensors_(live: Mapping[str, Any], snap: Mapping[str, Any], *, verify
     nothing is copied. With `verify`, `confirm_restored` checks the result; a failure raises
     `RestoreError`."""
     plan = _plan(flatten_tensors(live), flatten_tensors(snap))
-    versions = [t._version for t in plan.dst]
+    versions = copy_in_place_(plan.dst, plan.src)
     slow_versions = [dst._version for dst, _ in plan.slow]
-    grad_was = torch.is_grad_enabled()
-    torch.set_grad_enabled(False)  # in-place writes into leaf parameters; cheaper than a no_grad() frame
-    try:
-        if plan.dst:
-            torch._foreach_copy_(plan.dst, plan.src)
+    with torch.no_grad():
         for dst, src in plan.slow:
             dst.copy_(src)  # dtype or device differs: copy_ converts
-        problem = confirm_restored(plan.dst, plan.src, versions) if verify else ""
-    finally:
-        torch.set_grad_enabled(grad_was)
+    problem = confirm_restored(plan.dst, plan.src, versions) if verify else ""
     if verify and any(dst._version == v for (dst, _), v in zip(plan.slow, slow_versions, strict=True)):
         problem = problem or "a converted (dtype/device) tensor was not written"
     if problem:
         raise RestoreError(f"restore did not take effect: {problem}")
     return RestoreResult(tensors=len(plan.dst) + len(plan.slow), nbytes=plan.nbytes, foreach=len(plan.dst),
                          fallback=len(plan.slow))
+
+
+def copy_in_place_(dst: list[torch.Tensor], src: list[torch.Tensor]) -> list[int]:
+    """One `_foreach_copy_` of `src` into `dst` (same shapes, dtypes, devices), grad off since
+    `dst` may be leaf parameters. Returns the version counters from before, for `confirm_restored`."""
+    versions = [t._version for t in dst]
+    grad_was = torch.is_grad_enabled()
+    torch.set_grad_enabled(False)  # cheaper than a no_grad() frame on this path
+    try:
+        if dst:
+            torch._foreach_copy_(dst, src)
+    finally:
+        torch.set_grad_enabled(grad_was)
+    return versions
+
+
+def copy_behind_rule(model: torch.nn.Module) -> DeferRule:
+    """The copy-behind `defer` rule for a trainer's state: parameters and optimizer state (only the
+    optimizer writes them); buffers, such as BatchNorm's, change in the forward pass and are
+    cloned at once."""
+    params = {p.data_ptr() for p in model.parameters()}
+    return lambda section, x: section == "optimizer" or (section == "model" and x.data_ptr() in params)
 
 
 @dataclass
@@ -407,12 +423,12 @@ def confirm_restored(dst: list[torch.Tensor], src: list[torch.Tensor], versions_
         return ""
     picks = {0, len(dst) - 1}
     for i in sorted(picks)[:CONFIRM_SAMPLED_TENSORS]:
-        if not _samples_equal(dst[i], src[i]):
+        if not samples_equal(dst[i], src[i]):
             return f"tensor #{i} {tuple(dst[i].shape)} differs from the snapshot at sampled elements"
     return ""
 
 
-def _samples_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+def samples_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     """The raw bits of SAMPLES_PER_TENSOR evenly spaced elements are equal (NaN equals NaN)."""
     if _plain_cpu(a) and _plain_cpu(b) and a.dtype == b.dtype and a.numel() == b.numel():
         return _host_samples_equal(a, b)
@@ -425,15 +441,15 @@ def _plain_cpu(t: torch.Tensor) -> bool:
 
 
 def _host_samples_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """`_samples_equal` for contiguous CPU tensors, reading the raw bytes through a memoryview:
+    """`samples_equal` for contiguous CPU tensors, reading the raw bytes through a memoryview:
     the same comparison without four torch dispatches per tensor, which run cache-cold right
     after a rollback's copy and dominated the confirm phase."""
     n, size = a.numel(), a.element_size()
     code = _MEMORYVIEW_CODE.get(size)
     if n == 0 or code is None:
         return n == 0 or torch.equal(_sample_view(a), _sample_view(b))
-    step = max(1, (n - 1) // max(1, min(n, SAMPLES_PER_TENSOR) - 1))
-    span = ((min(n, SAMPLES_PER_TENSOR) - 1) * step + 1) * size
+    count, step = _sample_positions(n)
+    span = ((count - 1) * step + 1) * size
     va = memoryview((ctypes.c_char * span).from_address(a.data_ptr())).cast("B").cast(code)
     vb = memoryview((ctypes.c_char * span).from_address(b.data_ptr())).cast("B").cast(code)
     return va[::step] == vb[::step]
@@ -460,9 +476,14 @@ def _strided_sample(t: torch.Tensor) -> torch.Tensor:
     flat = t if t.is_contiguous() else t.contiguous()
     if n == 0:
         return flat.reshape(-1)
-    count = min(n, SAMPLES_PER_TENSOR)
-    step = max(1, (n - 1) // max(1, count - 1))
+    count, step = _sample_positions(n)
     return flat.as_strided((count,), (step,), flat.storage_offset())
+
+
+def _sample_positions(n: int) -> tuple[int, int]:
+    """(how many, element stride) of the evenly spaced samples of an n-element tensor (n > 0)."""
+    count = min(n, SAMPLES_PER_TENSOR)
+    return count, max(1, (n - 1) // max(1, count - 1))
 
 
 def _bits(sample: torch.Tensor) -> torch.Tensor:

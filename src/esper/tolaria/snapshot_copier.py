@@ -31,10 +31,6 @@ class CopyJob:
         self._done = threading.Event()
         self._error: BaseException | None = None
 
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
     def run(self) -> None:
         try:
             if self._dst and self._src:

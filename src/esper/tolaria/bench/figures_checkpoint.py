@@ -14,7 +14,7 @@ from torch import nn
 
 from esper.tolaria.bench.registry import figure
 from esper.tolaria.checkpoint import CheckpointStore, RecordType, WriteAheadLog
-from esper.tolaria.snapshot_cache import SnapshotCache
+from esper.tolaria.snapshot_cache import SnapshotCache, copy_behind_rule
 
 
 def _trained(width: int, depth: int) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -61,11 +61,7 @@ def checkpoint_stall_ratio(quick: bool) -> list[float]:
     + Adam state, batch 64; full: ~16M."""
     width, depth, trials = (512, 4, 5) if quick else (2048, 4, 7)
     model, optimizer = _trained(width, depth)
-    params = {p.data_ptr() for p in model.parameters()}
-
-    def defer(section: str, x: torch.Tensor) -> bool:  # the trainer's copy-behind rule
-        return section == "optimizer" or (section == "model" and x.data_ptr() in params)
-
+    defer = copy_behind_rule(model)  # the trainer's rule
     cache = SnapshotCache(capacity=1, recycle=True)
     batch = torch.randn(64, width)
     ratios = []

@@ -119,7 +119,7 @@ def step_overhead(features: int, hidden: list[int], steps: int, rounds: int) -> 
 
 @figure("step_overhead_1m", unit="fraction", goal=0.03)
 def step_overhead_1m(quick: bool) -> list[float]:
-    return step_overhead(256, [1024, 768], steps=60 if quick else 60, rounds=7 if quick else 15)
+    return step_overhead(256, [1024, 768], steps=60, rounds=7 if quick else 15)
 
 
 @figure("step_overhead_20m", unit="fraction", goal=0.01)

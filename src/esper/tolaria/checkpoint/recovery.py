@@ -2,8 +2,8 @@
 
 Trust rules: a checkpoint counts only if the WAL holds a readable COMMIT for it whose txn id
 matches its manifest and whose manifest sha256 matches manifest.pb, and every file's size and
-CRC32C (sha256 in older manifests) match the manifest. Files are read once; the verified bytes
-are the bytes loaded.
+CRC32C (sha256 in older manifests) match the manifest. Files are checksummed through a memory
+map and loaded from the same, never rewritten, file.
 Anything else is reported as an event naming the file, and recovery falls back to the next
 older committed checkpoint.
 """
