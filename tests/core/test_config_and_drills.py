@@ -27,6 +27,13 @@ def test_unknown_keys_are_errors_naming_the_key(tmp_path: Path) -> None:
 def test_bad_values_name_the_key_and_the_value() -> None:
     with pytest.raises(ConfigError, match=r"optimizer\.lr: Input should be greater than 0 \(got -1\)"):
         config_from_dict({"optimizer": {"lr": -1}})
+    # The safety knobs added with copy-behind, the gradient-check cadence and the rollback cap.
+    with pytest.raises(ConfigError, match=r"emergency\.grad_check_every: Input should be greater than or equal to 1"):
+        config_from_dict({"emergency": {"grad_check_every": 0}})
+    with pytest.raises(ConfigError, match=r"emergency\.max_rollbacks_without_progress: Input should be greater"):
+        config_from_dict({"emergency": {"max_rollbacks_without_progress": 0}})
+    with pytest.raises(ConfigError, match=r"snapshots\.copy_behind: Input should be a valid boolean"):
+        config_from_dict({"snapshots": {"copy_behind": "sometimes"}})
 
 
 def test_component_sections_are_validated_at_load() -> None:
