@@ -88,6 +88,27 @@ def test_none_mode_without_seeds_is_bitwise_plain_backward() -> None:
         assert torch.equal(p.grad, q.grad), name
 
 
+def test_unchecked_step_without_seeds_is_plain_backward_and_still_guards_the_loss() -> None:
+    """The few-operation path (no terms, no gradient read, no clipping): same gradients as a plain
+    backward, the loss read, and a non-finite loss still clears every gradient and is counted."""
+    torch.manual_seed(5)
+    model = ToySeeded()
+    twin = copy.deepcopy(model)
+    x, y = batch()
+    F.mse_loss(twin(x), y).backward()
+    agg = GradientAggregator()
+    stats = agg.backward(F.mse_loss(model(x), y), [], dict(model.named_parameters()), check_grads=False)
+    assert stats.finite and not stats.grad_checked and math.isnan(stats.grad_norm) and stats.seeds == {}
+    assert stats.total_loss == pytest.approx(F.mse_loss(twin(x), y).item())
+    for (name, p), (_, q) in zip(model.named_parameters(), twin.named_parameters(), strict=True):
+        assert p.grad is not None and q.grad is not None and torch.equal(p.grad, q.grad), name
+    model.zero_grad(set_to_none=True)
+    stats = agg.backward(F.mse_loss(model(x), y) * float("nan"), [], dict(model.named_parameters()), check_grads=False)
+    assert not stats.finite and math.isnan(stats.total_loss)
+    assert all(p.grad is None for p in model.parameters())
+    assert agg.state_dict()["steps"] == 2 and agg.state_dict()["nonfinite_steps"] == 1
+
+
 def test_none_mode_with_seeds_backprops_weighted_batch_scaled_total() -> None:
     torch.manual_seed(1)
     model = ToySeeded()

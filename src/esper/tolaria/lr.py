@@ -206,7 +206,7 @@ class UnifiedLRController:
         self._current: dict[str, float] = {}
         self._written: dict[str, float] = {}
         self._written_for: weakref.ref[torch.optim.Optimizer] | None = None
-        self._violations: list[LRViolation] = []
+        self.violations: list[LRViolation] = []  # found by `step`, not yet drained
         self.history: deque[tuple[int, str, float]] = deque(maxlen=history)
 
     # -- registration ------------------------------------------------------------------------
@@ -259,7 +259,7 @@ class UnifiedLRController:
 
     def drain_violations(self) -> list[LRViolation]:
         """Violations found since the last drain (the trainer records them on its breaker)."""
-        out, self._violations = self._violations, []
+        out, self.violations = self.violations, []
         return out
 
     def current(self) -> dict[str, float]:
@@ -342,7 +342,7 @@ class UnifiedLRController:
                 continue
             found = float(group["lr"])
             if not math.isclose(found, expected, rel_tol=self.tolerance, abs_tol=1e-15):
-                self._violations.append(LRViolation(group=name, expected=expected, found=found, step=step))
+                self.violations.append(LRViolation(group=name, expected=expected, found=found, step=step))
 
     def _write(self, optimizer: torch.optim.Optimizer) -> None:
         for group in optimizer.param_groups:

@@ -95,6 +95,7 @@ class Safety:
         self._offending: tuple[int, int] | None = None
         self._grad_check_every = cfg.emergency.grad_check_every
         self._telemetry_interval = cfg.telemetry.step_interval  # those steps report the gradient norm
+        self._every_steps = cfg.snapshots.every_steps
         self._last_grad_check = -1  # the last global step whose whole gradient was read
         self._careful_until = -1  # check every step up to this global step (a replay after a rollback)
         self._stalled_rollbacks = 0  # successful rollbacks since a snapshot was last proven healthy
@@ -143,10 +144,11 @@ class Safety:
     def step_incident(self, stats: AggregationStats) -> Incident | None:
         """Monitors of this rank's step (the loss is already synced by the aggregator)."""
         epoch, step = self.t.state.epoch, self.t.state.global_step
+        incident = self.loss.observe(stats.total_loss, epoch, step)
         if stats.grad_checked:
             self._last_grad_check = step
-        return self.loss.observe(stats.total_loss, epoch, step) or \
-            self.grads.observe(stats.finite, stats.grad_norm, epoch, step, stats.grad_checked)
+            incident = incident or self.grads.observe(stats.finite, stats.grad_norm, epoch, step)
+        return incident
 
     def respond_to_step(self, local: Incident | None, agreed_level: int, batch_index: int) -> None:
         """Run the agreed response (every rank does the same); raises RolledBack after a rollback."""
@@ -175,7 +177,7 @@ class Safety:
             self.frozen.clear()
             self._handle(Incident(SEVERE, "resume_after_freeze", "training was frozen by a CRITICAL stall; "
                                   "resuming from the last healthy snapshot", t.state.epoch, t.state.global_step))
-        every = t.config.snapshots.every_steps
+        every = self._every_steps
         if every and t.state.global_step % every == 0:
             self._close_window()
             self._snapshot()

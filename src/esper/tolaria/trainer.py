@@ -124,6 +124,7 @@ class TolariaTrainer:
                                          command_max_age_s=cfg.handshake.command_max_age_s,
                                          max_abandoned=cfg.handshake.max_abandoned_workers, verifier=verifier)
         self.telemetry = TelemetryCollector(self.bus, queue_size=cfg.telemetry.queue_size)
+        self._telemetry_interval = cfg.telemetry.step_interval
         self.profiler = Profiler(cfg.profile.enabled,
                                  trace_path=self.run_dir / "trace.json" if self.run_dir else None)
         self.boundary = EpochBoundary(self)
@@ -193,18 +194,24 @@ class TolariaTrainer:
     def _run_batch(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         """One batch of the epoch: hooks, the step, the position counters, the after-step checks."""
         batch = self.sampler.last_index if self.sampler is not None else self.state.batch_in_epoch
-        self._fire(HookPoint.STEP_BEGIN, step=self.state.global_step)
+        if self.callbacks:
+            self._fire(HookPoint.STEP_BEGIN, step=self.state.global_step)
         loss = self._train_step(x, y, batch)
         self.state.batch_in_epoch = batch + 1
         self.state.global_step += 1
-        self._fire(HookPoint.STEP_END, step=self.state.global_step, loss=loss)
+        if self.callbacks:
+            self._fire(HookPoint.STEP_END, step=self.state.global_step, loss=loss)
         self.safety.after_step()
         return loss
 
     def _train_step(self, x: torch.Tensor, y: torch.Tensor, batch: int) -> torch.Tensor | None:
-        """One step; returns the detached host loss, or None when the step was skipped."""
-        prof, safety = self.profiler, self.safety
-        safety.watchdog.heartbeat(self.state.epoch, self.state.global_step)
+        """One step; returns the detached host loss, or None when the step was skipped.
+
+        Work that has nothing to do is skipped at the call (no callbacks, one process, no LR
+        violation, no telemetry due): Python right after a large kernel runs cache-cold, so each
+        call made here costs microseconds, measured at about 1 % of a 1M-parameter CPU step."""
+        prof, safety, world, step = self.profiler, self.safety, self.world, self.state.global_step
+        safety.watchdog.heartbeat(self.state.epoch, step)
         with prof.span("step.forward"):
             host_loss = self.step_drills.perturb(self.loss_fn(self.model(x), y), self.state.epoch, batch)
         with prof.span("step.seed_losses"):
@@ -212,37 +219,43 @@ class TolariaTrainer:
         with prof.span("step.backward"):
             params = self._trainable
             stats = self.aggregator.backward(host_loss, terms, params, host_batch_size=len(y),
-                                             check_grads=safety.grad_check_due(self.state.global_step))
+                                             check_grads=safety.grad_check_due(step))
         with prof.span("step.monitors"):
             incident = safety.step_incident(stats)
-            finite, level, rows = self.world.agree_step(stats.finite, incident.level if incident else 0, len(y))
+            finite, level, rows = stats.finite, incident.level if incident else 0, len(y)
+            if world.distributed:
+                finite, level, rows = world.agree_step(finite, level, rows)
             if level:
                 self.optim.optimizer.zero_grad(set_to_none=True)
                 safety.respond_to_step(incident, level, batch)  # raises RolledBack after a rollback
         with prof.span("step.optimizer"):
             safety.settle()  # the last snapshot's copy-behind must finish before the optimizer writes
+            optimizer = self.optim.optimizer
             if finite:
-                self.world.average_gradients(params.values(), len(y), rows)
-                self.lr.step(self.state.global_step)
-                self.optim.optimizer.step()
+                if world.distributed:
+                    world.average_gradients(params.values(), len(y), rows)
+                self.lr.step(step)
+                optimizer.step()
             else:
                 self.record_event("nonfinite_step_skipped", TELEMETRY_LEVEL_WARNING,
-                                  step=self.state.global_step, loss=stats.total_loss)
-            self.optim.optimizer.zero_grad(set_to_none=True)
-            self._check_lr_violations()
+                                  step=step, loss=stats.total_loss)
+            optimizer.zero_grad(set_to_none=True)
+            if self.lr.violations:
+                self._check_lr_violations()
         with prof.span("step.kasmina"):
             self.kasmina.on_step()
-        with prof.span("step.telemetry"):
-            self._step_telemetry(stats.total_loss, stats.grad_norm)
+        interval = self._telemetry_interval
+        if interval and step % interval == 0:
+            with prof.span("step.telemetry"):
+                self._step_telemetry(stats.total_loss, stats.grad_norm)
         return host_loss.detach() if finite else None
 
     def _step_telemetry(self, loss: float, grad_norm: float) -> None:
-        """Every `telemetry.step_interval` steps, one LOW-priority packet (dropped first under pressure)."""
-        interval = self.config.telemetry.step_interval
-        if interval and self.state.global_step % interval == 0:
-            packet = self.telemetry.packet({"tolaria.step.loss": loss, "tolaria.step.grad_norm": grad_norm},
-                                           attributes={"step": str(self.state.global_step)})
-            self.telemetry.publish(packet, MESSAGE_PRIORITY_LOW)
+        """One LOW-priority packet of step metrics (dropped first under pressure); the step calls
+        this every `telemetry.step_interval` steps."""
+        packet = self.telemetry.packet({"tolaria.step.loss": loss, "tolaria.step.grad_norm": grad_norm},
+                                       attributes={"step": str(self.state.global_step)})
+        self.telemetry.publish(packet, MESSAGE_PRIORITY_LOW)
 
     # ---------------------------------------------------------------- boundary helpers
     def validate(self) -> tuple[float, float]:
