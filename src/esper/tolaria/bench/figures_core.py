@@ -133,7 +133,7 @@ def step_overhead_1m(quick: bool) -> list[float]:
 
 @figure("step_overhead_20m", unit="fraction", goal=0.01)
 def step_overhead_20m(quick: bool) -> list[float]:
-    return step_overhead(1024, [4096, 4096], steps=80, rounds=3 if quick else 7)
+    return step_overhead(1024, [4096, 4096], steps=120, rounds=3 if quick else 7)
 
 
 @figure("boundary_p99_ms", unit="ms", goal=2.0)
