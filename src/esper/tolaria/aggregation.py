@@ -160,20 +160,21 @@ class GradientAggregator:
         every term used the host's batch (ratio 1). `check_grads=False` skips the read pass over
         every gradient (its norm and non-finite check) unless clipping needs the norm anyway.
         """
-        if not terms and not check_grads and self.config.max_grad_norm is None:
+        weighted = [(t, w * _ratio(t, host_batch_size)) for t in terms if (w := seed_weight(t)) > 0]
+        checked = check_grads or self.config.max_grad_norm is not None
+        if not weighted and not checked:
             return self._plain_step(host_loss, params)
         names = [n for n, p in params.items() if p.requires_grad]
         plist = [params[n] for n in names]
-        weighted = [(t, w * _ratio(t, host_batch_size)) for t in terms if (w := seed_weight(t)) > 0]
         if self.config.mode == "none" or not weighted:
             extras = self._backward_fused(host_loss, weighted)
         else:
             extras = self._backward_split(host_loss, weighted, names, plist)
-        return self._finish(host_loss, terms, weighted, plist, extras, check_grads)
+        return self._finish(host_loss, terms, weighted, plist, extras, checked)
 
     # -- fast paths ------------------------------------------------------------------------
     def _plain_step(self, host_loss: Tensor, params: Mapping[str, nn.Parameter]) -> AggregationStats:
-        """No seed terms, no gradient read, no clipping: backward and the loss is all there is.
+        """No weighted seed term, no gradient read, no clipping: backward, and the loss is all there is.
 
         The most common step, kept to a few Python operations: right after a large kernel the
         interpreter runs cache-cold, and each extra call there costs microseconds."""
@@ -182,7 +183,7 @@ class GradientAggregator:
         loss = float(host_loss.detach())  # the one sync
         if math.isfinite(loss):
             return AggregationStats(total_loss=loss, finite=True, grad_norm=math.nan, seeds={}, grad_checked=False)
-        return self._stats(loss, False, math.nan, list(params.values()), (), [], [], False)
+        return self._stats(loss, False, math.nan, [p for p in params.values() if p.requires_grad], (), [], [], False)
 
     def _backward_fused(self, host_loss: Tensor, weighted: list[tuple[SeedLossTerm, float]]) -> list[Tensor]:
         if not weighted:
@@ -238,14 +239,10 @@ class GradientAggregator:
         weighted: list[tuple[SeedLossTerm, float]],
         plist: list[nn.Parameter],
         extras: list[Tensor],
-        check_grads: bool = True,
+        checked: bool,
     ) -> AggregationStats:
         dev = host_loss.device
-        checked = check_grads or self.config.max_grad_norm is not None
         self.steps += 1
-        if not weighted and not checked:  # seed terms that all weigh zero: the loss is all there is to read
-            loss_value = float(host_loss.detach())  # the one sync
-            return self._stats(loss_value, math.isfinite(loss_value), math.nan, plist, terms, weighted, [], False)
         grads = [p.grad for p in plist if p.grad is not None] if checked else []
         if self.config.max_grad_norm is not None and grads:
             norm = torch.nn.utils.clip_grad_norm_(plist, self.config.max_grad_norm, foreach=True)

@@ -79,10 +79,9 @@ class GradientMonitor:
     def __init__(self) -> None:
         self.nonfinite_total = 0
 
-    def observe(self, finite: bool, total_norm: float, epoch: int, step: int, checked: bool = True) -> Incident | None:
-        """`checked=False`: the gradient was not measured this step (`total_norm` is NaN); only a
-        non-finite step (the loss) counts, and the loss monitor reports that one."""
-        if not checked or (finite and math.isfinite(total_norm)):
+    def observe(self, finite: bool, total_norm: float, epoch: int, step: int) -> Incident | None:
+        """Call on steps whose whole gradient was read (`AggregationStats.grad_checked`)."""
+        if finite and math.isfinite(total_norm):
             return None
         self.nonfinite_total += 1
         return Incident(SEVERE, "grad_nonfinite", f"gradients are not finite (total norm {total_norm})",
