@@ -92,12 +92,12 @@ def step_overhead(features: int, hidden: list[int], steps: int, rounds: int) -> 
     20M model differ by themselves: where their tensors land in memory moved an A/A comparison by
     about 1 % on this VM, more than the goal. Interleaving single steps (not whole epochs) and
     comparing each step with its neighbour puts both loops under the same machine noise."""
-    batches = _batches(features, steps, 64)
-    trainer = bench_trainer(features, hidden, batches)
+    warm_up = _batches(features, 2, 64)
+    trainer = bench_trainer(features, hidden, warm_up)
     trainer.model.train()
     model, opt = trainer.model, trainer.optim.optimizer
     total = torch.zeros(())
-    for x, y in batches[:2]:  # warm-up both: allocator pools, caches, lazily built state
+    for x, y in warm_up:  # warm-up both: allocator pools, caches, lazily built state
         _plain_step(model, opt, x, y, total)
         trainer._run_batch(x, y)
     out = []
@@ -106,15 +106,12 @@ def step_overhead(features: int, hidden: list[int], steps: int, rounds: int) -> 
         # Fresh random batches each round: random labels the model never memorises, so the loss
         # stays level and no monitor fires (a memorised set drove Adam into loss spikes).
         for i, (x, y) in enumerate(_batches(features, steps, 64, seed=r + 1)):
-            plain = ours = 0.0
-            for who in ((0, 1) if i % 2 == 0 else (1, 0)):
-                start = time.perf_counter()
-                if who == 0:
-                    _plain_step(model, opt, x, y, total)
-                    plain = time.perf_counter() - start
-                else:
-                    trainer._run_batch(x, y)
-                    ours = time.perf_counter() - start
+            if i % 2 == 0:
+                plain = _seconds(_plain_step, model, opt, x, y, total)
+                ours = _seconds(trainer._run_batch, x, y)
+            else:
+                ours = _seconds(trainer._run_batch, x, y)
+                plain = _seconds(_plain_step, model, opt, x, y, total)
             ratios.append(ours / plain)
         out.append(statistics.median(ratios) - 1.0)
     float(total)
@@ -124,6 +121,12 @@ def step_overhead(features: int, hidden: list[int], steps: int, rounds: int) -> 
                            "the plain loop no longer trains the same state")
     trainer.close()
     return out
+
+
+def _seconds(fn: Any, *args: Any) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
 
 
 @figure("step_overhead_1m", unit="fraction", goal=0.03)
