@@ -152,15 +152,11 @@ def verify_and_load(path: Path, entry: CommitEntry) -> LoadedCheckpoint | Verifi
     checkpoint, a quarter of the load. Committed files are never rewritten, so the bytes
     checked are the bytes loaded. Returns the loaded checkpoint, or the failed `Verification`
     naming the file and problem."""
-    checked = _checked_manifest(path, entry)
+    checked = verify_checkpoint(path, entry)
     if not checked.ok:
         return checked
     manifest = checked.manifest
     assert manifest is not None  # noqa: S101 - ok implies a parsed manifest
-    for f in manifest.files:
-        problem = _check_mapped(path / f.name, f)
-        if problem:
-            return Verification(False, f"{f.name} {problem}", manifest)
     sections: dict[str, Any] = {}
     for file_name in (STATE_FILE, MODEL_FILE):
         try:
