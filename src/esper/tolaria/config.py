@@ -142,9 +142,9 @@ class EmergencyConfig(Section):
                                   "caused it. 1 checks every step (1-2 % of a CPU step). Clipping measures the "
                                   "norm on every step anyway.")
     spike_lr_factor: float = Field(0.5, gt=0, le=1, description="LR multiplier applied after a spike recovery.")
-    broadcast: bool = Field(True, description="Create the shared-memory emergency channel for this run name "
-                            "(CRITICAL signals reach other processes on the host; a second run of the same "
-                            "name is refused).")
+    broadcast: bool = Field(True, description="Create the shared-memory emergency channel of this run, keyed by "
+                            "its run directory and rank (CRITICAL signals reach other processes on the host; "
+                            "runs of one config in different directories never collide).")
 
 
 class ExportersConfig(Section):

@@ -50,7 +50,7 @@ from esper.tolaria.monitors import AccuracyMonitor, GradientMonitor, LossMonitor
 from esper.tolaria.restore_plan import RestorePlan
 from esper.tolaria.rollback import RollbackCoordinator
 from esper.tolaria.rollback_participants import TolariaParticipant, participants
-from esper.tolaria.signal import ChannelError, EmergencyChannel
+from esper.tolaria.signal import ChannelBusyError, ChannelError, EmergencyChannel, run_channel_key
 from esper.tolaria.snapshot import Snapshot, SnapshotCopyError
 from esper.tolaria.snapshot_cache import SnapshotCache, copy_behind_rule
 from esper.tolaria.state import live_state, take_snapshot
@@ -111,8 +111,16 @@ class Safety:
     def _open_channel(self) -> EmergencyChannel | None:
         if not self.t.config.emergency.broadcast:
             return None
-        name = f"{self.t.config.run.name}-r{self.t.world.rank}"
-        return EmergencyChannel.create(name)  # a second live Tolaria on this run name is refused here
+        t = self.t
+        # Keyed by the run (its directory, else its id), never by the config's name: a sweep of one
+        # config on one machine runs many trainers at once.
+        key = run_channel_key(t.run_dir, t.run_id, t.world.rank)
+        try:
+            return EmergencyChannel.create(key)
+        except ChannelBusyError as exc:
+            where = f"run directory {t.run_dir}" if t.run_dir is not None else f"run {t.run_id}"
+            raise ValueError(f"{where} is in use by a live Tolaria process (pid {exc.owner_pid}, emergency "
+                             f"channel {key}); wait for it to finish or give this run its own --run-dir") from None
 
     def start(self) -> None:
         """Before the first step: the starting state is the first (healthy) rollback target."""

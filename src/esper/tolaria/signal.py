@@ -1,8 +1,10 @@
 """Cross-process emergency broadcast over POSIX shared memory (layout: `signal.md`).
 
 One process *owns* a run's channel (`EmergencyChannel.create`); workers, supervisors and other
-ranks on the host `attach` by run name. The owner (or any attached process) raises an
-`EmergencySignal`; every participant sees it without the message bus and acknowledges it.
+ranks on the host `attach` by the channel's key. A trainer keys its channel by the run, not by the
+config (`run_channel_key`): two runs of one config (a sweep) must not share a channel. The owner
+(or any attached process) raises an `EmergencySignal`; every participant sees it without the
+message bus and acknowledges it.
 
 Contracts:
 
@@ -17,7 +19,9 @@ Contracts:
   also carries the sequence it belongs to and a BLAKE2b checksum; a reader rejects (and retries)
   any copy whose checksum or sequence echo does not match. Rejections are counted in
   `torn_rejected`, never returned.
-- Writers (raises, slot claims) are serialized across processes with `flock` on the segment.
+- Writers (raises, slot claims) are serialized across processes with `flock` on the segment and,
+  within one channel object, across threads with a lock (a `flock` held through one file
+  descriptor does not exclude a second thread using the same descriptor).
 - Waiting never sleep-polls at 100 ms. A registered participant blocks in `select` on its slot's
   doorbell (a FIFO next to the segment) that every raise rings after publishing, so it wakes
   within microseconds and costs no CPU while idle; it re-checks the sequence at least every 20 ms
@@ -28,7 +32,8 @@ Contracts:
 - The segment is not registered with multiprocessing's resource tracker (on Python < 3.13 an
   attaching process would otherwise unlink the owner's segment when it exits, and every unlink
   would print tracker warnings). The owner unlinks on `close()`, on interpreter exit, and stale
-  segments are reclaimed by the next `create`.
+  segments are reclaimed by the next `create`. A `create` that fails after making the segment
+  unlinks it again.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
+from pathlib import Path
 from types import TracebackType
 
 from esper.leyline import EmergencySignal, LeylineDecodeError, parse, serialize
@@ -92,7 +98,11 @@ class ChannelError(RuntimeError):
 
 
 class ChannelBusyError(ChannelError):
-    """Another live process already owns the channel for this run name."""
+    """Another live process (`owner_pid`) already owns the channel for this key."""
+
+    def __init__(self, message: str, owner_pid: int) -> None:
+        super().__init__(message)
+        self.owner_pid = owner_pid
 
 
 @dataclass(frozen=True)
@@ -119,6 +129,18 @@ def segment_name(run_name: str) -> str:
     if not safe:
         raise ValueError("run_name is empty: give the run a name (config run.name)")
     return f"esper-emg-{safe}"
+
+
+def run_channel_key(run_dir: Path | None, run_id: str, rank: int) -> str:
+    """The channel key of one rank of one run: a hash of the run directory's resolved path (so two
+    runs of the same config in different directories never collide, and a supervisor can derive
+    the key from the directory), or the run id where the run has no directory."""
+    if run_dir is not None:
+        digest = hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
+        return f"run-{digest}-r{rank}"
+    if not run_id:
+        raise ValueError("a run without a run directory needs a run_id to key its emergency channel")
+    return f"id-{run_id}-r{rank}"
 
 
 def segment_size(n_slots: int) -> int:
@@ -212,6 +234,7 @@ class EmergencyChannel:
         self._dir = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
         self._lock_fd = self._open_lock_file()
         self._bells: dict[int, tuple[int, int]] = {}  # our slots' doorbells: (read fd, keep-alive write fd)
+        self._thread_lock = threading.Lock()  # flock does not exclude threads sharing our descriptor
         self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -231,8 +254,13 @@ class EmergencyChannel:
             cls._reclaim_stale(name, run_name)
             stale = True
             shm = _open_segment(name, create=True, size=segment_size(n_slots))
-        _HEADER.pack_into(_buf_of(shm), 0, MAGIC, LAYOUT_VERSION, n_slots, os.getpid(), time.time_ns(), 0)
-        channel = cls(shm, run_name, owner=True, max_sleep_s=max_sleep_s)
+        try:
+            _HEADER.pack_into(_buf_of(shm), 0, MAGIC, LAYOUT_VERSION, n_slots, os.getpid(), time.time_ns(), 0)
+            channel = cls(shm, run_name, owner=True, max_sleep_s=max_sleep_s)
+        except BaseException:
+            _unlink_segment(shm)  # a failed start leaves no segment behind
+            shm.close()
+            raise
         channel.stale_cleaned = stale
         _OWNED.add(channel.name)
         atexit.register(channel.close)
@@ -285,7 +313,8 @@ class EmergencyChannel:
             live_elsewhere = owner_pid != os.getpid() and pid_alive(owner_pid)
             if live_elsewhere or name in _OWNED:
                 raise ChannelBusyError(
-                    f"run {run_name!r} is already active in pid {owner_pid}; stop it or choose another run name"
+                    f"run {run_name!r} is already active in pid {owner_pid}; stop it or choose another run name",
+                    owner_pid,
                 )
             _unlink_segment(shm)  # the owner died without unlinking: a stale segment
             _remove_bells(name)
@@ -350,11 +379,12 @@ class EmergencyChannel:
     def _writer(self) -> Iterator[None]:
         if self._closed:
             raise ChannelError(f"emergency channel for run {self.run_name!r} is closed")
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        with self._thread_lock:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     # ------------------------------------------------------------------ raise and read
 
