@@ -12,6 +12,8 @@ from typing import Any
 from esper import __version__
 from esper.oona.errors import SecretMissing
 
+INSPECT_FORMAT = "tolaria.inspect/1"
+
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tolaria", description="Tolaria: the training orchestrator of Esper.")
@@ -20,7 +22,13 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="train a job from a TOML config and write RUN_DIR/summary.json")
     run.add_argument("config", type=Path, help="TOML config, e.g. examples/digits.toml")
-    run.add_argument("--run-dir", type=Path, default=None, help="output folder (default runs/<name>)")
+    run.add_argument("--run-dir", type=Path, default=None,
+                     help="output folder (default runs/<name>); a folder holding files needs --resume or --overwrite")
+    existing = run.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true",
+                          help="RUN_DIR holds a run: continue it, as `tolaria resume`")
+    existing.add_argument("--overwrite", action="store_true",
+                          help="RUN_DIR holds a run: replace it (deleted only once the new run has been built)")
     run.add_argument("--epochs", type=int, default=None, help="override run.epochs")
     run.add_argument("--no-morphogenesis", action="store_true", help="train the host alone (no growth)")
     run.add_argument("--inject", action="append", default=[], metavar="KIND@epoch=N[,step=M]",
@@ -33,13 +41,20 @@ def _parser() -> argparse.ArgumentParser:
 
     resume = sub.add_parser("resume", help="continue a run from its newest valid committed checkpoint")
     resume.add_argument("run_dir", type=Path)
+    resume.add_argument("--from", dest="checkpoint", default=None, metavar="CHECKPOINT",
+                        help="branch from this committed checkpoint (ckpt-... as `tolaria inspect` lists it, "
+                             "or its path)")
+    resume.add_argument("--run-dir", dest="into", type=Path, default=None, metavar="NEW_DIR",
+                        help="continue into this folder (absent or empty; gets RUN_DIR's config.json), not RUN_DIR")
+    resume.add_argument("--overwrite", action="store_true", help="NEW_DIR holds a run: replace it")
     resume.add_argument("--epochs", type=int, default=None, help="train up to this many epochs in total")
     resume.add_argument("--quiet", action="store_true")
     resume.add_argument("--no-report", action="store_true", help="skip the HTML report at the end")
 
     inspect = sub.add_parser("inspect", help="list and verify the checkpoints of a run or one checkpoint")
     inspect.add_argument("path", type=Path)
-    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    inspect.add_argument("--json", action="store_true",
+                         help=f"print JSON instead of a table ({INSPECT_FORMAT}, see `_inspect_json`)")
 
     report = sub.add_parser("report", help="write RUN_DIR/report/index.html with plots")
     report.add_argument("run_dir", type=Path)
@@ -61,12 +76,14 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from esper.tolaria.checkpoint import CheckpointNotFound
+
     args = _parser().parse_args(argv)
     handler = {"run": _cmd_run, "resume": _cmd_resume, "inspect": _cmd_inspect, "report": _cmd_report,
                "bench": _cmd_bench, "watch": _cmd_watch, "drills": _cmd_drills}[args.command]
     try:
         return int(handler(args))
-    except (ValueError, FileNotFoundError, SecretMissing) as exc:
+    except (ValueError, FileNotFoundError, SecretMissing, CheckpointNotFound) as exc:
         print(f"tolaria {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
@@ -94,7 +111,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     faults = FaultPlan.parse(args.inject, rank=world.rank)
     try:
         summary = run_job(config, run_dir, faults=faults, progress=not args.quiet, report=not args.no_report,
-                          world=world)
+                          resume=args.resume, overwrite=args.overwrite, world=world)
     finally:
         world.close()
     if world.is_leader:
@@ -109,11 +126,11 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     world = World.from_env()
     try:
         summary = resume_job(args.run_dir, epochs=args.epochs, progress=not args.quiet, report=not args.no_report,
-                             world=world)
+                             world=world, checkpoint=args.checkpoint, into=args.into, overwrite=args.overwrite)
     finally:
         world.close()
     if world.is_leader:
-        _print_result(summary, args.run_dir)
+        _print_result(summary, args.into or args.run_dir)
     return 0
 
 
@@ -131,9 +148,13 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from esper.tolaria.checkpoint import inspect as inspect_checkpoints
 
     info = inspect_checkpoints(args.path)
+    if not info.get("checkpoints") and not info.get("wal", {}).get("records"):
+        raise FileNotFoundError(f"{args.path} holds no checkpoints: pass a run directory written by `tolaria run`, "
+                                f"its checkpoints/ folder or one ckpt-* folder")
+    ok = 0 if all(c.get("status") == "ok" for c in info["checkpoints"]) else 1
     if args.json:
-        print(json.dumps(info, indent=2, default=str))
-        return 0
+        print(json.dumps(_inspect_json(info), indent=2))
+        return ok
     from rich.console import Console
     from rich.table import Table
 
@@ -145,7 +166,27 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         table.add_row(str(c.get("name")), str(c.get("epoch")), str(c.get("step")),
                       f"{c.get('size_bytes', 0) / 1e6:.2f} MB", seeds, str(c.get("status")))
     Console().print(table)
-    return 0 if all(c.get("status") == "ok" for c in info.get("checkpoints", [])) else 1
+    return ok
+
+
+def _inspect_json(info: dict[str, Any]) -> dict[str, Any]:
+    """`tolaria inspect --json`, format tolaria.inspect/1 (new keys may be added, none renamed):
+    {"format", "directory", "checkpoints": [{"name", "path", "epoch", "step", "txn", "committed",
+    "verified", "status", "size_bytes", "seeds": [{"seed_id", "stage"}]}], "wal": {"segments",
+    "records", "events"}}, checkpoints newest first. `status` is "ok", "uncommitted" or
+    "corrupt: <file> <problem>"; `verified` is status == "ok"; epoch/txn are null when unreadable."""
+    def one(c: dict[str, Any]) -> dict[str, Any]:
+        return {"name": c.get("name"), "path": str(c.get("path", "")), "epoch": c.get("epoch"),
+                "step": c.get("step"), "txn": c.get("txn", c.get("txn_id")), "committed": bool(c.get("committed")),
+                "verified": c.get("status") == "ok", "status": str(c.get("status")),
+                "size_bytes": int(c.get("size_bytes") or 0),
+                "seeds": [{"seed_id": s.get("seed_id"), "stage": s.get("stage")} for s in c.get("seeds", [])]}
+
+    wal = info.get("wal", {})
+    return {"format": INSPECT_FORMAT, "directory": str(info.get("directory", "")),
+            "checkpoints": [one(c) for c in info.get("checkpoints", [])],
+            "wal": {"segments": list(wal.get("segments", [])), "records": int(wal.get("records", 0)),
+                    "events": [str(e) for e in wal.get("events", [])]}}
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

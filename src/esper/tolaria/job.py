@@ -8,30 +8,50 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from esper.tolaria.checkpoint.atomic import atomic_write_bytes
+from esper.tolaria.checkpoint.layout import CKPT_RE
 from esper.tolaria.config import TolariaConfig, config_from_dict
 from esper.tolaria.distributed import World
 from esper.tolaria.faults import FaultPlan
+from esper.tolaria.run_dir import Mode, RunDirClaim
 from esper.tolaria.summary import write_summary
 
 log = logging.getLogger(__name__)
 
 
-def run_job(config: TolariaConfig, run_dir: Path, *, faults: FaultPlan | None = None, progress: bool = True,
-            report: bool = True, resume: bool = False, world: World | None = None) -> dict[str, Any]:
-    from esper.tolaria.build import build_trainer
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a run continues from: a checkpoints directory and, optionally, one committed checkpoint
+    in it (`ckpt-...`); without `name` the newest one that verifies."""
 
+    checkpoints: Path
+    name: str | None = None
+
+
+def run_job(config: TolariaConfig, run_dir: Path, *, faults: FaultPlan | None = None, progress: bool = True,
+            report: bool = True, resume: bool | ResumePoint = False, overwrite: bool = False,
+            world: World | None = None) -> dict[str, Any]:
+    """Build, train and write the run. `resume=True` continues RUN_DIR from its own checkpoints;
+    a `ResumePoint` elsewhere starts RUN_DIR (absent or empty) from that checkpoint. Nothing is
+    written into RUN_DIR before the trainer is built and restored (`run_dir.RunDirClaim`)."""
     world = world or World()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if world.is_leader:
+    point = ResumePoint(run_dir / "checkpoints") if resume is True else resume or None
+    mode: Mode = "overwrite" if overwrite else "continue" if point and _same_run(point, run_dir) else "new"
+    claim = RunDirClaim.open(run_dir, mode) if world.is_leader else None
+    try:
+        trainer = _build(config, run_dir, point, faults=faults, progress=progress, world=world)
+    except BaseException:
+        if claim is not None:
+            claim.abort()
+        raise
+    if claim is not None:
+        claim.commit()
         atomic_write_bytes(run_dir / "config.json", json.dumps(config.model_dump(mode="json"), indent=2).encode())
-    trainer = build_trainer(config, run_dir=run_dir, faults=faults, callbacks=_callbacks(config, run_dir, world,
-                                                                                         progress), world=world)
-    if resume:
-        trainer.resume_from(run_dir / "checkpoints")
     result = trainer.fit()
     summary = result.summary
     summary["ranks_final_state_match"] = _ranks_agree(world, summary["final_state_sha256"])
@@ -42,6 +62,32 @@ def run_job(config: TolariaConfig, run_dir: Path, *, faults: FaultPlan | None = 
     else:
         write_summary(summary, run_dir, name=f"summary.rank{world.rank}.json")
     return summary
+
+
+def _same_run(point: ResumePoint, run_dir: Path) -> bool:
+    return point.checkpoints.resolve() == (run_dir / "checkpoints").resolve()
+
+
+def _build(config: TolariaConfig, run_dir: Path, point: ResumePoint | None, *, faults: FaultPlan | None,
+           progress: bool, world: World) -> Any:
+    from esper.tolaria.build import build_trainer
+
+    trainer = build_trainer(config, run_dir=run_dir, faults=faults,
+                            callbacks=_callbacks(config, run_dir, world, progress), world=world)
+    if point is None:
+        return trainer
+    try:
+        if point.name is None:
+            trainer.resume_from(point.checkpoints)
+        else:
+            trainer.resume_from(point.checkpoints, name=point.name)
+    except BaseException:
+        trainer.close()
+        raise
+    if world.is_leader:
+        for event in trainer.safety.recovery_events:
+            print(f"tolaria resume: skipped {event}", file=sys.stderr)
+    return trainer
 
 
 def _callbacks(config: TolariaConfig, run_dir: Path, world: World, progress: bool) -> tuple[Any, ...]:
@@ -76,15 +122,32 @@ def _ranks_agree(world: World, digest: str) -> bool:
 
 
 def resume_job(run_dir: Path, *, epochs: int | None = None, progress: bool = True, report: bool = True,
-               world: World | None = None) -> dict[str, Any]:
+               world: World | None = None, checkpoint: str | None = None, into: Path | None = None,
+               overwrite: bool = False) -> dict[str, Any]:
+    """Continue RUN_DIR with its own config.json: from its newest valid checkpoint, or from the
+    committed `checkpoint` (a `ckpt-...` name or a path to it) when given; `into` another folder
+    (absent or empty, or `overwrite`) branches there with a copy of the config."""
     path = run_dir / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {run_dir} a run directory written by `tolaria run`?")
     data = json.loads(path.read_text())
     if epochs is not None:
         data["run"]["epochs"] = epochs
-    return run_job(config_from_dict(data, source=str(path)), run_dir, progress=progress, report=report, resume=True,
-                   world=world)
+    point = ResumePoint(run_dir / "checkpoints", checkpoint_name(run_dir, checkpoint) if checkpoint else None)
+    return run_job(config_from_dict(data, source=str(path)), into or run_dir, progress=progress, report=report,
+                   resume=point, overwrite=overwrite, world=world)
+
+
+def checkpoint_name(run_dir: Path, checkpoint: str) -> str:
+    """The name of `checkpoint` (`ckpt-...` as `tolaria inspect` lists it, or a path to one of
+    RUN_DIR's checkpoints); raises ValueError for anything else."""
+    if CKPT_RE.match(checkpoint):
+        return checkpoint
+    given = Path(checkpoint)
+    if CKPT_RE.match(given.name) and given.parent.resolve() == (run_dir / "checkpoints").resolve():
+        return given.name
+    raise ValueError(f"--from {checkpoint}: name one of {run_dir}'s checkpoints, as `tolaria inspect {run_dir}` "
+                     f"lists them (ckpt-...), or give the path {run_dir / 'checkpoints'}/ckpt-...")
 
 
 def _write_report(run_dir: Path) -> None:

@@ -438,8 +438,11 @@ class Safety:
         self.accuracy.load_state_dict(state["accuracy"])
         self.timing.load_state_dict(state["timing"])
 
-    def resume_from(self, directory: Path) -> Snapshot:
-        result = recover(directory, clean=self.t.world.is_leader)
+    def resume_from(self, directory: Path, *, name: str | None = None) -> Snapshot:
+        # Only this run's own directory is cleaned: a branch reads another run without changing it.
+        own = self.checkpoint_dir is not None and Path(directory).resolve() == self.checkpoint_dir.resolve()
+        clean = self.t.world.is_leader and own
+        result = recover(directory, clean=clean, name=name) if name else recover(directory, clean=clean)
         self.recovery_events += result.events
         if result.checkpoint is None:
             raise FileNotFoundError(f"no valid committed checkpoint in {directory}: "

@@ -417,9 +417,10 @@ class TolariaTrainer:
 
         return build_summary(self)
 
-    def resume_from(self, directory: Path) -> None:
-        """Restore the newest valid committed checkpoint in `directory` before `fit()`."""
-        snapshot = self.safety.resume_from(directory)
+    def resume_from(self, directory: Path, *, name: str | None = None) -> None:
+        """Restore the newest valid committed checkpoint in `directory` (or exactly the committed
+        checkpoint `name`) before `fit()`."""
+        snapshot = self.safety.resume_from(directory, name=name)
         if snapshot.state["trainer"].get("config_sha256") != self.config.sha256():
             self.record_event("resume_config_changed", TELEMETRY_LEVEL_WARNING, checkpoint=snapshot.snapshot_id)
         restore_state(self, snapshot.state, keep_records=False)
