@@ -264,9 +264,10 @@ class TolariaTrainer:
         with torch.no_grad():
             for x, y in self.val_loader:
                 out = self.model(x)
-                loss_sum += float(self.loss_fn(out, y)) * len(y)
-                correct += int((out.argmax(dim=1) == y).sum())
-                n += len(y)
+                count = y.numel()  # targets [B] for classifiers, [B, T] for sequence models
+                loss_sum += float(self.loss_fn(out, y)) * count
+                correct += int((out.argmax(dim=-1) == y).sum())
+                n += count
         self.model.train()
         val_loss, val_accuracy = loss_sum / max(n, 1), correct / max(n, 1)
         self.lr.report_validation(val_loss)
