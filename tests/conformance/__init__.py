@@ -1,0 +1,1 @@
+"""Recovery conformance suite: every workload, every checkpoint, every kill point resumes exactly."""
