@@ -125,7 +125,8 @@ class EpochBoundary:
         outcome = self._exchange(packet) if t.world.is_leader else None
         outcome = _unpack_outcome(t.world.broadcast_object(_pack_outcome(outcome)))
         if outcome.fallback:
-            opened = breaker.record_failure(f"{outcome.failure_kind}: {outcome.failure}")
+            # "late" missed only conservative mode's shorter leash: the controller did not fail.
+            opened = outcome.is_failure and breaker.record_failure(f"{outcome.failure_kind}: {outcome.failure}")
             t.record_event("tamiyo_fallback", TELEMETRY_LEVEL_WARNING, kind=outcome.failure_kind,
                            reason=outcome.failure, breaker_opened=opened)
             t.fallbacks.append({"epoch": packet.current_epoch, "kind": outcome.failure_kind,
@@ -137,7 +138,8 @@ class EpochBoundary:
     def _exchange(self, packet: SystemStatePacket) -> HandshakeOutcome:
         t = self.t
         timeout = t.config.handshake.tamiyo_timeout_s
-        if t.conservative.active:
+        # The half-open probe decides whether the controller recovered: it gets the full deadline.
+        if t.conservative.active and t.breakers["tamiyo"].is_closed:
             timeout *= t.config.conservative.tamiyo_timeout_factor
         return t.handshake.exchange(packet, timeout_s=timeout)
 

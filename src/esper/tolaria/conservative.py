@@ -5,7 +5,11 @@ While conservative:
   fossilize or cull existing seeds still apply, so live seeds can finish or be removed.
 - **Tamiyo gets a shorter leash.** Its deadline is multiplied by `tamiyo_timeout_factor` (0.5 by
   default), so a struggling controller costs less per epoch; while the Tamiyo breaker is OPEN the
-  controller is skipped and the fallback command is used until the half-open probe.
+  controller is skipped and the fallback command is used until the half-open probe. The leash
+  bounds the wait, never the verdict: the half-open probe gets the full deadline (it decides
+  whether the controller recovered), and an answer that misses only the shorter deadline is a
+  "late" fallback that is not charged to the breaker. Otherwise a controller that meets its
+  normal deadline could never close its breaker, and this mode could never be left.
 - **Per-seed telemetry is reduced** to the aggregate metrics (seed counts, not one metric per seed).
 - The flag is visible in every `SystemStatePacket` (field 50, `conservative_mode`), in telemetry
   events `conservative_mode_entered` / `conservative_mode_exited`, and in `summary.json`.
