@@ -6,7 +6,14 @@ letters). `signing` holds the shared-secret HMAC conventions for entries and com
 """
 
 from esper.oona.dedup import Deduplicator
-from esper.oona.errors import BusRejected, BusUnavailable, CommandRejected, RejectionCode, SecretMissing
+from esper.oona.errors import (
+    BusRejected,
+    BusUnavailable,
+    CommandRejected,
+    EntryTooLarge,
+    RejectionCode,
+    SecretMissing,
+)
 from esper.oona.inprocess import InProcessBus
 from esper.oona.redis_bus import DeadLetter, Delivery, RedisBus
 from esper.oona.signing import (
@@ -17,10 +24,12 @@ from esper.oona.signing import (
     sign_payload,
     verify_payload,
 )
+from esper.oona.spool import SPOOL_FILE, SpoolingBus
 from esper.oona.streams import StreamNames, decode_payload, envelope_for, stamp_event_id
 
 __all__ = [
     "SECRET_ENV",
+    "SPOOL_FILE",
     "BusRejected",
     "BusUnavailable",
     "CommandRejected",
@@ -28,10 +37,12 @@ __all__ = [
     "DeadLetter",
     "Deduplicator",
     "Delivery",
+    "EntryTooLarge",
     "InProcessBus",
     "RedisBus",
     "RejectionCode",
     "SecretMissing",
+    "SpoolingBus",
     "StreamNames",
     "decode_payload",
     "envelope_for",

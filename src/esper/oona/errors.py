@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from esper.leyline import LeylineSizeError
 
 RejectionCode = Literal["unsigned", "forged", "replayed", "stale", "future", "malformed"]
 
@@ -16,6 +19,15 @@ class BusUnavailable(ConnectionError):
 class BusRejected(RuntimeError):
     """Redis is up but refused the command (out of memory, read-only replica, a key of the wrong
     type). Not retried with backoff: the server answered; the message names its reply."""
+
+
+class EntryTooLarge(BusRejected, LeylineSizeError):
+    """An entry over the bus's `max_entry_bytes`: refused before it is signed or sent. `refused`
+    holds the envelopes that were not published (the rest of a batch was)."""
+
+    def __init__(self, message: str, refused: Sequence[Any] = ()) -> None:
+        super().__init__(message)
+        self.refused = list(refused)
 
 
 class SecretMissing(RuntimeError):

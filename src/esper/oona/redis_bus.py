@@ -7,7 +7,10 @@ fails `max_failures` times, or whose signature or envelope is bad, goes to the d
 
 Failure behaviour: every Redis call uses short socket timeouts and no client-side retries; a
 connection error raises `BusUnavailable` at once, and a command Redis refuses raises
-`BusRejected`. After a connection failure the bus refuses calls for a backoff delay (doubling up
+`BusRejected`. An entry larger than `max_entry_bytes` is refused before it is signed or sent
+(`EntryTooLarge`, a `BusRejected` and a `LeylineSizeError`); one read from Redis is checked for
+size before its HMAC and dead-lettered as a bounded record (its size, never its bytes); both
+count in `oversized_total`. After a connection failure the bus refuses calls for a backoff delay (doubling up
 to `backoff_max_s`) without touching the network, then tries again on the next call; a success
 after failures counts one reconnect in `reconnects_total`.
 """
@@ -25,14 +28,15 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from esper.leyline import BusEnvelope, LeylineDecodeError, parse
-from esper.oona.errors import BusRejected, BusUnavailable
+from esper.leyline import DEFAULT_MAX_MESSAGE_BYTES, BusEnvelope, LeylineDecodeError, parse
+from esper.oona.errors import BusRejected, BusUnavailable, EntryTooLarge
 from esper.oona.signing import load_secret, sign_payload, verify_payload
 from esper.oona.streams import EVENT_ID, StreamNames, stamp_event_id
 
 log = logging.getLogger(__name__)
 
 Fields = dict[bytes, bytes]
+MAX_SIGNATURE_BYTES = 256  # a base64 HMAC-SHA256 is 44
 Entry = tuple[bytes, Fields | None]
 
 
@@ -81,15 +85,19 @@ class RedisBus:
     def __init__(self, url: str, *, streams: StreamNames = StreamNames(), maxlen: int = 100_000,
                  secret: bytes | None = None, socket_timeout: float = 0.25, read_timeout_s: float = 30.0,
                  max_failures: int = 5, reclaim_idle_ms: int = 60_000, backoff_initial_s: float = 0.05,
-                 backoff_max_s: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 backoff_max_s: float = 5.0, clock: Callable[[], float] = time.monotonic,
+                 max_entry_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
         if maxlen < 1 or max_failures < 1 or reclaim_idle_ms < 0:
             raise ValueError(f"RedisBus: maxlen={maxlen} and max_failures={max_failures} must be >= 1, "
                              f"reclaim_idle_ms={reclaim_idle_ms} >= 0")
         if not 0 < backoff_initial_s <= backoff_max_s:
             raise ValueError(f"RedisBus: need 0 < backoff_initial_s ({backoff_initial_s}) <= backoff_max_s "
                              f"({backoff_max_s})")
+        if max_entry_bytes < 1:
+            raise ValueError(f"RedisBus: max_entry_bytes={max_entry_bytes} must be >= 1")
         self.url = url
         self.streams = streams
+        self.max_entry_bytes = max_entry_bytes
         self.maxlen = maxlen
         self.max_failures = max_failures
         self.reclaim_idle_ms = reclaim_idle_ms
@@ -108,6 +116,7 @@ class RedisBus:
         self.reconnects_total = 0
         self.dead_lettered_total = 0
         self.rejected_total = 0
+        self.oversized_total = 0
 
     @staticmethod
     def _client(url: str, connect_timeout: float, read_timeout: float) -> redis.Redis:
@@ -155,23 +164,40 @@ class RedisBus:
         return self._consecutive_failures == 0
 
     # ------------------------------------------------------------------ publishing
-    def _entry(self, envelope: BusEnvelope) -> dict[Any, Any]:
+    def _entry(self, envelope: BusEnvelope) -> dict[Any, Any] | None:
+        """The signed fields, or None (counted) when the entry is over `max_entry_bytes`."""
         stamp_event_id(envelope)
         data = envelope.SerializeToString(deterministic=True)
+        if len(data) > self.max_entry_bytes:  # checked before any HMAC or network work
+            self.oversized_total += 1
+            return None
         return {"payload": data, "signature": sign_payload(data, self._secret)}
+
+    def _too_large(self, name: str, refused: list[BusEnvelope]) -> EntryTooLarge:
+        sizes = ", ".join(str(len(e.payload)) for e in refused[:5])
+        return EntryTooLarge(f"Oona {name}: {len(refused)} entr{'y' if len(refused) == 1 else 'ies'} of ~{sizes} "
+                             f"bytes exceed max_entry_bytes={self.max_entry_bytes}; not published (send less "
+                             f"per message or raise max_entry_bytes)", refused)
 
     def publish(self, stream: str, envelope: BusEnvelope) -> str:
         """XADD one signed entry (approximate MAXLEN trim); stamps `attributes["event_id"]` when
-        absent. Returns the entry id. Raises `BusUnavailable` fast when Redis is unreachable."""
+        absent. Returns the entry id. Raises `BusUnavailable` fast when Redis is unreachable and
+        `EntryTooLarge` (nothing sent) for an entry over `max_entry_bytes`."""
         name = self.streams.resolve(stream)
         fields = self._entry(envelope)
+        if fields is None:
+            raise self._too_large(name, [envelope])
         entry_id = self._call("XADD", lambda: self._fast.xadd(name, fields, maxlen=self.maxlen, approximate=True))
         return _text(entry_id)
 
     def publish_many(self, stream: str, envelopes: Iterable[BusEnvelope]) -> list[str]:
-        """Publish a batch in one pipelined round trip; returns the entry ids in order."""
+        """Publish a batch in one pipelined round trip; returns the entry ids in order. Entries over
+        `max_entry_bytes` are left out: the rest is published, then `EntryTooLarge` names them."""
         name = self.streams.resolve(stream)
-        entries = [self._entry(env) for env in envelopes]
+        batch = list(envelopes)
+        signed = [(env, self._entry(env)) for env in batch]
+        entries = [fields for _, fields in signed if fields is not None]
+        refused = [env for env, fields in signed if fields is None]
 
         def send() -> list[Any]:
             pipe = self._fast.pipeline(transaction=False)
@@ -179,7 +205,10 @@ class RedisBus:
                 pipe.xadd(name, fields, maxlen=self.maxlen, approximate=True)
             return pipe.execute()
 
-        return [_text(entry_id) for entry_id in self._call("XADD pipeline", send)]
+        ids = [_text(entry_id) for entry_id in self._call("XADD pipeline", send)] if entries else []
+        if refused:
+            raise self._too_large(name, refused)
+        return ids
 
     # ------------------------------------------------------------------ consumer groups
     def ensure_group(self, stream: str, group: str, start_id: str = "0") -> None:
@@ -245,7 +274,7 @@ class RedisBus:
             if problem:
                 self._dead_letter(stream, _text(raw_id), fields, group, problem)
                 continue
-            envelope = parse(BusEnvelope, fields[b"payload"])
+            envelope = parse(BusEnvelope, fields[b"payload"], max_bytes=self.max_entry_bytes)
             out.append(Delivery(stream, _text(raw_id), envelope, group, consumer, times))
         return out
 
@@ -254,18 +283,35 @@ class RedisBus:
         payload, signature = fields.get(b"payload"), fields.get(b"signature")
         if payload is None or signature is None:
             return "entry lacks the payload or signature field"
+        if oversized := self._oversized(fields):  # before the HMAC: never hash an unbounded payload
+            return oversized
         if not verify_payload(payload, signature, self._secret):
             return "bad signature (HMAC mismatch: tampered entry or a different ESPER_LEYLINE_SECRET)"
         try:
-            parse(BusEnvelope, payload)
+            parse(BusEnvelope, payload, max_bytes=self.max_entry_bytes)
         except LeylineDecodeError as exc:
             return f"malformed envelope: {exc}"
         return ""
 
+    def _oversized(self, fields: Fields) -> str:
+        """Why an entry read from Redis is too large to handle, or ""."""
+        payload, signature = len(fields.get(b"payload", b"")), len(fields.get(b"signature", b""))
+        if payload > self.max_entry_bytes:
+            return f"entry of {payload} bytes exceeds the limit of {self.max_entry_bytes} bytes (max_entry_bytes)"
+        if signature > MAX_SIGNATURE_BYTES:
+            return f"signature field of {signature} bytes exceeds the limit of {MAX_SIGNATURE_BYTES} bytes"
+        return ""
+
     def _dead_letter(self, stream: str, entry_id: str, fields: Fields, group: str, reason: str) -> None:
         log.warning("Oona: dead-lettering %s %s (group %s): %s", stream, entry_id, group or "-", reason)
-        record: dict[Any, Any] = {"payload": fields.get(b"payload", b""), "signature": fields.get(b"signature", b""),
-                  "stream": stream, "entry_id": entry_id, "group": group, "reason": reason}
+        oversized = bool(self._oversized(fields))
+        # A bounded record: an oversized entry is recorded by its size, never copied whole.
+        record: dict[Any, Any] = {"payload": b"" if oversized else fields.get(b"payload", b""),
+                                  "signature": b"" if oversized else fields.get(b"signature", b""),
+                                  "payload_bytes": len(fields.get(b"payload", b"")),
+                                  "stream": stream, "entry_id": entry_id, "group": group, "reason": reason}
+        if oversized:
+            self.oversized_total += 1
 
         def move() -> Any:
             pipe = self._fast.pipeline(transaction=True)
@@ -301,9 +347,11 @@ class RedisBus:
                 problem = self._problem(fields)
                 if problem:
                     self.rejected_total += 1
+                    self.oversized_total += bool(self._oversized(fields))
                     log.warning("Oona: skipping %s %s: %s", name, cursor, problem)
                     continue
-                out.append(Delivery(name, cursor, parse(BusEnvelope, fields[b"payload"])))
+                envelope = parse(BusEnvelope, fields[b"payload"], max_bytes=self.max_entry_bytes)
+                out.append(Delivery(name, cursor, envelope))
         return out, cursor
 
     def last_entry_id(self, stream: str) -> str:

@@ -141,6 +141,10 @@ def _print_result(summary: dict[str, Any], run_dir: Path) -> None:
           f"final val accuracy {summary['final_val_accuracy']:.4f}, params {summary['param_count']:,}, "
           f"seeds {len(seeds)} ({fossilized} fossilized), rollbacks {len(summary['rollbacks'])}, "
           f"emergencies {len(summary['emergencies'])}")
+    telemetry = summary.get("telemetry", {})
+    if telemetry.get("spooled"):
+        print(f"telemetry: {telemetry['spooled']} messages did not reach Oona; local copy: {telemetry['spool']}",
+              file=sys.stderr)
     print(f"summary: {run_dir / 'summary.json'}")
 
 

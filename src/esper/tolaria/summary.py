@@ -49,7 +49,7 @@ def build_summary(t: TolariaTrainer) -> dict[str, Any]:
         },
         "conservative_mode": t.conservative.summary(),
         "breakers": t.breakers.summary(),
-        "telemetry": t.telemetry.summary(),
+        "telemetry": {**t.telemetry.summary(), **_spool(t.bus)},
         "tamiyo_fallbacks": t.fallbacks,
         "apply_failures": t.apply_failures,
         "rollbacks": t.rollbacks,
@@ -61,6 +61,12 @@ def build_summary(t: TolariaTrainer) -> dict[str, Any]:
         "aggregation": {"mode": t.aggregator.config.mode, "nonfinite_steps": t.aggregator.nonfinite_steps},
         "lr": {"current": t.lr.current()},
     }
+
+
+def _spool(bus: Any) -> dict[str, Any]:
+    """What a remote bus could not publish and kept locally (`oona.SpoolingBus`), if it spools."""
+    summary = getattr(bus, "summary", None) if hasattr(bus, "spooled") else None
+    return dict(summary()) if summary is not None else {}
 
 
 def write_summary(summary: dict[str, Any], run_dir: Path, *, name: str = "summary.json") -> Path:

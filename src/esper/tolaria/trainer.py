@@ -456,9 +456,11 @@ def _batches_per_epoch(loader: Iterable[Any]) -> int:
 
 def _default_bus(run_dir: Path | None, config: TolariaConfig) -> OonaBus:
     if config.oona.url:
-        from esper.oona import RedisBus, load_secret
+        from esper.oona import SPOOL_FILE, RedisBus, SpoolingBus, load_secret
 
-        return RedisBus(config.oona.url, secret=load_secret(key_file=config.oona.secret_file or None))
+        # What Redis does not take is kept in the run directory, and the first failure is said aloud.
+        redis_bus = RedisBus(config.oona.url, secret=load_secret(key_file=config.oona.secret_file or None))
+        return SpoolingBus(redis_bus, run_dir / SPOOL_FILE if run_dir is not None else None)
     from esper.oona import InProcessBus
 
     jsonl = run_dir / "telemetry.jsonl" if run_dir is not None and config.telemetry.jsonl else None
