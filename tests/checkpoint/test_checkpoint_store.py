@@ -100,7 +100,8 @@ def test_reaching_the_same_step_again_supersedes_the_old_checkpoint(tmp_path: Pa
     store.close()
     loaded = recover(tmp_path).checkpoint
     assert loaded is not None and loaded.state["trainer"]["note"] == "after rollback"
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("wal")) == ["ckpt-000000000010"]
+    # the re-commit gets its own transaction-named dir; the old one is retired after its COMMIT
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("wal")) == ["ckpt-000000000010.t2"]
 
 
 def test_reopened_store_continues_transaction_ids(tmp_path: Path) -> None:

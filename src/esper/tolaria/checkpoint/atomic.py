@@ -13,6 +13,9 @@ from pathlib import Path
 
 # `write(fd, data)` must write all of `data` to `fd` or raise; tests pass one that fails halfway.
 WriteFn = Callable[[int, bytes], None]
+# `crash_point(label)` is called before each durable step ("write", "fsync", "rename", "fsync-dir");
+# crash tests raise from it or copy the directory there. None costs nothing.
+CrashPoint = Callable[[str], None]
 
 TEMP_SUFFIX = ".tmp"
 
@@ -40,7 +43,8 @@ def temp_path_for(path: Path) -> Path:
 
 
 def atomic_write_bytes(
-    path: str | os.PathLike[str], data: bytes, *, fsync: bool = True, write: WriteFn | None = None
+    path: str | os.PathLike[str], data: bytes, *, fsync: bool = True, write: WriteFn | None = None,
+    crash_point: CrashPoint | None = None,
 ) -> None:
     """Replace `path` with `data` atomically.
 
@@ -50,20 +54,29 @@ def atomic_write_bytes(
     """
     target = Path(path)
     tmp = temp_path_for(target)
+    crash = crash_point or _no_crash
+    crash("write")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         try:
             (write or write_all)(fd, data)
             if fsync:
+                crash("fsync")
                 os.fsync(fd)
         finally:
             os.close(fd)
+        crash("rename")
         os.replace(tmp, target)
     except BaseException:
         _remove_quietly(tmp)
         raise
     if fsync:
+        crash("fsync-dir")
         fsync_dir(target.parent)
+
+
+def _no_crash(label: str) -> None:
+    return
 
 
 def _remove_quietly(path: Path) -> None:

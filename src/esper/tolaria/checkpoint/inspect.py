@@ -6,38 +6,51 @@ import os
 from pathlib import Path
 from typing import Any
 
-from esper.tolaria.checkpoint.layout import CKPT_RE, MODEL_FILE, STATE_FILE, load_state_file
+from esper.tolaria.checkpoint.layout import (
+    MODEL_FILE,
+    STATE_FILE,
+    is_checkpoint_name,
+    is_real_dir,
+    load_state_file,
+    step_of,
+)
 from esper.tolaria.checkpoint.recovery import (
     CheckpointNotFound,
     CommitEntry,
+    checkpoint_dirs,
     committed_index,
     verify_checkpoint,
 )
-from esper.tolaria.checkpoint.wal import replay
+from esper.tolaria.checkpoint.wal import replay, segment_paths
 
 
 def list_checkpoints(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """Every checkpoint dir under `directory`, newest step first, verified against the WAL.
+    """Every checkpoint dir under `directory`, newest first (by txn, then step), verified against the WAL.
 
-    Each entry: name, path, epoch, step, txn_id, committed, size_bytes, files {name: size},
-    seeds [{seed_id, stage}], status ("ok", "uncommitted", or "corrupt: <file> <problem>").
+    Each entry: name, path, epoch, step, txn (also as txn_id), committed, size_bytes, files
+    {name: size}, seeds [{seed_id, stage}], status ("ok", "uncommitted", or "corrupt: <file> <problem>").
     """
     root = Path(directory)
     commits = {e.name: e for e in committed_index(replay(root).records)}
-    dirs = sorted((p for p in root.iterdir() if CKPT_RE.match(p.name) and p.is_dir()), reverse=True) \
-        if root.is_dir() else []
-    return [_describe(path, commits.get(path.name)) for path in dirs]
+    described = [_describe(path, commits.get(path.name)) for path in checkpoint_dirs(root)]
+    return sorted(described, key=lambda c: (c["txn"] or 0, c["step"]), reverse=True)
 
 
 def inspect(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Checkpoints of a run dir, a checkpoints dir, or one checkpoint dir, plus the WAL's health."""
+    """Checkpoints of a run dir, a checkpoints dir, or one checkpoint dir, plus the WAL's health.
+
+    Raises FileNotFoundError when `path` is none of those (nothing to inspect is an error, not an
+    empty table)."""
     target = Path(path)
+    usage = "pass a run dir, its checkpoints/ dir or a ckpt-* dir"
     if not target.exists():
-        raise FileNotFoundError(f"{target} does not exist; pass a run dir, its checkpoints/ dir or a ckpt-* dir")
+        raise FileNotFoundError(f"{target} does not exist; {usage}")
     if (target / "checkpoints").is_dir():
         target = target / "checkpoints"
-    only = target.name if CKPT_RE.match(target.name) else None
+    only = target.name if is_checkpoint_name(target.name) and is_real_dir(target) else None
     root = target.parent if only else target
+    if only is None and not checkpoint_dirs(root) and not segment_paths(root):
+        raise FileNotFoundError(f"{target} holds no checkpoint and no write-ahead log; {usage}")
     replayed = replay(root)
     checkpoints = [c for c in list_checkpoints(root) if only is None or c["name"] == only]
     return {
@@ -75,9 +88,10 @@ def _describe(path: Path, commit: CommitEntry | None) -> dict[str, Any]:
     manifest = verification.manifest
     info: dict[str, Any] = {
         "name": path.name, "path": str(path), "committed": commit is not None,
+        "txn": manifest.txn_id if manifest else None,
         "txn_id": manifest.txn_id if manifest else None,
         "epoch": manifest.epoch if manifest else None,
-        "step": manifest.global_step if manifest else int(path.name.split("-")[1]),
+        "step": manifest.global_step if manifest else step_of(path.name),
         "files": {f.name: f.size_bytes for f in manifest.files} if manifest else {},
         "size_bytes": sum(f.size_bytes for f in manifest.files) if manifest else 0,
         "seeds": [],

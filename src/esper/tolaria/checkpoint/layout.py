@@ -4,15 +4,25 @@
     <root>/ckpt-<step:012d>/model.pt     the snapshot's `model` section (torch.save bytes)
     <root>/ckpt-<step:012d>/state.pt     every other section
     <root>/ckpt-<step:012d>/manifest.pb  Leyline CheckpointManifest with per-file CRC32C and size
+    <root>/ckpt-<step:012d>.t<txn>/      a step checkpointed again (after a rollback or a branch):
+                                         a new name, so the committed one is never moved
     <root>/.ckpt-...tmp, .<file>.tmp     leftovers of interrupted writes: never read, cleaned
+
+Every name read from disk (WAL COMMIT payloads, manifest file lists, directory entries) is
+untrusted: it must match its pattern before it is joined to a path, and files are opened without
+following links, without blocking (a FIFO), and only when regular and within a size limit.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
+import os
 import re
+import shutil
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +36,101 @@ MODEL_FILE = "model.pt"
 STATE_FILE = "state.pt"
 MANIFEST_FILE = "manifest.pb"
 DATA_FILES = (MODEL_FILE, STATE_FILE)
-CKPT_RE = re.compile(r"^ckpt-(\d{12})$")
+CKPT_RE = re.compile(r"^ckpt-(\d{12})(?:\.t(\d{1,19}))?$")
+# Manifest file names: one plain component (no separator, no leading dot, so never "..").
+FILE_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_DATA_FILE_BYTES = 1 << 40  # a sanity cap on what a manifest may declare (1 TiB per file)
 _NDARRAY_KEY = "__esper_ndarray__"
 
 
-def checkpoint_name(step: int) -> str:
-    return f"ckpt-{step:012d}"
+class UnsafeFileError(ValueError):
+    """A path in a run directory is not what the store writes there (a link, a FIFO, too big).
+    `problem` is the short reason, for messages that name the file themselves."""
+
+    def __init__(self, message: str, problem: str = "") -> None:
+        super().__init__(message)
+        self.problem = problem or message
+
+
+def checkpoint_name(step: int, txn: int | None = None) -> str:
+    """`ckpt-<step>`; with `txn`, the name a transaction uses when its step already has one."""
+    return f"ckpt-{step:012d}" if txn is None else f"ckpt-{step:012d}.t{txn}"
+
+
+def is_checkpoint_name(name: str) -> bool:
+    return CKPT_RE.match(name) is not None
+
+
+def step_of(name: str) -> int:
+    match = CKPT_RE.match(name)
+    if match is None:
+        raise ValueError(f"{name!r} is not a checkpoint name (ckpt-<12 digits>[.t<txn>])")
+    return int(match.group(1))
+
+
+def open_regular(path: Path, limit: int) -> int:
+    """An fd for reading `path`, refused (UnsafeFileError) unless it is a regular file of at most
+    `limit` bytes. O_NOFOLLOW: a link is never followed; O_NONBLOCK: a FIFO cannot hang the open."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafeFileError(f"{path} is a symbolic link; checkpoint files are regular files: "
+                                  "remove it or restore the run directory from a trusted copy",
+                                  "is a symbolic link, not a regular file") from exc
+        raise
+    info = os.fstat(fd)
+    problem = ""
+    if not stat.S_ISREG(info.st_mode):
+        problem = f"is not a regular file (mode {stat.filemode(info.st_mode)})"
+    elif info.st_size > limit:
+        problem = f"is {info.st_size} bytes, over the {limit}-byte limit"
+    if problem:
+        os.close(fd)
+        raise UnsafeFileError(f"{path} {problem}; the run directory holds something the store did not write: "
+                              "remove it or restore the run directory from a trusted copy", problem)
+    return fd
+
+
+def read_regular(path: Path, limit: int) -> bytes:
+    """The bytes of `path` under `open_regular`'s rules."""
+    fd = open_regular(path, limit)
+    try:
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:  # it grew after the check
+        raise UnsafeFileError(f"{path} grew past the {limit}-byte limit while being read; is another process "
+                              "writing this run directory?")
+    return data
+
+
+def is_real_dir(path: Path) -> bool:
+    """A directory itself, not a link to one."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def remove_path(path: Path) -> None:
+    """Delete `path` inside its directory: a link is unlinked (its target never touched), a directory
+    removed with its contents (rmtree does not follow links), a missing path ignored."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(mode):
+        shutil.rmtree(path, onerror=_ignore_missing)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _ignore_missing(func: Any, path: str, exc_info: Any) -> None:
+    if not isinstance(exc_info[1], FileNotFoundError):
+        raise exc_info[1]
 
 
 def is_leftover(path: Path) -> bool:
@@ -61,12 +160,17 @@ def encode_commit(info: CommitInfo) -> bytes:
 
 
 def decode_commit(payload: bytes) -> CommitInfo | None:
-    """None when the payload is not a commit description (a COMMIT written by a newer format)."""
+    """None when the payload is not a commit description (a COMMIT written by a newer format).
+    Raises UnsafeFileError when it names something that is not a checkpoint name: a WAL record
+    is only CRC-protected, so a forged one could otherwise point a delete outside the run."""
     try:
         data = json.loads(payload)
-        return CommitInfo(str(data["checkpoint"]), str(data["manifest_sha256"]))
+        info = CommitInfo(str(data["checkpoint"]), str(data["manifest_sha256"]))
     except (ValueError, KeyError, TypeError):
         return None
+    if not is_checkpoint_name(info.name):
+        raise UnsafeFileError(f"WAL COMMIT names {info.name[:80]!r}, not a checkpoint name (ckpt-<12 digits>[.t<txn>])")
+    return info
 
 
 # ---------------------------------------------------------------------- tensor-state bytes

@@ -13,7 +13,7 @@ from __future__ import annotations
 import mmap
 import os
 import pickle
-import shutil
+from collections.abc import MutableSequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,24 +22,32 @@ from google.protobuf.message import DecodeError
 
 from esper.leyline import CheckpointFile, CheckpointManifest
 from esper.tolaria.checkpoint.layout import (
-    CKPT_RE,
     DATA_FILES,
+    FILE_NAME_RE,
     MANIFEST_FILE,
+    MAX_DATA_FILE_BYTES,
+    MAX_MANIFEST_BYTES,
     MODEL_FILE,
     STATE_FILE,
     CommitInfo,
+    UnsafeFileError,
     crc32c_of,
     decode_commit,
+    is_checkpoint_name,
     is_leftover,
+    is_real_dir,
     load_state_file,
+    open_regular,
+    read_regular,
+    remove_path,
     sha256_hex,
 )
 from esper.tolaria.checkpoint.wal import RecordType, WalRecord, replay
 from esper.tolaria.snapshot import Snapshot
 
 
-class CheckpointNotFound(RuntimeError):
-    """No committed, valid checkpoint exists in a directory."""
+class CheckpointNotFound(FileNotFoundError):
+    """No committed, valid checkpoint (or not the one asked for) exists in a directory."""
 
 
 @dataclass(frozen=True)
@@ -84,23 +92,50 @@ class LoadedCheckpoint:
 class RecoveryResult:
     checkpoint: LoadedCheckpoint | None
     events: list[str] = field(default_factory=list)
-    commands: list[WalRecord] = field(default_factory=list)  # COMMAND records journaled after its COMMIT
+    # COMMAND records applied after the checkpoint on the history that continued from it (see
+    # `journaled_commands`); empty when a checkpoint was asked for by name (a branch).
+    commands: list[WalRecord] = field(default_factory=list)
 
 
-def committed_index(records: list[WalRecord]) -> list[CommitEntry]:
-    """One entry per checkpoint name: its latest readable COMMIT, newest transaction first."""
+def committed_index(records: list[WalRecord], events: MutableSequence[str] | None = None) -> list[CommitEntry]:
+    """One entry per checkpoint name: its latest readable COMMIT, newest transaction first.
+    A COMMIT naming something that is not a checkpoint name is skipped (and reported in `events`)."""
     latest: dict[str, CommitEntry] = {}
     for i, rec in enumerate(records):
-        info = decode_commit(rec.payload) if rec.type == RecordType.COMMIT else None
+        if rec.type != RecordType.COMMIT:
+            continue
+        try:
+            info = decode_commit(rec.payload)
+        except UnsafeFileError as exc:
+            if events is not None:
+                events.append(f"{rec.segment} offset {rec.offset}: {exc}; ignored (the WAL was damaged or forged)")
+            continue
         if info is not None and (info.name not in latest or rec.txn_id > latest[info.name].txn_id):
             latest[info.name] = CommitEntry(info.name, rec.txn_id, rec.epoch, rec.step, info.manifest_sha256, i)
     return sorted(latest.values(), key=lambda e: e.txn_id, reverse=True)
 
 
+def journaled_commands(records: list[WalRecord], after_step: int) -> list[WalRecord]:
+    """The COMMAND records of the current history with a step past `after_step`, oldest first.
+
+    Along one history, commands are journaled at increasing steps. A REWIND(step r) (a rollback
+    or a branch) drops the commands after r: they were applied on a history that was abandoned.
+    A command journaled at a step that already has one (or a later one) also reveals a rewind.
+    A checkpoint at step s already holds the command applied at s (snapshots follow the apply)."""
+    live: list[WalRecord] = []
+    for rec in records:
+        if rec.type == RecordType.COMMAND:
+            live = [c for c in live if c.step < rec.step]
+            live.append(rec)
+        elif rec.type == RecordType.REWIND:
+            live = [c for c in live if c.step <= rec.step]
+    return [c for c in live if c.step > after_step]
+
+
 def max_manifest_txn(directory: Path) -> int:
     """Highest txn id named by any parseable manifest under `directory` (0 if none)."""
     best = 0
-    for path in _checkpoint_dirs(directory):
+    for path in checkpoint_dirs(directory):
         manifest = _parse_manifest(path / MANIFEST_FILE)
         if manifest is not None:
             best = max(best, manifest.txn_id)
@@ -110,11 +145,13 @@ def max_manifest_txn(directory: Path) -> int:
 def verify_checkpoint(path: str | os.PathLike[str], commit: CommitEntry | CommitInfo | None = None) -> Verification:
     """Check one checkpoint directory against its manifest (and, if given, its WAL COMMIT)."""
     root = Path(path)
+    if not is_real_dir(root):
+        return Verification(False, "is not a directory (a link or a file stands in its place)")
     checked = _checked_manifest(root, commit)
     if not checked.ok:
         return checked
     for entry in checked.manifest.files:  # type: ignore[union-attr]
-        problem = _check_mapped(root / entry.name, entry)
+        problem = _check_mapped(root / entry.name, entry)  # names were validated with the manifest
         if problem:
             return Verification(False, f"{entry.name} {problem}", checked.manifest)
     return Verification(True, "", checked.manifest)
@@ -123,9 +160,11 @@ def verify_checkpoint(path: str | os.PathLike[str], commit: CommitEntry | Commit
 def _checked_manifest(root: Path, commit: CommitEntry | CommitInfo | None) -> Verification:
     """The manifest, checked against its COMMIT and for the files it must list (no data read yet)."""
     try:
-        manifest_bytes = (root / MANIFEST_FILE).read_bytes()
+        manifest_bytes = read_regular(root / MANIFEST_FILE, MAX_MANIFEST_BYTES)
     except FileNotFoundError:
         return Verification(False, f"{MANIFEST_FILE} missing")
+    except UnsafeFileError as exc:
+        return Verification(False, f"{MANIFEST_FILE} {exc.problem}")
     if commit is not None and sha256_hex(manifest_bytes) != commit.manifest_sha256:
         return Verification(False, f"{MANIFEST_FILE} sha256 mismatch with its WAL COMMIT")
     manifest = CheckpointManifest()
@@ -136,11 +175,28 @@ def _checked_manifest(root: Path, commit: CommitEntry | CommitInfo | None) -> Ve
     if isinstance(commit, CommitEntry) and manifest.txn_id != commit.txn_id:
         return Verification(False, f"{MANIFEST_FILE} txn {manifest.txn_id} has no durable COMMIT "
                                    f"(the WAL commits txn {commit.txn_id} for this name)")
+    if (problem := _files_problem(manifest)):
+        return Verification(False, f"{MANIFEST_FILE} {problem}", manifest)
     listed = {f.name for f in manifest.files}
     if not set(DATA_FILES) <= listed:
         missing = sorted(set(DATA_FILES) - listed)
         return Verification(False, f"{MANIFEST_FILE} lists {sorted(listed)}, missing {missing}", manifest)
     return Verification(True, "", manifest)
+
+
+def _files_problem(manifest: CheckpointManifest) -> str:
+    """Why the manifest's file list cannot be trusted, or "": every name one plain file name in
+    the checkpoint directory (no separator, no "..", not absolute), listed once, of a sane size."""
+    seen: set[str] = set()
+    for f in manifest.files:
+        if not FILE_NAME_RE.match(f.name) or f.name == MANIFEST_FILE:
+            return f"lists the file name {f.name[:80]!r}, which is not a checkpoint file name (refused)"
+        if f.name in seen:
+            return f"lists {f.name!r} twice"
+        if f.size_bytes > MAX_DATA_FILE_BYTES:
+            return f"declares {f.name} as {f.size_bytes} bytes, over the {MAX_DATA_FILE_BYTES}-byte limit"
+        seen.add(f.name)
+    return ""
 
 
 def verify_and_load(path: Path, entry: CommitEntry) -> LoadedCheckpoint | Verification:
@@ -172,34 +228,56 @@ def _check_mapped(path: Path, entry: CheckpointFile) -> str:
     """"" if the file matches its manifest entry (size, then checksum over a memory map), else
     what is wrong."""
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size != entry.size_bytes:
-                return f"size {size} bytes, manifest says {entry.size_bytes} (truncated or extended)"
-            if size == 0:
-                return ""
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as view:
-                if entry.sha256:  # written before files carried a CRC32C
-                    return "sha256 mismatch" if sha256_hex(view) != entry.sha256 else ""
-                return "crc32c mismatch" if crc32c_of(view) != entry.crc32c else ""
+        fd = open_regular(path, MAX_DATA_FILE_BYTES)
     except FileNotFoundError:
         return "missing"
+    except UnsafeFileError as exc:
+        return exc.problem
+    try:
+        size = os.fstat(fd).st_size
+        if size != entry.size_bytes:  # checked before a byte is read: a huge sparse file costs nothing
+            return f"size {size} bytes, manifest says {entry.size_bytes} (truncated or extended)"
+        if size == 0:
+            return ""
+        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as view:
+            if entry.sha256:  # written before files carried a CRC32C
+                return "sha256 mismatch" if sha256_hex(view) != entry.sha256 else ""
+            return "crc32c mismatch" if crc32c_of(view) != entry.crc32c else ""
+    finally:
+        os.close(fd)
 
 
-def recover(directory: str | os.PathLike[str], *, clean: bool = True) -> RecoveryResult:
-    """Load the newest valid committed checkpoint under `directory`.
+def recover(directory: str | os.PathLike[str], *, clean: bool = True, name: str | None = None) -> RecoveryResult:
+    """Load the newest valid committed checkpoint under `directory` (the highest committed txn),
+    or with `name` exactly that one (raises CheckpointNotFound naming those that exist).
 
-    `events` names every WAL problem and every corrupt file fallen back from. With `clean`,
-    temp leftovers are removed, and so are checkpoint dirs without a COMMIT, unless the WAL is
-    corrupt (then a dir may have lost its COMMIT to the damage and is kept as evidence).
+    `events` holds a sentence for every WAL problem and for every newer checkpoint passed over
+    (corrupt file, missing, uncommitted). With `clean`, temp leftovers are removed, and so are
+    checkpoint dirs that no COMMIT names, unless the WAL is corrupt (then a dir may have lost its
+    COMMIT to the damage and is kept as evidence). A dir that a COMMIT names is never removed.
     """
     root = Path(directory)
     replayed = replay(root)
     events = list(replayed.events)
-    entries = committed_index(replayed.records)
-    present = {p.name for p in _checkpoint_dirs(root)}
+    entries = committed_index(replayed.records, events)
+    present = {p.name for p in checkpoint_dirs(root)}
+    chosen: LoadedCheckpoint | None
     failures: list[str] = []
-    chosen: LoadedCheckpoint | None = None
+    if name is not None:
+        chosen = _load_named(root, name, entries, present)
+    else:
+        chosen, failures = _load_newest(root, entries, present)
+    target = f"fell back to {chosen.name}" if chosen else "no valid committed checkpoint left"
+    events += [f"{f}; {target}" for f in failures]
+    committed_names = {e.name for e in entries}
+    events += _clean(root, present - committed_names, clean=clean, keep_uncommitted=bool(replayed.corruptions))
+    commands = journaled_commands(replayed.records, chosen.step) if chosen is not None and name is None else []
+    return RecoveryResult(chosen, events, commands)
+
+
+def _load_newest(root: Path, entries: list[CommitEntry],
+                 present: set[str]) -> tuple[LoadedCheckpoint | None, list[str]]:
+    failures: list[str] = []
     newest_present = max((e.txn_id for e in entries if e.name in present), default=-1)
     for entry in entries:
         if entry.name not in present:
@@ -208,19 +286,24 @@ def recover(directory: str | os.PathLike[str], *, clean: bool = True) -> Recover
             continue  # older ones were deleted by retention
         result = verify_and_load(root / entry.name, entry)
         if isinstance(result, LoadedCheckpoint):
-            chosen = result
-            break
+            return result, failures
         failures.append(f"{entry.name}/{result.problem}")
-        present.discard(entry.name)
-    target = f"fell back to {chosen.name}" if chosen else "no valid committed checkpoint left"
-    events += [f"{f}; {target}" for f in failures]
-    committed_names = {e.name for e in entries}
-    events += _clean(root, present - committed_names, clean=clean, keep_uncommitted=bool(replayed.corruptions))
-    commands = []
-    if chosen is not None:
-        start = next(e.record_index for e in entries if e.name == chosen.name)
-        commands = [r for r in replayed.records[start + 1:] if r.type == RecordType.COMMAND]
-    return RecoveryResult(chosen, events, commands)
+    return None, failures
+
+
+def _load_named(root: Path, name: str, entries: list[CommitEntry], present: set[str]) -> LoadedCheckpoint:
+    available = [e.name for e in entries if e.name in present]
+    listing = ", ".join(available) or "none"
+    entry = next((e for e in entries if e.name == name and name in present), None)
+    if entry is None:
+        raise CheckpointNotFound(f"{name!r} is not a committed checkpoint in {root}; committed checkpoints: "
+                                 f"{listing} (see `tolaria inspect {root}`)")
+    result = verify_and_load(root / name, entry)
+    if not isinstance(result, LoadedCheckpoint):
+        others = ", ".join(n for n in available if n != name) or "none"
+        raise CheckpointNotFound(f"{name} does not verify: {name}/{result.problem}; other committed checkpoints: "
+                                 f"{others}")
+    return result
 
 
 def load_for_rollback(directory: str | os.PathLike[str]) -> dict[str, Any]:
@@ -239,25 +322,26 @@ def _clean(root: Path, uncommitted: set[str], *, clean: bool, keep_uncommitted: 
         if not clean or keep_uncommitted:
             events.append(f"{name} has no durable COMMIT in the WAL; ignored and kept")
             continue
-        shutil.rmtree(root / name)
+        remove_path(root / name)
         events.append(f"{name} has no durable COMMIT in the WAL; removed")
     if clean and root.is_dir():
         for path in root.iterdir():
             if is_leftover(path):
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
+                remove_path(path)
     return events
 
 
-def _checkpoint_dirs(root: Path) -> list[Path]:
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """The checkpoint directories under `root` (real directories with a checkpoint name, links excluded)."""
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if CKPT_RE.match(p.name) and p.is_dir())
+    return sorted(p for p in root.iterdir() if is_checkpoint_name(p.name) and is_real_dir(p))
 
 
 def _parse_manifest(path: Path) -> CheckpointManifest | None:
     manifest = CheckpointManifest()
     try:
-        manifest.ParseFromString(path.read_bytes())
-    except (FileNotFoundError, DecodeError):
+        manifest.ParseFromString(read_regular(path, MAX_MANIFEST_BYTES))
+    except (FileNotFoundError, NotADirectoryError, UnsafeFileError, DecodeError):
         return None
     return manifest

@@ -3,12 +3,21 @@
 Write protocol for one snapshot (txn = next transaction id):
 
     WAL BEGIN(txn) -> write model.pt, state.pt, manifest.pb atomically into `.ckpt-<step>.<txn>.tmp/`
-    -> fsync that directory -> rename it to `ckpt-<step:012d>/` -> fsync the root -> WAL COMMIT(txn)
+    -> fsync that directory -> rename it to its name -> fsync the root -> WAL COMMIT(txn, name)
+    -> retire superseded checkpoints (same step, then beyond `keep_last`)
 
+The name is `ckpt-<step:012d>`, or `ckpt-<step:012d>.t<txn>` when that name is taken (the step was
+checkpointed before, e.g. reached again after a rollback): a committed checkpoint is never moved,
+overwritten or deleted before the COMMIT that supersedes it is durable. "Newest" is the highest
+committed txn, so a branch resumed from an older checkpoint supersedes the abandoned branch.
 A checkpoint exists only once its COMMIT is durable. Any OSError on the way -> WAL ABORT(txn),
-staging removed, older checkpoints untouched, `CheckpointWriteError` raised (and kept in
-`last_error`); the trainer's checkpoint breaker decides what follows. Retention deletes the
-oldest committed checkpoints beyond `keep_last` only after the new COMMIT is durable.
+staging and the uncommitted dir removed, older checkpoints untouched, `CheckpointWriteError`
+raised (and kept in `last_error`); the trainer's checkpoint breaker decides what follows.
+Retiring renames a dir to a hidden `.tmp` name first, so a crash mid-delete leaves a leftover
+that start-up cleans, never a half-deleted checkpoint.
+
+`crash_point(label)`, when set, is called before every durable step of that sequence (each
+file write, fsync, rename, WAL append, removal); tests use it to simulate a crash at each one.
 
 Async: `save_async` hands the snapshot (already a clone, see snapshot.py) to ONE long-lived
 writer thread. At most one request waits behind the running write: a newer request replaces
@@ -20,17 +29,15 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from esper.leyline import AdaptationCommand, CheckpointFile, CheckpointManifest, now_timestamp, serialize
-from esper.tolaria.checkpoint.atomic import atomic_write_bytes, fsync_dir
+from esper.tolaria.checkpoint.atomic import CrashPoint, atomic_write_bytes, fsync_dir
 from esper.tolaria.checkpoint.layout import (
     MANIFEST_FILE,
     MODEL_FILE,
@@ -42,9 +49,10 @@ from esper.tolaria.checkpoint.layout import (
     dumps_state,
     encode_commit,
     is_leftover,
+    remove_path,
     sha256_hex,
 )
-from esper.tolaria.checkpoint.recovery import committed_index, max_manifest_txn
+from esper.tolaria.checkpoint.recovery import checkpoint_dirs, committed_index, max_manifest_txn
 from esper.tolaria.checkpoint.wal import RecordType, WriteAheadLog
 from esper.tolaria.checkpoint.wal import replay as replay_wal
 from esper.tolaria.snapshot import Snapshot
@@ -84,7 +92,8 @@ class CheckpointStore:
 
     def __init__(self, directory: str | os.PathLike[str], *, keep_last: int = 3,
                  wal_max_bytes: int = 16 * 1024 * 1024, fsync: bool = True, fault: FaultFn | None = None,
-                 run_id: str = "", config_sha256: str = "", world_size: int = 1) -> None:
+                 run_id: str = "", config_sha256: str = "", world_size: int = 1,
+                 crash_point: CrashPoint | None = None) -> None:
         if keep_last < 1:
             raise ValueError(f"keep_last={keep_last}: keep at least 1 committed checkpoint")
         self.directory = Path(directory)
@@ -95,9 +104,11 @@ class CheckpointStore:
         self.run_id = run_id
         self.config_sha256 = config_sha256
         self.world_size = world_size
+        self.crash_point = crash_point
         self.last_error: CheckpointWriteError | None = None
         self.events: deque[str] = deque(maxlen=100)  # notable store events, newest last
         self._committed: dict[str, CheckpointInfo] = {}
+        self._taken: set[str] = set()  # names a COMMIT has ever named or a dir holds: never reused
         self._next_txn = 1
         self._load_index()
         self._wal = WriteAheadLog(self.directory, max_bytes=wal_max_bytes, fsync=fsync)
@@ -152,8 +163,14 @@ class CheckpointStore:
         return drained
 
     def journal_command(self, command: AdaptationCommand, *, epoch: int, step: int) -> None:
-        """Append an AdaptationCommand to the WAL (durable on return), tied to the latest transaction."""
+        """Append an AdaptationCommand to the WAL (durable on return), tied to the latest transaction.
+        Safe beside the writer thread: the WAL serializes appends, and this never waits for a write."""
         self._wal.append(RecordType.COMMAND, self._next_txn - 1, epoch, step, serialize(command))
+
+    def journal_rewind(self, *, epoch: int, step: int, reason: str) -> None:
+        """Record that training went back to `step` (durable on return): commands journaled after
+        `step` belong to an abandoned history and are not replayed on resume."""
+        self._wal.append(RecordType.REWIND, self._next_txn - 1, epoch, step, reason.encode()[:4096])
 
     def committed(self) -> list[CheckpointInfo]:
         """Committed checkpoints this store knows of, newest first."""
@@ -166,34 +183,51 @@ class CheckpointStore:
     # ------------------------------------------------------------------ the write
 
     def _save(self, snapshot: Snapshot) -> CheckpointInfo:
-        name = checkpoint_name(snapshot.global_step)
         snapshot.wait_ready()  # a copy-behind snapshot: its tensors are complete only then
         blobs = _serialize(snapshot)  # CheckpointStateError here touches no file and no WAL record
         txn = self._next_txn
         self._next_txn += 1
-        staging = self.directory / f".{name}.{txn}.tmp"
         epoch, step = snapshot.epoch, snapshot.global_step
-        placed: list[Path] = []  # what _place moved, so a failure can put it back
+        name = checkpoint_name(step)
+        if name in self._taken or (self.directory / name).exists():
+            name = checkpoint_name(step, txn)
+        staging = self.directory / f".{checkpoint_name(step)}.{txn}.tmp"
+        final = self.directory / name
         try:
+            self._crash("wal-append BEGIN")
             self._wal.append(RecordType.BEGIN, txn, epoch, step, name.encode())
             staging.mkdir()
             manifest_bytes = self._write_files(staging, name, txn, snapshot, blobs)
-            self._place(staging, name, txn, placed)
+            self._crash(f"rename {staging.name} -> {name}")
+            staging.rename(final)
+            if self.fsync:
+                self._crash("fsync-dir root")
+                fsync_dir(self.directory)
+            self._crash("wal-append COMMIT")
             self._wal.append(RecordType.COMMIT, txn, epoch, step,
                              encode_commit(CommitInfo(name, sha256_hex(manifest_bytes))))
         except OSError as exc:
             self.last_error = CheckpointWriteError(name, exc)
-            self._undo(name, txn, epoch, step, staging, placed)
+            self._undo(name, txn, epoch, step, staging, final)
             raise self.last_error from exc
         except BaseException:
-            self._undo(name, txn, epoch, step, staging, placed)  # e.g. a drill's InjectedFault
+            self._undo(name, txn, epoch, step, staging, final)  # e.g. a drill's InjectedFault
             raise
         size = sum(len(b) for b in blobs.values()) + len(manifest_bytes)
-        info = CheckpointInfo(name, self.directory / name, txn, epoch, step, size)
+        info = CheckpointInfo(name, final, txn, epoch, step, size)
         self._committed[name] = info
+        self._taken.add(name)
         self.last_error = None
-        self._retain()
+        try:
+            self._retain()
+        except OSError as exc:  # committed all the same; what is left over is retired next time
+            self.events.append(f"{name} committed, but retiring superseded checkpoints failed: {exc}; "
+                               "the next commit or start-up retries")
         return info
+
+    def _crash(self, label: str) -> None:
+        if self.crash_point is not None:
+            self.crash_point(label)
 
     def _write_files(self, staging: Path, name: str, txn: int, snapshot: Snapshot, blobs: dict[str, bytes]) -> bytes:
         manifest = CheckpointManifest(
@@ -207,51 +241,51 @@ class CheckpointStore:
         for file_name, data in (*blobs.items(), (MANIFEST_FILE, manifest_bytes)):
             if self.fault is not None:
                 self.fault(f"{name}/{file_name}")
-            atomic_write_bytes(staging / file_name, data, fsync=self.fsync)
+            atomic_write_bytes(staging / file_name, data, fsync=self.fsync,
+                               crash_point=self._labelled(file_name))
         if self.fsync:
+            self._crash("fsync-dir staging")
             fsync_dir(staging)
         return manifest_bytes
 
-    def _place(self, staging: Path, name: str, txn: int, placed: list[Path]) -> None:
-        """Rename the staging dir into place. A same-step checkpoint (re-reached after a rollback) is
-        moved aside first and deleted once the new COMMIT is durable."""
-        final = self.directory / name
-        if final.exists():
-            aside = self.directory / f".{name}.superseded-{txn}.tmp"
-            final.rename(aside)
-            placed.append(aside)
-        staging.rename(final)
-        placed.append(final)
-        if self.fsync:
-            fsync_dir(self.directory)
+    def _labelled(self, file_name: str) -> CrashPoint | None:
+        hook = self.crash_point
+        return None if hook is None else (lambda step: hook(f"{step} {file_name}"))
 
-    def _undo(self, name: str, txn: int, epoch: int, step: int, staging: Path, placed: list[Path]) -> None:
-        """Best-effort cleanup after a failed write; never raises (the write error is what matters)."""
+    def _undo(self, name: str, txn: int, epoch: int, step: int, staging: Path, final: Path) -> None:
+        """Best-effort cleanup after a failed write; never raises (the write error is what matters).
+        `final` is this transaction's own new name, never a committed checkpoint's."""
         try:
             self._wal.append(RecordType.ABORT, txn, epoch, step, name.encode())
         except OSError as exc:
             # Advisory only: a BEGIN without COMMIT already reads as "not committed".
             self.events.append(f"{name}: WAL ABORT(txn {txn}) not written: {exc}")
-        for path in (staging, *reversed(placed)):
+        for path in (staging, final):
             try:
-                if path.name == name:
-                    _rmtree(path)
-                elif path.name.endswith(f".superseded-{txn}.tmp"):
-                    path.rename(self.directory / name)  # the previous same-step checkpoint stays committed
-                else:
-                    _rmtree(path)
+                remove_path(path)
             except OSError as exc:
                 self.events.append(f"{path.name}: cleanup after failed write failed: {exc}; recovery will clean it")
 
     def _retain(self) -> None:
-        keep = self.committed()[: self.keep_last]
-        for info in self.committed()[self.keep_last:]:
-            _rmtree(info.path)
-            del self._committed[info.name]
+        """Retire what the new COMMIT superseded (it is durable now): an older checkpoint of the same
+        step, then the oldest beyond `keep_last` (by txn, so an abandoned branch goes first)."""
+        newest = self.committed()
+        same_step = [c for c in newest[1:] if c.step == newest[0].step]
+        beyond = [c for c in newest if c not in same_step][self.keep_last:]
+        for info in (*same_step, *beyond):
+            self._retire(info)
         self._remove_leftovers()
         if self.fsync:
             fsync_dir(self.directory)
-        self._wal.prune(min(c.txn_id for c in keep))
+        self._wal.prune(min(c.txn_id for c in self.committed()))
+
+    def _retire(self, info: CheckpointInfo) -> None:
+        trash = self.directory / f".{info.name}.retired-{info.txn_id}.tmp"
+        self._crash(f"rename {info.name} -> {trash.name}")
+        info.path.rename(trash)
+        del self._committed[info.name]
+        self._crash(f"remove {trash.name}")
+        remove_path(trash)
 
     # ------------------------------------------------------------------ startup and writer thread
 
@@ -259,15 +293,18 @@ class CheckpointStore:
         replayed = replay_wal(self.directory)
         # Manifests count too: a corrupt WAL region may have hidden higher txn ids.
         self._next_txn = max(max((r.txn_id for r in replayed.records), default=0), max_manifest_txn(self.directory)) + 1
-        for entry in committed_index(replayed.records):
-            if (self.directory / entry.name).is_dir():
+        present = {p.name for p in checkpoint_dirs(self.directory)}
+        entries = committed_index(replayed.records, self.events)
+        self._taken = present | {e.name for e in entries}
+        for entry in entries:
+            if entry.name in present:
                 self._committed[entry.name] = CheckpointInfo(
                     entry.name, self.directory / entry.name, entry.txn_id, entry.epoch, entry.step, 0)
 
     def _remove_leftovers(self) -> None:
         for path in self.directory.iterdir():
             if is_leftover(path):
-                _rmtree(path)
+                remove_path(path)
 
     def _ensure_writer(self) -> None:
         if self._thread is None:
@@ -306,14 +343,3 @@ def _serialize(snapshot: Snapshot) -> dict[str, bytes]:
     state = dict(snapshot.state)
     return {MODEL_FILE: dumps_state(state.pop("model", {})), STATE_FILE: dumps_state(state)}
 
-
-def _rmtree(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path, ignore_errors=False, onerror=_ignore_missing)
-    elif path.exists():
-        path.unlink(missing_ok=True)
-
-
-def _ignore_missing(func: Callable[..., Any], path: str, exc_info: Any) -> None:
-    if not isinstance(exc_info[1], FileNotFoundError):
-        raise exc_info[1]

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from esper.tolaria.checkpoint.atomic import fsync_dir, write_all
+from esper.tolaria.checkpoint.layout import UnsafeFileError, read_regular
 
 MAGIC = b"EWAL"
 VERSION = 1
@@ -33,6 +34,8 @@ HEADER = struct.Struct("<4sHHQQQII")  # magic, version, type, txn, epoch, step, 
 HEADER_CRC = struct.Struct("<I")  # crc32 of the 40 bytes above, so a damaged length is never read as a torn tail
 HEADER_SIZE = HEADER.size + HEADER_CRC.size  # 44
 MAX_PAYLOAD = 64 * 1024 * 1024
+MAX_WAL_BYTES = 256 * 1024 * 1024  # the largest `max_bytes` a writer accepts
+MAX_SEGMENT_BYTES = MAX_WAL_BYTES + HEADER_SIZE + MAX_PAYLOAD  # replay refuses to read a bigger segment
 SEGMENT_RE = re.compile(r"^wal-(\d{6})\.log$")
 
 
@@ -43,6 +46,7 @@ class RecordType(enum.IntEnum):
     COMMIT = 2
     ABORT = 3
     COMMAND = 4  # payload: a serialized Leyline AdaptationCommand
+    REWIND = 5  # training went back to `step` (a rollback or a branch); payload: UTF-8 reason
 
 
 @dataclass(frozen=True)
@@ -167,7 +171,15 @@ def replay(directory: str | os.PathLike[str], *, strict: bool = False) -> Replay
     """Read every segment in order. With `strict`, the first corruption raises WalCorruptionError."""
     result = ReplayResult()
     for path in segment_paths(Path(directory)):
-        records, corruption, torn = scan_segment(path.read_bytes(), path.name)
+        records: list[WalRecord] = []
+        corruption: WalCorruption | None
+        torn: TornTail | None = None
+        try:
+            data = read_regular(path, MAX_SEGMENT_BYTES)
+        except UnsafeFileError as exc:
+            corruption = WalCorruption(path.name, 0, f"not read: {exc}")
+        else:
+            records, corruption, torn = scan_segment(data, path.name)
         result.records.extend(records)
         if corruption is not None:
             if strict:
@@ -189,6 +201,9 @@ class WriteAheadLog:
                  fsync: bool = True) -> None:
         if max_bytes < HEADER_SIZE:
             raise ValueError(f"wal max_bytes={max_bytes} is below one header ({HEADER_SIZE}); use at least 4096")
+        if max_bytes > MAX_WAL_BYTES:
+            raise ValueError(f"wal max_bytes={max_bytes} is over {MAX_WAL_BYTES}; segments that large are refused "
+                             "on replay: use at most 256 MiB")
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
@@ -236,7 +251,10 @@ class WriteAheadLog:
             for path in self.segments():
                 if path.name == self.active_segment:
                     continue
-                records, corruption, _ = scan_segment(path.read_bytes(), path.name)
+                try:
+                    records, corruption, _ = scan_segment(read_regular(path, MAX_SEGMENT_BYTES), path.name)
+                except UnsafeFileError:
+                    continue  # not ours to delete; replay reports it
                 if corruption is not None or any(r.txn_id >= keep_from_txn for r in records):
                     continue  # corrupt segments are evidence; keep them for `inspect`
                 path.unlink()
@@ -260,7 +278,12 @@ class WriteAheadLog:
             return
         last = paths[-1]
         index = int(SEGMENT_RE.match(last.name).group(1))  # type: ignore[union-attr]
-        records, corruption, torn = scan_segment(last.read_bytes(), last.name)
+        corruption: WalCorruption | None
+        torn: TornTail | None
+        try:
+            _, corruption, torn = scan_segment(read_regular(last, MAX_SEGMENT_BYTES), last.name)
+        except UnsafeFileError as exc:
+            corruption, torn = WalCorruption(last.name, 0, f"not read: {exc}"), None
         if corruption is not None:
             self.recovered_events.append(f"{corruption}; new records go to {segment_name(index + 1)}")
             self._open_segment(index + 1)
@@ -276,7 +299,10 @@ class WriteAheadLog:
             flags |= os.O_DSYNC
         path = self.directory / segment_name(index)
         created = not path.exists()
-        self._fd = os.open(path, flags, 0o644)
+        if not created and not path.is_file() or path.is_symlink():
+            raise UnsafeFileError(f"{path} is not a regular file; the WAL cannot be appended to it: remove it "
+                                  "or restore the run directory from a trusted copy")
+        self._fd = os.open(path, flags | os.O_NOFOLLOW, 0o644)
         self._size = os.fstat(self._fd).st_size
         self._index = index
         if created and self.fsync:
