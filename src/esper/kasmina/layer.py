@@ -273,6 +273,7 @@ class KasminaLayer:
             return ApplyResult(ok=True, reason=reason, seed_id=seed_id)
         record.enter(target, self._epoch, self._last_val_loss)
         removed: tuple[str, ...] = ()
+        frozen: tuple[str, ...] = ()
         if target == SEED_STAGE_BLENDING:
             record.blend_step, record.alpha = 0, 0.0
             record.val_loss_at_blend_start = self._last_val_loss
@@ -282,6 +283,7 @@ class KasminaLayer:
             module.alpha.fill_(1.0)
         elif target == SEED_STAGE_FOSSILIZED:
             record.eval_steps_left = 0
+            frozen = self.param_names(seed_id)  # they leave the optimizer (group and state)
             for param in module.parameters():
                 param.requires_grad_(False)
                 param.grad = None
@@ -291,7 +293,8 @@ class KasminaLayer:
             del self._container[seed_id]
         self._refresh_slot(record.slot)
         return ApplyResult(
-            ok=True, reason=f"{seed_id}: {op_name(op)} -> {stage_name(target)}", seed_id=seed_id, removed_params=removed
+            ok=True, reason=f"{seed_id}: {op_name(op)} -> {stage_name(target)}", seed_id=seed_id,
+            removed_params=removed, frozen_params=frozen,
         )
 
     def _seed_module(self, seed_id: str) -> SeedModule:
@@ -453,6 +456,7 @@ class KasminaLayer:
         except BlueprintError as exc:
             return _fail(f"load_manifest: {exc}")
         old_names = {n for sid in self._container for n in self.param_names(sid)}
+        old_trainable = self._trainable_seed_params()
         for seed_id in [sid for sid in self._container if sid not in keep]:
             del self._container[seed_id]
         for seed_id, module in built.items():
@@ -462,12 +466,19 @@ class KasminaLayer:
         self._shapes.update(parsed.shapes)
         self._sync_modules_to_records()
         new_names = {n for sid in self._container for n in self.param_names(sid)}
-        rebuilt = {n for sid in built for n in self.param_names(sid)} & old_names
+        new_trainable = self._trainable_seed_params()
+        rebuilt = {n for sid in built for n in self.param_names(sid)} & old_names & old_trainable & new_trainable
         return ApplyResult(
             ok=True, reason=f"loaded manifest with {len(self._container)} seed modules",
-            added_params=tuple(sorted(new_names - old_names)), removed_params=tuple(sorted(old_names - new_names)),
+            added_params=tuple(sorted((new_names - old_names) | (new_trainable - old_trainable))),
+            removed_params=tuple(sorted(old_names - new_names)),
             reshaped_params=tuple(sorted(rebuilt)),
+            frozen_params=tuple(sorted((old_trainable - new_trainable) & new_names)),
         )
+
+    def _trainable_seed_params(self) -> set[str]:
+        return {f"{SEED_CONTAINER}.{sid}.{n}" for sid, module in self._container.items()
+                for n, p in module.named_parameters() if p.requires_grad}
 
     def _plan_rebuild(self, records: list[SeedRecord]) -> tuple[set[str], list[SeedRecord]]:
         keep: set[str] = set()

@@ -3,10 +3,16 @@
 Every component asks `manager.optimizer` for the optimizer; nobody keeps their own reference
 across a boundary. Param groups: `"host"` holds every trainable parameter outside
 `kasmina_seeds.`; each seed gets one group named by its seed id, holding the parameters named
-`kasmina_seeds.<seed_id>.…` (Kasmina's naming; seed ids contain no dot). Frozen parameters
-(`requires_grad=False`) are in no group. Each group carries `"name"` and `"param_names"`.
+`kasmina_seeds.<seed_id>.…` (Kasmina's naming; seed ids contain no dot). Each group carries
+`"name"` and `"param_names"`.
 
-`rebuild(added, removed, reshaped)` runs in two phases:
+The one rule for frozen parameters (`requires_grad=False`, e.g. a fossilized seed): they are in
+no group and have no state. Freezing is a structural change (`ApplyResult.frozen_params`) and
+rebuilds the optimizer, which drops the frozen group and its state and keeps every other
+group's; snapshots therefore never hold state for a frozen parameter, and a restore drops any
+such state it is given (checkpoints written before this rule) instead of failing on it.
+
+`rebuild(added, removed, reshaped, frozen)` runs in two phases:
 
 1. prepare: build a new optimizer from `model.named_parameters()` with the factory, carry the
    per-parameter state (step, exp_avg, exp_avg_sq, momentum_buffer, square_avg, …) by parameter
@@ -123,12 +129,17 @@ class DynamicOptimizerManager:
         return [str(g["name"]) for g in self._optimizer.param_groups]
 
     # -- rebuild ----------------------------------------------------------------------------
-    def rebuild(self, added: Sequence[str], removed: Sequence[str], reshaped: Sequence[str] = ()) -> RebuildResult:
+    def named_parameters(self) -> dict[str, nn.Parameter]:
+        """The parameters the optimizer holds (the trainable ones), by name."""
+        return {n: p for g in self._optimizer.param_groups for n, p in zip(g["param_names"], g["params"], strict=True)}
+
+    def rebuild(self, added: Sequence[str], removed: Sequence[str], reshaped: Sequence[str] = (),
+                frozen: Sequence[str] = ()) -> RebuildResult:
         """Rebuild for Kasmina's parameter change (names from `ApplyResult`); never raises."""
         start = time.perf_counter()
         old_groups = set(self.group_names())
         try:
-            optimizer, groups, carried = self._prepare(added, removed, reshaped)
+            optimizer, groups, carried = self._prepare(added, removed, reshaped, frozen)
         except (RebuildError, RuntimeError, ValueError, TypeError, KeyError, IndexError) as exc:
             self.failed_rebuilds += 1
             return RebuildResult(
@@ -151,11 +162,12 @@ class DynamicOptimizerManager:
         )
 
     def _prepare(
-        self, added: Sequence[str], removed: Sequence[str], reshaped: Sequence[str]
+        self, added: Sequence[str], removed: Sequence[str], reshaped: Sequence[str], frozen: Sequence[str]
     ) -> tuple[torch.optim.Optimizer, dict[str, list[tuple[str, nn.Parameter]]], int]:
         groups = _collect_groups(self.model)
         current = {n: p for members in groups.values() for n, p in members}
-        _check_change(current, self._shapes, added, removed, reshaped)
+        _check_change(current, {n for n, _ in self.model.named_parameters()}, self._shapes,
+                      _Change(added, removed, reshaped, frozen))
         optimizer = self._factory(_group_dicts(groups, _hyperparameters(self._optimizer)))
         _check_partition(optimizer, groups)
         old_state = _state_by_name(self._optimizer)
@@ -199,10 +211,13 @@ class DynamicOptimizerManager:
         """Rebuild the optimizer for the model as it is now and load saved state by name.
 
         The model must already have its saved structure (Kasmina's manifest loaded first).
+        State is matched by name against the trainable parameters; state saved for a parameter
+        that is frozen now is dropped (frozen parameters hold none, see the module docstring).
         Tensors are cloned, so the saved state (e.g. a rollback snapshot) is never mutated."""
         groups = _collect_groups(self.model)
         current = {n: p for members in groups.values() for n, p in members}
-        saved_state: Mapping[str, Mapping[str, Any]] = state["state"]
+        in_model = {n for n, _ in self.model.named_parameters()}
+        saved_state = {n: s for n, s in state["state"].items() if n in current or n not in in_model}
         missing = sorted(set(saved_state) - set(current))
         if missing:
             raise ValueError(
@@ -266,19 +281,30 @@ def _state_by_name(optimizer: torch.optim.Optimizer) -> dict[str, dict[str, Any]
     return out
 
 
+@dataclass(frozen=True)
+class _Change:
+    added: Sequence[str]
+    removed: Sequence[str]
+    reshaped: Sequence[str]
+    frozen: Sequence[str]
+
+
 def _check_change(
-    current: Mapping[str, nn.Parameter],
-    old_shapes: Mapping[str, torch.Size],
-    added: Sequence[str],
-    removed: Sequence[str],
-    reshaped: Sequence[str],
+    current: Mapping[str, nn.Parameter], in_model: set[str], old_shapes: Mapping[str, torch.Size], change: _Change
 ) -> None:
-    for name in added:
-        if name not in current:
-            raise RebuildError(f"added parameter {name!r} is not a trainable model parameter; apply the change first")
-    for name in removed:
-        if name in current:
+    """`current`: the trainable parameters now; `in_model`: every parameter name now."""
+    for name in change.added:
+        if name not in in_model:
+            raise RebuildError(f"added parameter {name!r} is not a trainable model parameter (nor a frozen one); "
+                               "apply the change first")
+    for name in change.removed:
+        if name in in_model:
             raise RebuildError(f"removed parameter {name!r} is still in the model; remove it before rebuilding")
+    for name in change.frozen:
+        if name not in in_model or name in current:
+            raise RebuildError(f"frozen parameter {name!r} is not a frozen model parameter; set requires_grad=False "
+                               "on it before rebuilding")
+    reshaped = change.reshaped
     for name in reshaped:
         if name not in current or name not in old_shapes:
             raise RebuildError(f"reshaped parameter {name!r} must exist before and after the change")
@@ -325,7 +351,7 @@ def _check_state(
     for name, state in old_state.items():
         param = current.get(name)
         if param is None:
-            continue  # removed
+            continue  # removed or frozen: its state leaves with it
         new = optimizer.state.get(param)
         if new is None or set(new) != set(state):
             raise RebuildError(f"optimizer state of {name!r} was not carried over (keys {sorted(state)})")

@@ -22,7 +22,11 @@ class ApplyResult:
     """What applying one AdaptationCommand did.
 
     `ok=False` means nothing changed: the model, seeds and counters are exactly as before.
-    Parameter names are fully qualified names from `model.named_parameters()`.
+    Parameter names are fully qualified names from `model.named_parameters()`: `added_params`
+    are new to the model or trainable again (a manifest load that unfreezes), `removed_params`
+    left the model, `frozen_params` stay in the model but stopped training (fossilized). The
+    rule everywhere: the optimizer holds exactly the trainable parameters, so a frozen parameter
+    leaves it (group and state) and any change here means an optimizer rebuild.
     """
 
     ok: bool
@@ -31,10 +35,11 @@ class ApplyResult:
     added_params: tuple[str, ...] = ()
     removed_params: tuple[str, ...] = ()
     reshaped_params: tuple[str, ...] = ()
+    frozen_params: tuple[str, ...] = ()
 
     @property
     def structure_changed(self) -> bool:
-        return bool(self.added_params or self.removed_params or self.reshaped_params)
+        return bool(self.added_params or self.removed_params or self.reshaped_params or self.frozen_params)
 
 
 @dataclass(frozen=True)

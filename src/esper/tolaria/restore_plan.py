@@ -9,8 +9,8 @@ snapshot is taken, and kept as a `RestorePlan` of weak references.
 At rollback the plan is *resolved* in O(tensors), without walking the model. It is used only if
 
 - the optimizer is the very object the plan was made with: Tolaria rebuilds the optimizer on
-  every structural change (germination, cull, structure restore) and on every optimizer
-  `load_state_dict`, so the same optimizer means the same parameter set;
+  every structural change (germination, fossilization, cull, structure restore) and on every
+  optimizer `load_state_dict`, so the same optimizer means the same trainable parameter set;
 - the optimizer holds state for as many parameters as then (no lazy state created since);
 - every paired tensor is still alive and has its shape (a cull frees them; nothing is reshaped).
 

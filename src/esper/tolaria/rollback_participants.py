@@ -70,7 +70,10 @@ class TolariaParticipant:
 
     When the structure did not change since the snapshot, tensors are copied in place with one
     `_foreach_copy_`: through the snapshot's `RestorePlan` when it still resolves, else paired by
-    name (`restore_tensors_`). Only when the structure changed is the optimizer rebuilt.
+    name (`restore_tensors_`). Only when the structure changed is the optimizer rebuilt. Which
+    parameters are frozen is part of the structure: the optimizer holds only trainable ones, so a
+    fossilization between the snapshot and now shows as different groups and takes the rebuild,
+    which loads the snapshot's state by name (momentum included) for the snapshot's structure.
     """
 
     name = "tolaria"

@@ -296,9 +296,11 @@ class TolariaTrainer:
                               reason=result.reason)
             return
         if result.structure_changed:
-            rebuilt = self.optim.rebuild(result.added_params, result.removed_params, result.reshaped_params)
+            rebuilt = self.optim.rebuild(result.added_params, result.removed_params, result.reshaped_params,
+                                         result.frozen_params)
             self.record_event("optimizer_rebuilt", TELEMETRY_LEVEL_INFO, ok=rebuilt.ok,
-                              added=len(result.added_params), removed=len(result.removed_params))
+                              added=len(result.added_params), removed=len(result.removed_params),
+                              frozen=len(result.frozen_params))
         self.record_event("command_applied", TELEMETRY_LEVEL_INFO, command_id=command.command_id,
                           seed_id=result.seed_id, reason=result.reason)
 
@@ -334,10 +336,11 @@ class TolariaTrainer:
     # ---------------------------------------------------------------- small helpers
     @property
     def _trainable(self) -> dict[str, nn.Parameter]:
-        """Trainable parameters by name, rebuilt only when the optimizer is (growth, cull, restore)."""
+        """The parameters the optimizer holds, by name (every trainable one; a frozen one leaves it),
+        re-read only when the optimizer is rebuilt (growth, fossilize, cull, restore)."""
         optimizer = self.optim.optimizer
         if self._trainable_for is not optimizer:
-            self._trainable_cache = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+            self._trainable_cache = self.optim.named_parameters()
             self._trainable_for = optimizer
         return self._trainable_cache
 
