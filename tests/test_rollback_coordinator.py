@@ -1,4 +1,4 @@
-"""RollbackCoordinator: success, a failure in each phase aborts everyone, overruns abort and report."""
+"""RollbackCoordinator: success, a failure in each phase aborts everyone, overruns are reported, not aborted."""
 
 from __future__ import annotations
 
@@ -103,25 +103,26 @@ def test_confirm_that_sees_wrong_state_fails() -> None:
 
 
 @pytest.mark.parametrize(("phase", "budget"), [("prepare", 150), ("commit", 250), ("confirm", 100)])
-def test_overrunning_fast_phase_aborts_and_reports(phase: str, budget: int) -> None:
+def test_a_fast_phase_that_succeeds_late_is_kept_and_reported(phase: str, budget: int) -> None:
     clock = FakeClock()
     parts = _trio(clock, tamiyo={"cost_ms": {phase: budget + 5}})
     outcome = RollbackCoordinator(parts, clock_ns=clock).rollback("snap-7")
-    assert not outcome.succeeded and outcome.failed_participant == "tamiyo"
-    assert f"overran the fast deadline: {budget + 7:.1f} ms > {budget:.1f} ms" in outcome.reason
+    assert outcome.succeeded and outcome.reason == ""
+    assert outcome.overruns == [f"{phase} took {budget + 7:.1f} ms, over the fast deadline of {budget:.1f} ms"]
     assert outcome.phase_ms[phase] == budget + 7
-    assert all(p.calls[-1] == "abort" and p.live == "old" for p in parts)
+    assert all("abort" not in p.calls and p.live == "snap-7" for p in parts)
 
 
 def test_full_tier_shares_one_twelve_second_budget() -> None:
     clock = FakeClock()
     slow = _trio(clock, tolaria={"cost_ms": {"prepare": 5000, "commit": 5000}})
-    assert RollbackCoordinator(slow, clock_ns=clock).rollback("t", tier="full").succeeded
+    within = RollbackCoordinator(slow, clock_ns=clock).rollback("t", tier="full")
+    assert within.succeeded and within.overruns == []
     clock2 = FakeClock()
     too_slow = _trio(clock2, tolaria={"cost_ms": {"prepare": 5000, "commit": 5000, "confirm": 2500}})
     outcome = RollbackCoordinator(too_slow, clock_ns=clock2).rollback("t", tier="full")
-    assert not outcome.succeeded and outcome.tier == "full"
-    assert outcome.reason.startswith("confirm: overran the full deadline")
+    assert outcome.succeeded and outcome.tier == "full"
+    assert outcome.overruns == ["the phases took 12506.0 ms, over the full deadline of 12000.0 ms"]
 
 
 def test_abort_errors_are_reported_and_do_not_skip_other_aborts() -> None:

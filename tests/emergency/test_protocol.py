@@ -127,20 +127,32 @@ def test_the_full_chain_runs_minor_major_critical_then_aborts(recorder: Recorder
     assert [r["escalated_to"] for r in protocol.summary()] == ["major", "critical", ""]
 
 
-def test_a_handler_over_its_deadline_escalates(recorder: Recorder, clock: FakeClock) -> None:
+@pytest.mark.parametrize(("level", "seconds"), [(SEVERE, 0.6), (MAJOR, 3.0), (MINOR, 6.0)])
+def test_a_handler_that_succeeds_late_is_recorded_late_not_escalated(
+        recorder: Recorder, clock: FakeClock, level: int, seconds: float) -> None:
     published: list[EmergencySignal] = []
 
     def slow(incident: Incident) -> ActionResult:
-        clock.now += 0.6  # 600 ms: over SEVERE's 500 ms
-        return ActionResult(ok=True, action="fast rollback")
+        clock.now += seconds  # over the level's deadline (500 ms, 2 s, 5 s), and it worked
+        return ActionResult(ok=True, action="rollback")
 
-    recorder.outcomes[SEVERE] = slow
+    recorder.outcomes[level] = slow
     protocol = _protocol(recorder, clock, published)
-    final = protocol.handle(_incident(SEVERE))
-    first = protocol.records[0]
-    assert first.ok and first.deadline_missed and first.escalated_to == MAJOR
-    assert first.duration_ms == pytest.approx(600.0)
-    assert final.level == MAJOR and [s.level for s in published] == [SEVERE, MAJOR]
+    final = protocol.handle(_incident(level))
+    assert protocol.records == [final] and [s.level for s in published] == [level]
+    assert final.ok and final.late and final.deadline_missed and final.escalated_to is None
+    assert final.duration_ms == pytest.approx(seconds * 1000)
+    assert protocol.summary()[0]["late"] is True
+
+
+def test_a_handler_that_fails_still_escalates_in_time_or_not(recorder: Recorder, clock: FakeClock) -> None:
+    def slow_failure(incident: Incident) -> ActionResult:
+        clock.now += 0.6
+        return ActionResult(ok=False, action="fast rollback", detail="participant refused")
+
+    recorder.outcomes[SEVERE] = slow_failure
+    final = _protocol(recorder, clock, []).handle(_incident(SEVERE))
+    assert final.level == MAJOR and final.ok and "severe response (fast rollback) failed" in final.reason
 
 
 def test_a_late_but_successful_critical_is_recorded_not_aborted(recorder: Recorder, clock: FakeClock) -> None:

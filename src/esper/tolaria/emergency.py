@@ -11,16 +11,21 @@ the one table below (`LEVELS`), as the proto comment documents:
 | CRITICAL | EMERGENCY_LEVEL_HALT (4)         | 100 ms   | freeze, broadcast over shm, gather acks | abort the run |
 
 Why the chain is not "next number up": a SEVERE fault is answered by a *fast* rollback; if that
-fails or runs over, the design's remedy is the *full* rollback, which is MAJOR's action. A MAJOR
+fails, the design's remedy is the *full* rollback, which is MAJOR's action. A MAJOR
 that fails leaves nothing to recover to, so the run freezes (CRITICAL). A CRITICAL that fails
 raises `EmergencyAbort`: the run must stop. A MINOR adjustment that fails becomes MAJOR.
 
-Deadlines: handlers that mutate training state (rollback) must run on the training thread, so
-`handle` cannot abandon them. It measures the whole response (publish, broadcast, handler) and
-escalates after the handler returns when it ran over. True hangs are the `Watchdog`'s job
-(monitors.py): it fires CRITICAL from its own thread, and `handle` holds no lock while a handler
-runs, so that call is never blocked by the hung one. A CRITICAL response that succeeds late is
-recorded (`deadline_missed`) but not aborted: nothing is more severe than the freeze itself.
+Deadlines bound a *hanging* response; they do not judge one that returned. Handlers that mutate
+training state (rollback) must run on the training thread, so `handle` cannot abandon them. It
+measures the whole response (publish, broadcast, handler); a response that succeeded after its
+deadline is recorded as late (`IncidentRecord.late`, logged, and reported by the caller's
+telemetry) and is **not** escalated: escalating a rollback that worked would run a second,
+heavier one (a MAJOR full rollback to a newer, unproven checkpoint after a SEVERE fast rollback
+that took 600 ms; a halt after a MAJOR that waited 3 s on a big checkpoint's flush). Only a failed
+response escalates. True hangs are the `Watchdog`'s job (monitors.py): it fires CRITICAL from its
+own thread, and `handle` holds no lock while a handler runs, so that call is never blocked by the
+hung one; work a handler waits on is bounded by its own timeouts (a checkpoint flush raises, which
+fails the handler).
 """
 
 from __future__ import annotations
@@ -135,6 +140,11 @@ class IncidentRecord:
     def deadline_missed(self) -> bool:
         return self.duration_ms > self.deadline_ms
 
+    @property
+    def late(self) -> bool:
+        """Succeeded, after its deadline: recorded, not escalated."""
+        return self.ok and self.deadline_missed
+
     def as_dict(self) -> dict[str, Any]:
         """Plain values for the run summary."""
         return {
@@ -149,6 +159,7 @@ class IncidentRecord:
             "duration_ms": round(self.duration_ms, 3),
             "deadline_ms": self.deadline_ms,
             "deadline_missed": self.deadline_missed,
+            "late": self.late,
             "escalated_to": level_name(self.escalated_to),
             "detail": self.detail,
             "signal_seq": self.signal_seq,
@@ -244,6 +255,15 @@ class EmergencyProtocol:
         with self._lock:
             return [r.as_dict() for r in self.records]
 
+    def records_since(self, index: int) -> list[IncidentRecord]:
+        """Records appended after the first `index` (e.g. one `handle` call's chain)."""
+        with self._lock:
+            return self.records[index:]
+
+    def record_count(self) -> int:
+        with self._lock:
+            return len(self.records)
+
     def _respond(self, incident: Incident) -> IncidentRecord:
         policy = _policy(incident.level)
         start = self.clock()
@@ -258,10 +278,13 @@ class EmergencyProtocol:
             deadline_ms=policy.deadline_s * 1000.0, detail=result.detail, signal_seq=seq,
             acked=acked, unacked=unacked, publish_error=publish_error,
         )
-        if not record.ok or record.deadline_missed:
+        if not record.ok:
             record.escalated_to = policy.escalate_to
-            log.error("emergency %s %s: %s (%s, %.1f ms of %.0f ms)", policy.name, incident.kind,
-                      "failed" if not record.ok else "over deadline", result.detail, duration_ms, record.deadline_ms)
+            log.error("emergency %s %s: failed (%s, %.1f ms of %.0f ms)", policy.name, incident.kind,
+                      result.detail, duration_ms, record.deadline_ms)
+        elif record.late:
+            log.warning("emergency %s %s: succeeded late (%s, %.1f ms of %.0f ms); not escalated", policy.name,
+                        incident.kind, result.detail, duration_ms, record.deadline_ms)
         with self._lock:
             self.records.append(record)
             self.signals.append(signal)
@@ -302,8 +325,7 @@ class EmergencyProtocol:
     def _escalation(incident: Incident, record: IncidentRecord) -> Incident:
         if record.escalated_to is None:
             raise ValueError("escalation requested for a record that does not escalate")
-        why = "failed" if not record.ok else f"missed its {record.deadline_ms:.0f} ms deadline"
-        reason = f"{level_name(incident.level)} response ({record.action}) {why}: {incident.reason}"
+        reason = f"{level_name(incident.level)} response ({record.action}) failed: {incident.reason}"
         attributes = dict(incident.attributes)
         attributes["escalated_from"] = level_name(incident.level)
         return Incident(level=record.escalated_to, kind=incident.kind, reason=reason, epoch=incident.epoch,

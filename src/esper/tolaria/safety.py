@@ -303,7 +303,13 @@ class Safety:
         self.settle()  # a response may write the live tensors the last snapshot is copying
         self._window_clean = False
         self._rolled_back = False
+        first = self.protocol.record_count()
         record = self.protocol.handle(incident)
+        for late in (r for r in self.protocol.records_since(first) if r.late):
+            # Late but successful: reported, never escalated (a deadline bounds a hang, not a success).
+            self.t.record_event("emergency_late", TELEMETRY_LEVEL_WARNING, MESSAGE_PRIORITY_HIGH,
+                                emergency_level=level_name(late.level), kind=late.kind, action=late.action,
+                                duration_ms=round(late.duration_ms, 3), deadline_ms=late.deadline_ms)
         if self._rolled_back:
             self._rolled_back = False
             raise RolledBack(record.action)
@@ -345,7 +351,7 @@ class Safety:
         self._record_rollback(outcome, target, incident)
         if not outcome.succeeded:
             return ActionResult(False, "fast rollback", outcome.reason)
-        detail = f"restored {target.snapshot_id}"
+        detail = f"restored {target.snapshot_id}{_late_note(outcome.overruns)}"
         if self._offending is not None and self.t.sampler is not None and incident.kind != "resume_after_freeze":
             self.t.sampler.skipped.add(self._offending)
             detail += f"; skipping batch {self._offending[1]} of epoch {self._offending[0]}"
@@ -378,7 +384,7 @@ class Safety:
             return ActionResult(False, "full rollback", outcome.reason)
         self.cache.put(target)
         self._rolled_back = True
-        detail = f"restored {target.snapshot_id} from disk"
+        detail = f"restored {target.snapshot_id} from disk{_late_note(outcome.overruns)}"
         self._drill_outcome(incident, detail)
         return ActionResult(True, "full rollback + checkpoint", detail)
 
@@ -462,6 +468,11 @@ class Safety:
             "recovery_events": self.recovery_events,
             "watchdog_fired": self.watchdog.fired_total,
         }
+
+
+def _late_note(overruns: list[str]) -> str:
+    """A rollback's late phases, for the incident's detail (late is recorded, not failed)."""
+    return f"; late: {'; '.join(overruns)}" if overruns else ""
 
 
 def weights_finite(model: torch.nn.Module) -> bool:
