@@ -162,3 +162,18 @@ def test_resume_from_an_unknown_checkpoint_names_the_ones_that_exist(run: Path,
     err = capsys.readouterr().err
     assert "ckpt-000000000030" in err and "ckpt-000000000020" in err
     assert tree(run) == before
+
+
+def test_a_branch_never_lands_on_a_run_unless_told_and_never_overwrites_its_source(
+        run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    other = run.parent / "other"
+    shutil.copytree(run, other)
+    before, source = tree(other), tree(run)
+    assert main(["resume", str(run), "--from", "ckpt-000000000020", "--run-dir", str(other), *QUIET]) == 2
+    assert "--overwrite" in capsys.readouterr().err and tree(other) == before
+    assert main(["resume", str(run), "--overwrite", *QUIET]) == 2
+    assert "the run being resumed" in capsys.readouterr().err and tree(run) == source
+    assert main(["resume", str(run), "--from", "ckpt-000000000020", "--run-dir", str(other), "--overwrite",
+                 *QUIET]) == 0
+    assert json.loads((other / "summary.json").read_text())["resumed_from"].startswith("ckpt-000000000020")
+    assert tree(run) == source

@@ -41,7 +41,11 @@ def run_job(config: TolariaConfig, run_dir: Path, *, faults: FaultPlan | None = 
     written into RUN_DIR before the trainer is built and restored (`run_dir.RunDirClaim`)."""
     world = world or World()
     point = ResumePoint(run_dir / "checkpoints") if resume is True else resume or None
-    mode: Mode = "overwrite" if overwrite else "continue" if point and _same_run(point, run_dir) else "new"
+    same = point is not None and _same_run(point, run_dir)
+    if overwrite and same:
+        raise ValueError(f"--overwrite would delete {run_dir}, the run being resumed: drop --overwrite, or give "
+                         f"the branch its own --run-dir")
+    mode: Mode = "overwrite" if overwrite else "continue" if same else "new"
     claim = RunDirClaim.open(run_dir, mode) if world.is_leader else None
     try:
         trainer = _build(config, run_dir, point, faults=faults, progress=progress, world=world)
@@ -60,6 +64,7 @@ def run_job(config: TolariaConfig, run_dir: Path, *, faults: FaultPlan | None = 
         if report:
             _write_report(run_dir)
     else:
+        run_dir.mkdir(parents=True, exist_ok=True)  # the leader claimed it; this rank may be on another host
         write_summary(summary, run_dir, name=f"summary.rank{world.rank}.json")
     return summary
 
@@ -77,10 +82,7 @@ def _build(config: TolariaConfig, run_dir: Path, point: ResumePoint | None, *, f
     if point is None:
         return trainer
     try:
-        if point.name is None:
-            trainer.resume_from(point.checkpoints)
-        else:
-            trainer.resume_from(point.checkpoints, name=point.name)
+        trainer.resume_from(point.checkpoints, name=point.name)
     except BaseException:
         trainer.close()
         raise
