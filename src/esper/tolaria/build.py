@@ -43,7 +43,7 @@ def build_trainer(config: TolariaConfig, *, run_dir: Path | None = None, faults:
     rank, replicas = (world.rank, world.size) if world is not None else (0, 1)
     train, val, features, classes = make_loaders(config.data, seed=config.run.seed, num_replicas=replicas, rank=rank)
     torch.manual_seed(config.run.seed)
-    model = HostMLP(features, config.model.hidden, classes)
+    model = HostMLP(features, config.model.hidden, classes, dropout=config.model.dropout)
     slots = config.model.slots or default_slots(model)
     kasmina = KasminaLayer(model, slots, config=KasminaConfig.model_validate(config.kasmina), seed=config.run.seed,
                            example_input=next(iter(val))[0][:2])

@@ -39,12 +39,16 @@ class DataConfig(Section):
     split_seed: int = Field(0, ge=0, description="Seed of the train/validation split.")
     synthetic_samples: int = Field(2048, ge=64, description="Samples for the synthetic data set.")
     synthetic_features: int = Field(64, ge=2, description="Features for the synthetic data set.")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes of the training loader (0: load "
+                             "in the training process). Resume and batch skipping stay exact with workers.")
 
 
 class ModelConfig(Section):
     kind: Literal["mlp"] = Field("mlp", description="Host architecture.")
     hidden: list[int] = Field(default_factory=lambda: [16], description="Hidden layer widths of the host MLP.")
     slots: list[str] = Field(default_factory=list, description="Module names where Kasmina attaches seed slots.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout probability after each hidden activation of "
+                           "the host MLP (0: none). Must be in [0, 1).")
 
     @model_validator(mode="after")
     def _widths_positive(self) -> ModelConfig:

@@ -3,10 +3,16 @@
 `ResumableBatchSampler` makes the batch order a pure function of (seed, epoch), so a resume
 jumps straight to batch k of epoch e without iterating the loader, and spike recovery can
 skip named batches (recorded in the snapshot, so a resumed run skips them too).
+
+With DataLoader workers the sampler runs ahead of the loop (each worker holds
+`prefetch_factor` batches), so the sampler's latest batch is not the loop's. The sampler
+therefore queues the indices it yields, and the loop `consume()`s one per batch it receives:
+a DataLoader delivers batches in sampler order (its default `in_order=True`).
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -34,7 +40,8 @@ class ResumableBatchSampler(Sampler[list[int]]):
         self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
         self.start_batch = 0
-        self.last_index = -1  # index of the batch yielded last (exact with num_workers=0)
+        self.last_index = -1  # index of the batch the loop consumed last
+        self._yielded: deque[int] = deque()  # indices yielded and not yet consumed by the loop
         self.skipped: set[tuple[int, int]] = set()
 
     def batches_for_epoch(self, epoch: int) -> list[list[int]]:
@@ -53,10 +60,21 @@ class ResumableBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         batches = self.batches_for_epoch(self.epoch)
+        # A new queue per iteration: an abandoned iterator (a rollback restarts the epoch) leaves
+        # no stale indices behind.
+        yielded = self._yielded = deque()
         for index in range(self.start_batch, len(batches)):
             if (self.epoch, index) not in self.skipped:
-                self.last_index = index
+                yielded.append(index)
                 yield batches[index]
+
+    def consume(self) -> int:
+        """The index of the batch the loop has just received; call once per batch received."""
+        if not self._yielded:
+            raise RuntimeError("consume() was called for more batches than the sampler yielded; call it "
+                               "once per batch received from a DataLoader iterating this sampler")
+        self.last_index = self._yielded.popleft()
+        return self.last_index
 
     def __len__(self) -> int:
         return len(self.batches_for_epoch(self.epoch))
@@ -99,6 +117,9 @@ def make_loaders(config: DataConfig, *, seed: int, num_replicas: int = 1, rank: 
     """Train loader (resumable sampler), validation loader, input features, classes."""
     x_tr, y_tr, x_va, y_va, n_classes = load_arrays(config)
     sampler = ResumableBatchSampler(len(x_tr), config.batch_size, seed=seed, num_replicas=num_replicas, rank=rank)
-    train = DataLoader(TensorDataset(x_tr, y_tr), batch_sampler=sampler)
+    # Fresh workers each epoch: the trainer rebuilds the iterator from a known RNG state (see
+    # `TolariaTrainer._epoch_batches`); persistent workers would keep seeds from before a resume.
+    train = DataLoader(TensorDataset(x_tr, y_tr), batch_sampler=sampler, num_workers=config.num_workers,
+                       persistent_workers=False)
     val = DataLoader(TensorDataset(x_va, y_va), batch_size=512, shuffle=False)
     return train, val, int(x_tr.shape[1]), n_classes

@@ -444,6 +444,12 @@ class Safety:
         self.accuracy.load_state_dict(state["accuracy"])
         self.timing.load_state_dict(state["timing"])
 
+    def adopt_run_id(self, run_id: str) -> None:
+        """A resumed run's id: the store's manifests and the protocol's signals carry it from now on."""
+        if self.store is not None:
+            self.store.run_id = run_id
+        self.protocol.run_id = run_id
+
     def resume_from(self, directory: Path, *, name: str | None = None) -> Snapshot:
         # Only this run's own directory is cleaned: a branch reads another run without changing it.
         own = self.checkpoint_dir is not None and Path(directory).resolve() == self.checkpoint_dir.resolve()

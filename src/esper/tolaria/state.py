@@ -24,15 +24,46 @@ if TYPE_CHECKING:
 RECORD_KEYS = ("rollbacks", "emergencies", "fallbacks", "apply_failures")
 
 
-def rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+def rng_state(loader_generator: torch.Generator | None = None) -> dict[str, Any]:
+    """The global RNGs (CUDA's per device once CUDA is in use) and a DataLoader's own generator."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+             "cuda": _cuda_rng_states()}
+    if loader_generator is not None and loader_generator is not torch.default_generator:
+        state["loader"] = loader_generator.get_state()
+    return state
 
 
-def set_rng_state(state: Mapping[str, Any]) -> None:
+def set_rng_state(state: Mapping[str, Any], loader_generator: torch.Generator | None = None) -> None:
     torch.set_rng_state(state["torch"])
     if not _NUMPY_PROBE.holds(state["numpy"]):
         np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+    _set_cuda_rng_states(state.get("cuda") or [])
+    if loader_generator is not None and state.get("loader") is not None:
+        loader_generator.set_state(state["loader"])
+
+
+def _cuda_rng_states() -> list[torch.Tensor]:
+    # Read only once CUDA is initialized: reading initializes it (a context on every GPU, even for
+    # a CPU run), and until then the CUDA generators hold only the seed `torch.manual_seed` queued,
+    # which a resumed run queues alike.
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return []
+    return list(torch.cuda.get_rng_state_all())
+
+
+def _set_cuda_rng_states(states: list[torch.Tensor]) -> None:
+    if not states or not torch.cuda.is_available():
+        return  # resumed without CUDA: nothing here draws from a CUDA generator
+    # Devices both runs have (a resume that sees other GPUs cannot be exact for the rest anyway).
+    for device, saved in enumerate(states[: torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(saved, device)
+
+
+def loader_generator(loader: Any) -> torch.Generator:
+    """The generator a new iterator of `loader` draws its base seed from: its own, else torch's global one."""
+    generator = getattr(loader, "generator", None)
+    return generator if isinstance(generator, torch.Generator) else torch.default_generator
 
 
 class _NumpyStateProbe:
@@ -93,7 +124,8 @@ def live_state(t: TolariaTrainer) -> dict[str, Any]:
         "conservative": t.conservative.state_dict(),
         "tamiyo": _optional_state(t.tamiyo),
         "monitors": t.safety.monitors_state() if t.safety is not None else None,
-        "rng": rng_state(),
+        "rng": rng_state(loader_generator(t.train_loader)),
+        "iterator_rng": t.iterator_rng,  # what this epoch's data iterator was built from
         "data": _optional_state(t.sampler),
         "trainer": {
             "epoch": t.state.epoch, "batch_in_epoch": t.state.batch_in_epoch, "global_step": t.state.global_step,
@@ -135,7 +167,9 @@ def restore_state(t: TolariaTrainer, state: Mapping[str, Any], *, keep_records: 
         t.sampler.load_state_dict(state["data"])
         if keep_records:  # batches skipped by earlier rollbacks stay skipped, whatever the target knew
             t.sampler.skipped |= skipped
-    set_rng_state(state["rng"])
+    set_rng_state(state["rng"], loader_generator(t.train_loader))
+    if "iterator_rng" in state:
+        t.iterator_rng = deep_clone(state["iterator_rng"])  # not the snapshot's tensor: its buffer is reused
     _restore_trainer_counters(t, state["trainer"], keep_records=keep_records)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 import signal
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,7 @@ from esper.tolaria.profiling import Profiler
 from esper.tolaria.protocols import ExecutionLayer, OonaBus, TamiyoClient
 from esper.tolaria.safety import RolledBack, Safety
 from esper.tolaria.snapshot import state_checksum
-from esper.tolaria.state import restore_state
+from esper.tolaria.state import loader_generator, restore_state
 from esper.tolaria.telemetry import TelemetryCollector
 from esper.tolaria.timing import MonotonicTimer
 
@@ -179,10 +179,8 @@ class TolariaTrainer:
 
     def _train_epoch(self, epoch: int) -> float:
         self.model.train()
-        if self.sampler is not None:
-            self.sampler.set_position(epoch, self.state.batch_in_epoch)
         total, count = torch.zeros(()), 0
-        for x, y in self.train_loader:
+        for x, y in self._epoch_batches(epoch):
             loss = self._run_batch(x, y)
             if loss is not None:
                 total += loss
@@ -191,9 +189,35 @@ class TolariaTrainer:
                 break
         return float(total) / max(count, 1)
 
+    def _epoch_batches(self, epoch: int) -> Iterator[Any]:
+        """The loader's iterator from the current position of the epoch.
+
+        Building an iterator draws the DataLoader's base seed (worker seeds) from its generator,
+        torch's global one unless the loader has its own. A restart mid-epoch (resume, rollback)
+        therefore builds it from the generator state the epoch's first iterator was built from
+        (`iterator_rng`, in every snapshot) and then puts the restored state back: the draw, and
+        the stream that dropout and augmentation read after it, are those of the uninterrupted run.
+        Randomness drawn inside worker processes restarts with the workers (seeded from the base
+        seed): exact across a restart at an epoch boundary, not from the middle of an epoch."""
+        if self.sampler is not None:
+            self.sampler.set_position(epoch, self.state.batch_in_epoch)
+        generator = loader_generator(self.train_loader)
+        if self.state.batch_in_epoch == 0 or self.iterator_rng is None:
+            self.iterator_rng = generator.get_state()
+            return iter(self.train_loader)
+        restored = generator.get_state()
+        generator.set_state(self.iterator_rng)
+        try:
+            return iter(self.train_loader)
+        finally:
+            generator.set_state(restored)
+
+    iterator_rng: torch.Tensor | None = None
+
     def _run_batch(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         """One batch of the epoch: hooks, the step, the position counters, the after-step checks."""
-        batch = self.sampler.last_index if self.sampler is not None else self.state.batch_in_epoch
+        # Consumed, not the sampler's latest: DataLoader workers fetch batches ahead of the loop.
+        batch = self.sampler.consume() if self.sampler is not None else self.state.batch_in_epoch
         if self.callbacks:
             self._fire(HookPoint.STEP_BEGIN, step=self.state.global_step)
         loss = self._train_step(x, y, batch)
@@ -428,9 +452,19 @@ class TolariaTrainer:
         if snapshot.state["trainer"].get("config_sha256") != self.config.sha256():
             self.record_event("resume_config_changed", TELEMETRY_LEVEL_WARNING, checkpoint=snapshot.snapshot_id)
         restore_state(self, snapshot.state, keep_records=False)
+        self._keep_run_id(snapshot.state["trainer"].get("run_id"), directory)
         self.resumed_from = snapshot.snapshot_id
 
     resumed_from = ""
+
+    def _keep_run_id(self, saved: str | None, directory: Path) -> None:
+        """A run resumed from its own checkpoints keeps its id: a remote Tamiyo keeps its controller,
+        and manifests and emergency signals name one run. A branch into another run directory is a
+        new run with its own id."""
+        own = self.safety.checkpoint_dir
+        if saved and (own is None or Path(directory).resolve() == own.resolve()):
+            self.run_id = saved
+            self.safety.adopt_run_id(saved)
 
     def close(self) -> None:
         self.safety.close()
