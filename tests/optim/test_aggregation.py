@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -328,3 +329,66 @@ def test_aggregator_counters_survive_state_dict_round_trip() -> None:
     restored = GradientAggregator(AggregationConfig(mode="pcgrad"))
     restored.load_state_dict(agg.state_dict())
     assert restored.state_dict() == {"steps": 1, "nonfinite_steps": 0, "projections": {"s0": 1}}
+
+
+# ---------------------------------------------------------------- fp16/bf16: norms in fp32
+def _low_precision_model(dtype: torch.dtype) -> nn.Linear:
+    model = nn.Linear(100, 1, bias=False).to(dtype)
+    model.weight.grad = torch.full_like(model.weight, 30.0)  # ‖g‖ = 30·√100 = 300: 300² overflows fp16
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_low_precision_gradient_norm_of_300_reads_300_and_finite(dtype: torch.dtype) -> None:
+    from esper.tolaria.aggregation import _total_norm, fp32_norms
+    from esper.tolaria.safety import tensors_finite
+
+    model = _low_precision_model(dtype)
+    grad = model.weight.grad
+    assert grad is not None
+    norm = _total_norm([grad], torch.device("cpu"))
+    assert norm.dtype == torch.float32 and norm.item() == pytest.approx(300.0, rel=1e-3)
+    big = torch.full((50_000,), 300.0, dtype=dtype)  # one tensor's norm 67 082 > fp16's 65 504
+    assert fp32_norms([big])[0].item() == pytest.approx(67_082.0, rel=1e-2)
+    assert tensors_finite([big, grad])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+def test_a_real_nonfinite_low_precision_value_still_reads_nonfinite(dtype: torch.dtype, bad: float) -> None:
+    from esper.tolaria.aggregation import _total_norm
+    from esper.tolaria.safety import tensors_finite
+
+    g = torch.full((100,), 30.0, dtype=dtype)
+    g[7] = bad
+    assert not math.isfinite(_total_norm([g], torch.device("cpu")).item())
+    assert not tensors_finite([g])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_clipping_low_precision_gradients_measures_the_true_norm(dtype: torch.dtype) -> None:
+    model = nn.Linear(50_000, 1, bias=False).to(dtype)
+    loss = (model.weight * 300.0).sum().float()  # every gradient 300: ‖g‖ = 67 082, over fp16's 65 504
+    agg = GradientAggregator(AggregationConfig(max_grad_norm=1.0))
+    stats = agg.backward(loss, [], dict(model.named_parameters()))
+    assert stats.finite and stats.grad_norm == pytest.approx(67_082.0, rel=1e-2)
+    grad = model.weight.grad
+    assert grad is not None
+    assert torch.linalg.vector_norm(grad, dtype=torch.float32).item() == pytest.approx(1.0, rel=1e-2)
+
+
+@pytest.mark.parametrize("mode", ["pcgrad", "average", "priority"])
+def test_split_modes_measure_fp16_seed_geometry_in_fp32(mode: str) -> None:
+    torch.manual_seed(0)
+    model = ToySeeded().half()
+    model.add_seed("s1")
+    model.half()
+    x, y = batch()
+    x, y = x.half(), y.half()
+    scale = 400.0  # gradients large enough that their squares overflow fp16
+    host_loss = F.mse_loss(model(x), y).float() * scale
+    terms = [dataclasses.replace(t, loss=t.loss.float() * scale) for t in model.seed_terms(x, y)]
+    stats = GradientAggregator(AggregationConfig(mode=mode)).backward(host_loss, terms, dict(model.named_parameters()))
+    assert stats.finite and math.isfinite(stats.grad_norm), stats
+    seed = stats.seeds["s1"]
+    assert math.isfinite(seed["grad_norm"]) and math.isfinite(seed["cosine_with_host"]), seed

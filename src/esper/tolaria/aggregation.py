@@ -24,6 +24,11 @@ Decisions never sync with the device: coefficients are computed with `torch.wher
 with `torch._foreach_*` ops. Each step syncs exactly once, to read the stats (`.tolist()` of one
 stacked tensor). A non-finite loss or gradient sets every parameter's `.grad` to None, so the
 optimizer cannot use it; the caller skips the step.
+
+Precision: every norm, dot product and finiteness sum is accumulated and returned in fp32 (or
+wider) whatever the gradients' dtype (`fp32_norms`): summed in fp16, a true norm of ~256 squares
+past fp16's largest value and reads as `inf`. fp32 and fp64 gradients take the same kernels as
+before and are never copied.
 """
 
 from __future__ import annotations
@@ -245,7 +250,7 @@ class GradientAggregator:
         self.steps += 1
         grads = [p.grad for p in plist if p.grad is not None] if checked else []
         if self.config.max_grad_norm is not None and grads:
-            norm = torch.nn.utils.clip_grad_norm_(plist, self.config.max_grad_norm, foreach=True)
+            norm = _clip(plist, grads, self.config.max_grad_norm, dev)
         else:
             norm = _total_norm(grads, dev)  # zero when not checked: `finite` then speaks for the loss
         total_loss = host_loss.detach().float()
@@ -330,10 +335,28 @@ def _split_positions(
     return _SeedGrads(term=term, weight=scale, grads=gi, shared=shared, other=other)
 
 
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def fp32_norms(tensors: list[Tensor]) -> list[Tensor]:
+    """Per-tensor L2 norms, accumulated and returned in fp32 for fp16/bf16 tensors (in their own
+    dtype for fp32/fp64, the unchanged kernel). Squares and sums of the result cannot overflow
+    where an fp16 norm would (a norm of 300 squares to inf in fp16)."""
+    low = [t.dtype in LOW_PRECISION for t in tensors]
+    if not any(low):
+        return list(torch._foreach_norm(tensors))
+    if all(low):
+        return list(torch._foreach_norm(tensors, 2, dtype=torch.float32))
+    wide = iter(torch._foreach_norm([t for t, is_low in zip(tensors, low, strict=True) if not is_low]))
+    narrow = iter(torch._foreach_norm([t for t, is_low in zip(tensors, low, strict=True) if is_low], 2,
+                                      dtype=torch.float32))
+    return [next(narrow) if is_low else next(wide) for is_low in low]
+
+
 def _sq_norms(grads: Sequence[Tensor | None], dev: torch.device) -> list[Tensor | None]:
     """Per-tensor squared L2 norms (None stays None), computed with one foreach kernel."""
     present = [g for g in grads if g is not None]
-    norms = iter(torch._foreach_norm(present)) if present else iter(())
+    norms = iter(fp32_norms(present)) if present else iter(())
     return [None if g is None else next(norms).square() for g in grads]
 
 
@@ -343,13 +366,13 @@ def _seed_geometry(
     """(‖g_i‖, cos(g_i, g_h) on shared, projection coefficient c_i, projected flag), all on device."""
     zero = torch.zeros((), device=dev)
     present = [g for g in s.grads if g is not None]
-    seed_sq = torch.stack(torch._foreach_norm(present)).square().sum() if present else zero
+    seed_sq = torch.stack(fp32_norms(present)).square().sum() if present else zero
     if not s.shared:
         return seed_sq.sqrt(), zero.clone(), zero.clone(), torch.zeros((), dtype=torch.bool, device=dev)
     dots = torch.stack([_dot(s.grads[i], gh[i]) for i in s.shared])
     dot = dots.sum()
     h2 = torch.stack([_present(host_sq[i]) for i in s.shared]).sum()
-    shared_sq = torch.stack([_present(s.grads[i]).square().sum() for i in s.shared]).sum()
+    shared_sq = torch.stack([_sq_sum(_present(s.grads[i])) for i in s.shared]).sum()
     cosine = dot / (shared_sq.sqrt() * h2.sqrt() + eps)
     conflict = dot < 0
     coef = torch.where(conflict, dot / (h2 + eps), zero)
@@ -362,8 +385,17 @@ def _present(t: Tensor | None) -> Tensor:
     return t
 
 
+def _sq_sum(t: Tensor) -> Tensor:
+    """Σ t², in fp32 for fp16/bf16 (fp32/fp64: the unchanged kernel)."""
+    return _dot(t, t) if t.dtype in LOW_PRECISION else t.square().sum()
+
+
 def _dot(a: Tensor | None, b: Tensor | None) -> Tensor:
-    return torch.dot(_present(a).reshape(-1), _present(b).reshape(-1))
+    """a·b, in fp32 for fp16/bf16 (their products alone overflow fp16: 300·300 > 65504)."""
+    x, y = _present(a).reshape(-1), _present(b).reshape(-1)
+    if x.dtype in LOW_PRECISION or y.dtype in LOW_PRECISION:
+        x, y = x.float(), y.float()
+    return torch.dot(x, y)
 
 
 def _groups_by_membership(seeds: list[_SeedGrads]) -> dict[tuple[int, ...], list[int]]:
@@ -450,4 +482,18 @@ def _total_norm(grads: list[Tensor], dev: torch.device) -> Tensor:
     if dtype in (torch.float32, torch.float64) and all(g.is_contiguous() and g.dtype == dtype for g in grads):
         flat = [g.view(-1) for g in grads]
         return torch.stack([torch.dot(f, f) for f in flat]).sum().sqrt()
-    return torch.stack(torch._foreach_norm(grads)).square().sum().sqrt()
+    return torch.stack(fp32_norms(grads)).square().sum().sqrt()
+
+
+def _clip(plist: list[nn.Parameter], grads: list[Tensor], max_norm: float, dev: torch.device) -> Tensor:
+    """Clip the total gradient to `max_norm`; returns the norm before clipping. fp32/fp64 gradients
+    use torch's own `clip_grad_norm_`, which sums in the gradients' dtype; with any fp16/bf16
+    gradient the norm is measured in fp32 and the same scale (max_norm / (norm + 1e-6), at most 1)
+    applied."""
+    if not any(g.dtype in LOW_PRECISION for g in grads):
+        return torch.nn.utils.clip_grad_norm_(plist, max_norm, foreach=True)
+    norm = _total_norm(grads, dev)
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for dtype in {g.dtype for g in grads}:  # one foreach kernel per dtype, like torch's own
+        torch._foreach_mul_([g for g in grads if g.dtype == dtype], scale)
+    return norm

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from esper.leyline import MESSAGE_PRIORITY_HIGH, TELEMETRY_LEVEL_ERROR, TELEMETRY_LEVEL_WARNING, new_id
+from esper.tolaria.aggregation import fp32_norms
 from esper.tolaria.checkpoint import (
     CheckpointInfo,
     CheckpointStore,
@@ -487,12 +488,13 @@ def weights_finite(model: torch.nn.Module) -> bool:
 
 
 def tensors_finite(values: Iterable[Any]) -> bool:
-    """Every floating-point tensor among `values` is finite (one read pass)."""
+    """Every floating-point tensor among `values` is finite (one read pass). The norms are summed in
+    fp32 for fp16/bf16 tensors: in their own dtype large finite weights would read as inf."""
     floats = [t for t in values if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
     if not floats:
         return True
     with torch.no_grad():
-        return bool(torch.isfinite(torch.stack(torch._foreach_norm(floats)).sum()))
+        return bool(torch.isfinite(torch.stack(fp32_norms(floats)).sum()))
 
 
 def scramble_weights(model: torch.nn.Module) -> None:
