@@ -20,7 +20,7 @@ $(DEV_STAMP): $(STAMP)
 	touch $(DEV_STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/tolaria run examples/digits.toml --run-dir $(RUN_DIR)
+	$(VENV)/bin/tolaria run examples/digits.toml --run-dir $(RUN_DIR) --overwrite
 
 redis-installed:
 	@command -v redis-server >/dev/null || { \
