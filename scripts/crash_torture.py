@@ -41,6 +41,7 @@ def _snapshot(step: int) -> Snapshot:
 
 def _child(directory: Path, report_fd: int, fsync: bool) -> None:
     store = CheckpointStore(directory, keep_last=3, fsync=fsync, wal_max_bytes=8192)
+    os.write(report_fd, b"ready\n")
     latest = store.latest()
     step = latest.step if latest else 0
     while True:
@@ -49,7 +50,9 @@ def _child(directory: Path, report_fd: int, fsync: bool) -> None:
         os.write(report_fd, f"{info.txn_id} {info.step}\n".encode())
 
 
-def _run_child(directory: Path, delay_s: float, fsync: bool) -> list[tuple[int, int]]:
+def _run_child(directory: Path, delay_s: float, fsync: bool, wait_ready: bool) -> list[tuple[int, int]]:
+    """Kill a saving child `delay_s` after it started (or, with `wait_ready`, after its store is
+    open, so that a loaded machine still kills it among saves, not only while it starts)."""
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid == 0:  # child: never returns into the parent's code
@@ -62,15 +65,18 @@ def _run_child(directory: Path, delay_s: float, fsync: bool) -> list[tuple[int, 
             code = 3
         os._exit(code)
     os.close(write_fd)
+    pipe = os.fdopen(read_fd, "rb")
+    if wait_ready:
+        pipe.readline()  # b"" if the child died first; the exit status says why
     time.sleep(delay_s)
     os.kill(pid, signal.SIGKILL)
     _, status = os.waitpid(pid, 0)
-    with os.fdopen(read_fd, "rb") as pipe:
+    with pipe:
         lines = pipe.read().decode().split("\n")
     if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 3:
         raise RuntimeError("the saving child failed on its own (see stderr); not a crash-consistency result")
     # a line cut by the kill is not a report: the child died before finishing it
-    return [(int(a), int(b)) for a, b in (ln.split() for ln in lines[:-1] if ln)]
+    return [(int(a), int(b)) for a, b in (ln.split() for ln in lines[:-1] if ln and ln != "ready")]
 
 
 def _check(directory: Path, newest_reported: tuple[int, int] | None) -> str:
@@ -98,7 +104,8 @@ def torture(directory: Path, kills: int, seed: int, max_delay_ms: float, fsync: 
     commits = 0
     start = time.monotonic()
     for cycle in range(kills):
-        reported = _run_child(directory, rng.uniform(0, max_delay_ms) / 1000, fsync)
+        # every fourth kill may land while the store opens (its start-up recovery is crash-tested too)
+        reported = _run_child(directory, rng.uniform(0, max_delay_ms) / 1000, fsync, wait_ready=cycle % 4 != 3)
         commits += len(reported)
         if reported:
             newest = max(reported)

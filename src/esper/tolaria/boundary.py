@@ -4,6 +4,12 @@ Validation is timed but outside the budget. Tolaria's own work is four phases wi
 design's budgets (state assembly 3.5 ms, Tamiyo 12 ms, apply 1.5 ms, check 1 ms; 18 ms in
 all); every boundary records each phase, and an overrun is a failure on the
 `boundary_timing` breaker.
+
+Journaled commands: every command is journaled in the checkpoint WAL before it is applied
+(`journal_command`), and every rollback journals a REWIND. On resume, the commands journaled
+after the restored checkpoint are replayed at the boundaries where they were first applied:
+Tamiyo is still asked (so its own state evolves as in the uninterrupted run), but the journal
+decides what is applied, up to the last journaled boundary; a difference is recorded as an event.
 """
 
 from __future__ import annotations
@@ -16,21 +22,27 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from esper.leyline import (
+    COMMAND_SEED,
     MESSAGE_PRIORITY_HIGH,
+    SEED_OP_GERMINATE,
+    SEED_STAGE_DORMANT,
     SEED_STAGE_FOSSILIZED,
     TELEMETRY_LEVEL_ERROR,
     TELEMETRY_LEVEL_WARNING,
     AdaptationCommand,
     HardwareContext,
+    LeylineError,
     SeedLifecycleStage,
     SystemStatePacket,
     is_noop,
     noop_command,
+    parse,
     system_state_packet,
 )
 from esper.tolaria.handshake import HandshakeOutcome, is_germination
 
 if TYPE_CHECKING:
+    from esper.tolaria.checkpoint.wal import WalRecord
     from esper.tolaria.trainer import TolariaTrainer
 
 OWN_PHASES = ("state_assembly", "tamiyo", "apply", "check")
@@ -69,6 +81,23 @@ class EpochBoundary:
 
     def __init__(self, trainer: TolariaTrainer) -> None:
         self.t = trainer
+        self._journal: dict[int, AdaptationCommand] = {}  # global step -> command to replay there
+        self._journal_until = -1  # the last journaled boundary's step: up to it, the journal decides
+
+    def replay_journal(self, records: list[WalRecord]) -> None:
+        """Commands journaled after the restored checkpoint (see `recover`), replayed at their steps."""
+        self._journal, self._journal_until = {}, -1
+        for rec in records:
+            try:
+                self._journal[rec.step] = parse(AdaptationCommand, rec.payload)
+            except LeylineError as exc:
+                self.t.record_event("journal_command_unreadable", TELEMETRY_LEVEL_ERROR, step=rec.step, error=str(exc))
+                continue
+            self._journal_until = max(self._journal_until, rec.step)
+
+    def forget_journal(self) -> None:
+        """After a rollback, Tamiyo decides again: the journaled future is no longer this history's."""
+        self._journal, self._journal_until = {}, -1
 
     def run(self, epoch: int, train_loss: float) -> BoundaryReport:
         t = self.t
@@ -145,6 +174,9 @@ class EpochBoundary:
 
     def apply(self, outcome: HandshakeOutcome, report: BoundaryReport) -> None:
         t = self.t
+        if t.state.global_step <= self._journal_until:
+            self._apply_journaled(outcome.command, self._journal.pop(t.state.global_step, None), report)
+            return
         command = outcome.command
         report.command, report.fallback = command, outcome.failure_kind
         if t.conservative.active and is_germination(command):
@@ -156,6 +188,26 @@ class EpochBoundary:
             report.apply_reason = command.annotations.get("reason", "no-op")
             return
         t.apply_command(command, report)
+
+    def _apply_journaled(self, asked: AdaptationCommand, journaled: AdaptationCommand | None,
+                         report: BoundaryReport) -> None:
+        """A boundary the interrupted run already passed: apply what it applied, at most once."""
+        t = self.t
+        step = t.state.global_step
+        if step >= self._journal_until:
+            self.forget_journal()  # the last replayed boundary: Tamiyo decides from the next one
+        if _effect(asked) != _effect(journaled):
+            t.record_event("journal_replay_differs", TELEMETRY_LEVEL_WARNING, step=step,
+                           tamiyo=_describe(asked), journaled=_describe(journaled))
+        report.command = journaled if journaled is not None else asked
+        if journaled is None:
+            report.apply_reason = "replay: the interrupted run applied no command at this boundary"
+            return
+        if _already_present(journaled, t.kasmina.export_seed_states()):
+            report.apply_reason = f"replay: {journaled.target_seed_id} already holds a seed; not applied twice"
+            return
+        t.apply_command(journaled, report, journal=False)  # journaled already, by the interrupted run
+        report.apply_reason = f"replayed from the journal: {report.apply_reason}"
 
     def check(self, epoch: int, report: BoundaryReport, started_ns: int) -> None:
         """Compare this boundary's phases with their budgets; the check phase is measured up to
@@ -190,6 +242,55 @@ class EpochBoundary:
                            epoch=epoch, breakers=",".join(open_names), reasons="; ".join(reasons))
         elif change == "exited":
             t.record_event("conservative_mode_exited", TELEMETRY_LEVEL_WARNING, MESSAGE_PRIORITY_HIGH, epoch=epoch)
+
+
+def journal_command(t: TolariaTrainer, command: AdaptationCommand, epoch: int) -> None:
+    """Journal `command` durably before it is applied (rank 0, when checkpoints are on)."""
+    store = t.safety.store
+    if store is None:
+        return
+    try:
+        store.journal_command(command, epoch=epoch, step=t.state.global_step)
+    except (OSError, ValueError) as exc:  # the WAL is full or closed: apply anyway, but say resume may differ
+        t.record_event("command_journal_failed", TELEMETRY_LEVEL_ERROR, command_id=command.command_id,
+                       error=str(exc), consequence="a resume before the next checkpoint may not replay it")
+
+
+def journal_rewind(t: TolariaTrainer, step: int, epoch: int, reason: str) -> None:
+    """Training went back to `step`: later journaled commands belong to an abandoned history."""
+    t.boundary.forget_journal()
+    store = t.safety.store
+    if store is None:
+        return
+    try:
+        store.journal_rewind(epoch=epoch, step=step, reason=reason)
+    except (OSError, ValueError) as exc:
+        t.record_event("command_journal_failed", TELEMETRY_LEVEL_ERROR, error=str(exc),
+                       consequence="a resume before the next checkpoint may replay an abandoned command")
+
+
+def _effect(command: AdaptationCommand | None) -> bytes | None:
+    """What a command does, without its identity (id, issue time, issuer, annotations)."""
+    if command is None or is_noop(command):
+        return None
+    core = AdaptationCommand()
+    core.CopyFrom(command)
+    for name in ("command_id", "issued_at", "issued_by", "annotations", "execution_deadline_ms"):
+        core.ClearField(name)
+    return core.SerializeToString(deterministic=True)
+
+
+def _describe(command: AdaptationCommand | None) -> str:
+    if command is None or is_noop(command):
+        return "no-op"
+    return f"{command.target_seed_id or '-'} {command.WhichOneof('payload') or 'no payload'}"
+
+
+def _already_present(command: AdaptationCommand, seeds: list[Any]) -> bool:
+    """A GERMINATE whose slot is no longer dormant has had its effect (or cannot have it twice)."""
+    if command.command_type != COMMAND_SEED or command.seed_operation.operation != SEED_OP_GERMINATE:
+        return False
+    return not any(s.seed_id == command.target_seed_id and s.stage == SEED_STAGE_DORMANT for s in seeds)
 
 
 def stage_name(stage: int) -> str:

@@ -29,6 +29,7 @@ import torch
 
 from esper.leyline import MESSAGE_PRIORITY_HIGH, TELEMETRY_LEVEL_ERROR, TELEMETRY_LEVEL_WARNING, new_id
 from esper.tolaria.aggregation import fp32_norms
+from esper.tolaria.boundary import journal_rewind
 from esper.tolaria.checkpoint import (
     CheckpointInfo,
     CheckpointStore,
@@ -374,6 +375,8 @@ class Safety:
             self.store.flush(timeout=60)
             self._collect_checkpoints()
         self.t.world.barrier()  # every rank reads the same committed checkpoint
+        # The commands journaled after the target (result.commands) are NOT replayed: the run failed
+        # after them, so Tamiyo decides again; the rollback journals a REWIND that retires them.
         result = recover(self.checkpoint_dir, clean=False)
         self.recovery_events += result.events
         if result.checkpoint is None:
@@ -420,6 +423,8 @@ class Safety:
         t = self.t
         if outcome.succeeded:
             self._stalled_rollbacks += 1
+            # Commands applied after the target are undone: a later resume must not replay them.
+            journal_rewind(t, target.global_step, target.epoch, f"{outcome.tier} rollback to {target.snapshot_id}")
         entry = {"rollback_id": new_id()[:12], "tier": outcome.tier, "epoch": incident.epoch, "step": incident.step,
                  "target_snapshot_id": target.snapshot_id, "target_epoch": target.epoch,
                  "target_step": target.global_step, "reason": f"{level_name(incident.level)} {incident.kind}: "
@@ -465,7 +470,12 @@ class Safety:
             raise ValueError(f"{result.checkpoint.name} was written by a job of {written_by} process(es); resume it "
                              f"with the same world size (torchrun --nproc-per-node {written_by}), not "
                              f"{self.t.world.size}, so the data order and results stay exact")
-        return result.checkpoint.snapshot()
+        chosen = result.checkpoint
+        if name is None:  # continuing the run: the boundaries it passed after the checkpoint replay
+            self.t.boundary.replay_journal(result.commands)
+        elif own:  # a branch in this run's own WAL: what followed the checkpoint is abandoned
+            journal_rewind(self.t, chosen.step, chosen.epoch, f"branch from {chosen.name}")
+        return chosen.snapshot()
 
     def summary(self) -> dict[str, Any]:
         return {

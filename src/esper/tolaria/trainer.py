@@ -25,7 +25,13 @@ from esper.leyline import (
     new_id,
 )
 from esper.tolaria.aggregation import AggregationConfig, GradientAggregator
-from esper.tolaria.boundary import BoundaryReport, EpochBoundary, hardware_context, seed_stage_changes
+from esper.tolaria.boundary import (
+    BoundaryReport,
+    EpochBoundary,
+    hardware_context,
+    journal_command,
+    seed_stage_changes,
+)
 from esper.tolaria.breakers import BreakerBoard
 from esper.tolaria.config import TolariaConfig
 from esper.tolaria.conservative import ConservativeMode
@@ -297,9 +303,12 @@ class TolariaTrainer:
         self.lr.report_validation(val_loss)
         return val_loss, val_accuracy
 
-    def apply_command(self, command: AdaptationCommand, report: BoundaryReport) -> None:
-        """Apply through Kasmina; a raise is recorded and escalated and the model must be unchanged."""
+    def apply_command(self, command: AdaptationCommand, report: BoundaryReport, *, journal: bool = True) -> None:
+        """Apply through Kasmina; a raise is recorded and escalated and the model must be unchanged.
+        The command is journaled in the WAL first (durable), so a resume can replay it."""
         breaker = self.breakers["kasmina"]
+        if journal:
+            journal_command(self, command, report.epoch)
         before = self._structure_fingerprint()
         try:
             result = self.kasmina.apply_command(command)
