@@ -3,11 +3,16 @@ checkpoint, and running the driver in its own process."""
 
 from __future__ import annotations
 
+import atexit
 import inspect
 import json
+import os
+import select
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,8 +20,6 @@ from typing import Any
 from conformance.workloads import architecture, build_trainer
 from esper.tolaria.checkpoint.inspect import list_checkpoints
 from esper.tolaria.trainer import TolariaTrainer
-
-DRIVER = Path(__file__).with_name("driver.py")
 
 
 class BoundaryHashes:
@@ -100,15 +103,76 @@ def resume_at(trainer: TolariaTrainer, run_dir: Path, checkpoint: dict[str, Any]
         trainer.resume_from(run_dir / "checkpoints")
 
 
-def drive(workload: str, run_dir: Path, *args: str, timeout: float = 180) -> tuple[subprocess.CompletedProcess[str],
-                                                                                  dict[str, Any] | None]:
-    """Run the driver in its own process; the result file's content, or None when it died first."""
-    result = run_dir.with_name(run_dir.name + ".result.json")
+DRIVER = Path(__file__).with_name("driver.py")
+
+
+@dataclass
+class Exit:
+    """How a driver process ended: `code` as `Popen.returncode` (-N for signal N) and its output."""
+
+    code: int
+    log: str
+
+
+class _ForkServer:
+    """`driver.py --serve`, started once per test session (see `driver.serve`)."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(DRIVER), "--serve"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, bufsize=0)
+        self._buffer = b""
+        atexit.register(self.close)
+
+    def run(self, argv: list[str], log: Path, timeout: float) -> int:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((json.dumps([argv, str(log)]) + "\n").encode())
+        pid = int(self._answer("pid", timeout))
+        try:
+            return int(self._answer("exit", timeout))
+        except TimeoutError:
+            os.kill(pid, signal.SIGKILL)
+            self._answer("exit", 60)
+            raise
+
+    def _answer(self, tag: str, timeout: float) -> str:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise TimeoutError(f"no '{tag}' from the driver's fork server within {timeout} s")
+            chunk = os.read(self.proc.stdout.fileno(), 4096)
+            if not chunk:
+                raise RuntimeError(f"the driver's fork server exited ({self.proc.wait()})")
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        name, value = line.decode().split(" ", 1)
+        assert name == tag, f"fork server said {line!r}, expected {tag}"
+        return value
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            self.proc.wait(30)
+
+
+_server: _ForkServer | None = None
+
+
+def drive(workload: str, run_dir: Path, *args: str, timeout: float = 180) -> tuple[Exit, dict[str, Any] | None]:
+    """Run the driver in its own process (forked from `driver.py --serve`); returns how it ended and
+    its result file's content, or None when it died before writing one."""
+    global _server
+    if _server is None or _server.proc.poll() is not None:
+        _server = _ForkServer()
+    result, log = (run_dir.with_name(f"{run_dir.name}.{suffix}") for suffix in ("result.json", "log"))
     result.unlink(missing_ok=True)
-    proc = subprocess.run([sys.executable, str(DRIVER), workload, str(run_dir), "--result", str(result), *args],
-                          capture_output=True, text=True, timeout=timeout)
-    return proc, json.loads(result.read_text()) if result.exists() else None
+    log.unlink(missing_ok=True)
+    code = _server.run([workload, str(run_dir), "--result", str(result), *args], log, timeout)
+    output = log.read_text() if log.exists() else ""
+    return Exit(code, output), json.loads(result.read_text()) if result.exists() else None
 
 
-def failure(proc: subprocess.CompletedProcess[str]) -> str:
-    return f"driver exited {proc.returncode}:\n{proc.stderr[-4000:]}"
+def failure(exit: Exit) -> str:
+    return f"driver exited {exit.code}:\n{exit.log[-4000:]}"
