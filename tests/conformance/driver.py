@@ -1,16 +1,17 @@
 """Run (or resume) one conformance workload in its own process, optionally crashing it on purpose.
 
     python tests/conformance/driver.py WORKLOAD RUN_DIR --result OUT.json [--resume]
-        [--workers N] [--sigterm-at-step K] [--sigkill-at-step K] [--crash-after-apply-epoch E]
-        [--answered-file PATH]
+        [--workers N] [--sigterm-at-step K] [--sigkill-at-step K [--sigkill-delay-s S]]
+        [--crash-after-apply-epoch E] [--answered-file PATH]
 
 The tests run `main` in processes forked from `driver.py --serve`, which has imported all of this
 once (torch's import would otherwise cost seconds per run); the command line above is the same run.
 Faults are real: `--sigterm-at-step`/`--sigkill-at-step` send the signal to this process when step
-K ends (the checkpoint writer may be mid-write), `--crash-after-apply-epoch` calls `os._exit(9)`
-right after Kasmina applied the command of epoch E, before that boundary's checkpoint. The
-production code is not touched: the faults are a callback and a wrapper around Kasmina. On a
-normal exit (SIGTERM included) OUT.json gets the final state hash and the architecture.
+K ends (the checkpoint writer may be mid-write) or S seconds after it (anywhere);
+`--crash-after-apply-epoch` calls `os._exit(9)` right after Kasmina applied the command of epoch E,
+before that boundary's checkpoint. The production code is not touched: the faults are a callback
+and a wrapper around Kasmina. On a normal exit (SIGTERM included) OUT.json gets the final state
+hash and the architecture.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import Any
@@ -36,13 +38,20 @@ CRASH_EXIT = 9
 
 
 class SignalAtStep:
-    """Sends `signum` to this process when global step `step` has finished."""
+    """Sends `signum` to this process when global step `step` has finished, or `delay_s` later
+    (from a timer thread, so it may land anywhere: in a step, a boundary, a checkpoint write)."""
 
-    def __init__(self, step: int, signum: int) -> None:
-        self.step, self.signum = step, signum
+    def __init__(self, step: int, signum: int, delay_s: float = 0.0) -> None:
+        self.step, self.signum, self.delay_s = step, signum, delay_s
 
     def on_step_end(self, trainer: Any, step: int, loss: Any) -> None:
-        if step == self.step:
+        if step != self.step:
+            return
+        if self.delay_s:
+            timer = threading.Timer(self.delay_s, os.kill, (os.getpid(), self.signum))
+            timer.daemon = True  # a run that ends first is not kept alive for it
+            timer.start()
+        else:
             os.kill(os.getpid(), self.signum)
 
 
@@ -68,12 +77,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--sigterm-at-step", type=int)
     parser.add_argument("--sigkill-at-step", type=int)
+    parser.add_argument("--sigkill-delay-s", type=float, default=0.0)
     parser.add_argument("--crash-after-apply-epoch", type=int)
     parser.add_argument("--answered-file", type=Path)
     args = parser.parse_args(argv)
 
-    callbacks = [SignalAtStep(step, signum) for step, signum in
-                 ((args.sigterm_at_step, signal.SIGTERM), (args.sigkill_at_step, signal.SIGKILL)) if step is not None]
+    callbacks = [SignalAtStep(step, signum, delay) for step, signum, delay in
+                 ((args.sigterm_at_step, signal.SIGTERM, 0.0),
+                  (args.sigkill_at_step, signal.SIGKILL, args.sigkill_delay_s)) if step is not None]
     trainer = build_trainer(args.workload, args.run_dir, num_workers=args.workers, callbacks=callbacks,
                             answered_file=args.answered_file)
     if args.crash_after_apply_epoch is not None:

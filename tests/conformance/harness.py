@@ -67,8 +67,18 @@ class Reference:
         return max(self.boundary_hashes)
 
 
+class EveryCheckpointCommitted(BoundaryHashes):
+    """Also waits at each boundary for its checkpoint, so none is superseded by the next one while
+    still queued (the writer keeps only the newest waiting snapshot) and every epoch has one."""
+
+    def on_boundary_end(self, trainer: TolariaTrainer, epoch: int, report: Any) -> None:
+        super().on_boundary_end(trainer, epoch, report)
+        assert trainer.safety.store is not None
+        trainer.safety.store.flush(timeout=120)
+
+
 def run_reference(workload: str, run_dir: Path, *, num_workers: int = 0) -> Reference:
-    hashes = BoundaryHashes()
+    hashes = EveryCheckpointCommitted()
     trainer = build_trainer(workload, run_dir, num_workers=num_workers, callbacks=[hashes])
     trainer.fit()
     stages = {h["stage"] for history in trainer.seed_history.values() for h in history}

@@ -41,7 +41,7 @@ def test_crash_right_after_a_germination_resumes_into_the_same_architecture(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("epoch", sorted(SCRIPT))
+@pytest.mark.parametrize("epoch", sorted(SCRIPT)[1:])  # epoch 0's command precedes the first checkpoint
 @pytest.mark.parametrize("workload", WORKLOADS)
 def test_crash_right_after_any_command_resumes_into_the_same_architecture(
         workload: str, epoch: int, reference: Callable[..., Reference], tmp_path: Path) -> None:

@@ -67,6 +67,25 @@ def test_repeated_sigkills_at_random_steps_then_resume_give_the_uninterrupted_fi
 
 @pytest.mark.slow
 @pytest.mark.parametrize("workload", WORKLOADS)
+def test_sigkills_at_random_moments_then_resume_give_the_uninterrupted_final_state(
+        workload: str, reference: Callable[..., Reference], tmp_path: Path) -> None:
+    """Kills from a timer a seeded random time after a seeded step: in a step, a boundary, an apply or a
+    checkpoint write. A run that reached its end before its kill simply finished."""
+    ref = reference(workload)
+    rng = random.Random(f"moments-{workload}")
+    run_dir = tmp_path / "run"
+    for i in range(4):
+        step = rng.randrange(2 * ref.steps_per_epoch + 1, ref.total_steps)
+        args = ["--sigkill-at-step", str(step), "--sigkill-delay-s", f"{rng.uniform(0.001, 0.2):.3f}"]
+        proc, result = drive(workload, run_dir, *args, *(["--resume"] if i else []))
+        assert proc.code in (0, -signal.SIGKILL), failure(proc)
+        if proc.code == 0:
+            break
+    _finish(workload, run_dir, ref, 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workload", WORKLOADS)
 def test_sigterm_mid_epoch_with_two_workers_then_resume_gives_the_uninterrupted_final_state(
         workload: str, reference: Callable[..., Reference], tmp_path: Path) -> None:
     ref = reference(workload, 2)
