@@ -1,4 +1,5 @@
-"""A run killed with SIGKILL at a random moment and resumed is bit-exact with an uninterrupted one."""
+"""A run killed with SIGKILL at a random moment, or stopped by SIGTERM mid-epoch (with dropout: the
+resumed run must draw the same masks), and resumed is bit-exact with an uninterrupted one."""
 
 from __future__ import annotations
 
@@ -19,6 +20,12 @@ CULLING = """
 plateau_threshold = 1.0
 cull_tolerance = 0.0   # a seed that costs any validation loss is culled: the run germinates and culls
 """
+
+
+def dropout_job(name: str, *, epochs: int, seed: int) -> str:
+    """The test job with dropout: a resume must reproduce the random masks, not only the weights."""
+    return job_toml(name, epochs=epochs, seed=seed, tamiyo=CULLING).replace("hidden = [8]\n",
+                                                                           "hidden = [8]\ndropout = 0.1\n")
 
 
 def tolaria(*args: str) -> list[str]:
@@ -61,7 +68,7 @@ def test_sigkill_at_a_random_moment_then_resume_is_bit_exact(tmp_path: Path) -> 
 
 def test_sigterm_finishes_the_step_checkpoints_mid_epoch_and_resume_is_bit_exact(tmp_path: Path) -> None:
     for tag in ("ref", "term"):
-        (tmp_path / f"{tag}.toml").write_text(job_toml(f"term-{tag}", epochs=8, seed=5, tamiyo=CULLING))
+        (tmp_path / f"{tag}.toml").write_text(dropout_job(f"term-{tag}", epochs=8, seed=5))
     ref_dir, term_dir = tmp_path / "ref", tmp_path / "term"
     subprocess.run(tolaria("run", str(tmp_path / "ref.toml"), "--run-dir", str(ref_dir)), check=True, timeout=300)
     run = subprocess.Popen(tolaria("run", str(tmp_path / "term.toml"), "--run-dir", str(term_dir)))
