@@ -125,3 +125,31 @@ def test_snapshots_every_n_steps_are_rollback_targets_within_an_epoch(make_train
     assert rollback["succeeded"] and rollback["tier"] == "fast"
     assert rollback["target_epoch"] == 2 and rollback["target_step"] % 4 == 0, rollback
     assert summary["epochs_completed"] == 5
+
+
+def test_a_rollback_to_a_snapshot_still_being_copied_waits_for_its_values(make_trainer: Any,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whoever asks for the rollback (the protocol, a callback, a test), the target's tensors are
+    read only once its copy-behind job has finished: a half-copied snapshot restores garbage."""
+    import esper.tolaria.snapshot_copier as copier
+
+    real_run = copier.CopyJob.run
+
+    def slow_copy(job: Any) -> None:
+        time.sleep(0.2)
+        real_run(job)
+
+    trainer, _ = make_trainer(small_config(**CALM, run={"epochs": 2}, snapshots={"copy_behind": True,
+                                                                                  "capacity": 1}))
+    trainer.safety.start()  # snapshot "before" holds the initial weights
+    trainer.safety.settle()
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(1.0)  # training moved on (after the settle, as the contract asks)
+    expected = state_checksum(trainer.model.state_dict())
+    monkeypatch.setattr(copier.CopyJob, "run", slow_copy)
+    target = trainer.safety._snapshot()  # recycles the old buffers; parameters copied over 0.2 s
+    outcome = trainer.safety.coordinator.rollback(target, "fast")  # at once, while the copy runs
+    assert outcome.succeeded, outcome.reason
+    assert state_checksum(trainer.model.state_dict()) == expected
+    trainer.close()

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from esper.tolaria.restore_plan import RestorePlan
-from esper.tolaria.snapshot import Snapshot
+from esper.tolaria.snapshot import Snapshot, SnapshotCopyError
 from esper.tolaria.snapshot_cache import (
     RestoreError,
     confirm_restored,
@@ -84,6 +84,11 @@ class TolariaParticipant:
         self.last_restore = ""  # how the last commit restored tensors: RESTORE_PATHS
 
     def prepare(self, target: Snapshot) -> bool:
+        # A copy-behind snapshot may still be filling: its tensors hold their values only then.
+        try:
+            target.wait_ready()
+        except SnapshotCopyError:
+            return False
         return all(k in target.state for k in ("model", "optimizer", "lr", "rng", "trainer"))
 
     def commit(self, target: Snapshot) -> None:
