@@ -40,8 +40,15 @@ def test_crash_right_after_a_germination_resumes_into_the_same_architecture(
     _crash_after_apply_then_resume(workload, germinate_second, reference(workload), tmp_path, 0)
 
 
+def test_a_crash_in_the_first_epoch_resumes_from_the_starting_checkpoint(
+        reference: Callable[..., Reference], tmp_path: Path) -> None:
+    # Before the first boundary only the starting state is committed: resume from it, with epoch 0's
+    # journaled command replayed.
+    _crash_after_apply_then_resume("mlp", 0, reference("mlp"), tmp_path, 0)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("epoch", sorted(SCRIPT)[1:])  # epoch 0's command precedes the first checkpoint
+@pytest.mark.parametrize("epoch", sorted(SCRIPT))  # epoch 0 too: the starting state is checkpointed
 @pytest.mark.parametrize("workload", WORKLOADS)
 def test_crash_right_after_any_command_resumes_into_the_same_architecture(
         workload: str, epoch: int, reference: Callable[..., Reference], tmp_path: Path) -> None:

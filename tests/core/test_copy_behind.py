@@ -153,3 +153,32 @@ def test_a_rollback_to_a_snapshot_still_being_copied_waits_for_its_values(make_t
     assert outcome.succeeded, outcome.reason
     assert state_checksum(trainer.model.state_dict()) == expected
     trainer.close()
+
+
+def test_a_rollback_lets_the_snapshot_being_copied_finish_before_it_writes_the_live_weights(
+        make_trainer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The newest snapshot's copy-behind job reads the live tensors; a rollback to an older snapshot
+    that wrote them first would leave the newest one half old, half new."""
+    import esper.tolaria.snapshot_copier as copier
+
+    real_run = copier.CopyJob.run
+
+    def slow_copy(job: Any) -> None:
+        time.sleep(0.2)
+        real_run(job)
+
+    trainer, _ = make_trainer(small_config(**CALM, run={"epochs": 2}, snapshots={"copy_behind": True}))
+    trainer.safety.start()
+    start = trainer.safety.cache.last_healthy()
+    trainer.safety.settle()
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(1.0)
+    moved_on = state_checksum(trainer.model.state_dict())
+    monkeypatch.setattr(copier.CopyJob, "run", slow_copy)
+    newest = trainer.safety._snapshot()
+    outcome = trainer.safety.coordinator.rollback(start, "fast")  # while `newest` is still being copied
+    assert outcome.succeeded, outcome.reason
+    newest.wait_ready()
+    assert state_checksum(newest.state["model"]) == moved_on
+    trainer.close()

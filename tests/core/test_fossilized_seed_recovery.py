@@ -58,7 +58,7 @@ def test_every_checkpoint_of_a_run_that_fossilizes_restores_and_continues(make_t
     final = run.fit().summary["final_state_sha256"]
     run.close()
     checkpoints = _checkpoints(tmp_path / "run" / "checkpoints")
-    assert len(checkpoints) == 8 and FOSSILIZED in _stages(checkpoints[-1].state)
+    assert len(checkpoints) == 9 and FOSSILIZED in _stages(checkpoints[-1].state)  # the start and 8 epochs
 
     restorer, _ = make_trainer(small_config(**CALM, run={"epochs": 8}))
     for checkpoint in checkpoints:  # in order: into and across every structure the run had

@@ -79,7 +79,8 @@ def test_overwrite_replaces_the_old_run(run: Path) -> None:
                  *QUIET]) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["run_id"] != old_id and summary["epochs_completed"] == 1
-    assert [p.name.split(".")[0] for p in (run / "checkpoints").glob("ckpt-*")] == ["ckpt-000000000020"]
+    assert sorted(p.name.split(".")[0] for p in (run / "checkpoints").glob("ckpt-*")) == \
+        ["ckpt-000000000000", "ckpt-000000000020"]  # the starting state and epoch 1
     assert old_id not in (run / "telemetry.jsonl").read_text()
     assert sorted(p.name for p in run.parent.iterdir()) == ["job.toml", "run"]
 
@@ -126,13 +127,14 @@ def test_inspect_json_lists_every_checkpoint_in_the_documented_shape(run: Path,
     assert main(["inspect", str(run), "--json"]) == 1  # one checkpoint does not verify
     listing = json.loads(capsys.readouterr().out)
     assert listing["format"] == "tolaria.inspect/1" and set(listing) == {"format", "directory", "checkpoints", "wal"}
-    newest, older = listing["checkpoints"]
+    newest, older, start = listing["checkpoints"]  # newest first; a new run checkpoints its starting state
     keys = {"name", "path", "epoch", "step", "txn", "committed", "verified", "status", "size_bytes", "seeds"}
     assert set(newest) == set(older) == keys
     assert (newest["epoch"], newest["step"], newest["committed"], newest["verified"]) == (2, 40, True, False)
     assert newest["status"].startswith("corrupt")
     assert (older["name"], older["epoch"], older["step"], older["verified"], older["status"]) == \
         ("ckpt-000000000020", 1, 20, True, "ok")
+    assert (start["name"], start["epoch"], start["step"], start["status"]) == ("ckpt-000000000000", 0, 0, "ok")
 
 
 def test_resume_from_a_named_checkpoint_branches_into_a_new_run_dir(run: Path) -> None:

@@ -84,7 +84,9 @@ class TolariaParticipant:
         self.last_restore = ""  # how the last commit restored tensors: RESTORE_PATHS
 
     def prepare(self, target: Snapshot) -> bool:
-        # A copy-behind snapshot may still be filling: its tensors hold their values only then.
+        # Copy-behind: the last snapshot's job reads the live tensors this rollback is about to
+        # write, and the target itself holds its values only once its own job has finished.
+        self.t.safety.settle()
         try:
             target.wait_ready()
         except SnapshotCopyError:

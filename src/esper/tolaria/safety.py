@@ -125,9 +125,12 @@ class Safety:
                              f"channel {key}); wait for it to finish or give this run its own --run-dir") from None
 
     def start(self) -> None:
-        """Before the first step: the starting state is the first (healthy) rollback target."""
+        """Before the first step: the starting state is the first (healthy) rollback target, and a
+        new run's first checkpoint, so a crash in epoch 0 can be resumed (with its journal) too."""
         snapshot = self._snapshot()
         self.cache.mark_healthy(snapshot.snapshot_id)
+        if self.store is not None and not self.t.resumed_from and self.t.state.global_step == 0:
+            self._checkpoint(snapshot, epoch=-1)  # -1: before any epoch, so no boundary drill is due
         self.watchdog.start()
 
     def close(self) -> None:

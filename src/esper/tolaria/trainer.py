@@ -423,7 +423,7 @@ class TolariaTrainer:
             self.close()
 
     def _seed_everything(self, seed: int) -> None:
-        if self.state.global_step:
+        if self.state.global_step or self.resumed_from:
             return  # resumed: RNG states come from the snapshot
         random.seed(seed)
         np.random.seed(seed)
