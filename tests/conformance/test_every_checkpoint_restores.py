@@ -17,7 +17,7 @@ LIFECYCLE = {"GERMINATED", "TRAINING", "BLENDING", "SHADOWING", "PROBATIONARY", 
 def _continue_from_each_checkpoint(ref: Reference, tmp_path: Path, epochs: int | None) -> None:
     """Resume from every checkpoint; `epochs` boundaries later (None: at the end) the state must match."""
     assert LIFECYCLE <= ref.stages, f"the {ref.workload} run must cross the whole lifecycle, got {sorted(ref.stages)}"
-    assert len(ref.checkpoints) == EPOCHS + 1, f"expected the starting checkpoint and one per epoch, got {ref.checkpoints}"
+    assert len(ref.checkpoints) == EPOCHS + 1, f"expected the start and one checkpoint per epoch: {ref.checkpoints}"
     mismatches = []
     for checkpoint in ref.checkpoints:
         stop = StopAfterBoundaries(epochs if epochs is not None else EPOCHS + 1)
