@@ -3,7 +3,7 @@
 Three tiny CPU workloads, each drawing random numbers in its forward (dropout), so any shift of
 the RNG stream on resume changes the final weights:
 
-- `mlp`: the digits MLP with dropout (the built-in `HostMLP` when it takes `dropout`);
+- `mlp`: the digits MLP with dropout (the built-in `HostMLP`);
 - `cnn`: a small CNN with BatchNorm and dropout on the 8x8 digits images, a `conv_residual`
   seed on the conv block and a `residual_mlp` seed on the flat features;
 - `lm`: a two-block causal transformer LM on a char corpus (the source of `json.decoder`),
@@ -117,24 +117,6 @@ class Parts:
 
 
 # ---------------------------------------------------------------- mlp
-class DropoutMLP(nn.Module):
-    """The host MLP's layout (`stem`, `body` of Linear/ReLU/Dropout, `head`), for a `HostMLP` without dropout."""
-
-    def __init__(self, in_features: int, hidden: list[int], n_classes: int, dropout: float) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        width = in_features
-        for h in hidden:
-            layers += [nn.Linear(width, h), nn.ReLU(), nn.Dropout(dropout)]
-            width = h
-        self.stem = nn.Identity()
-        self.body = nn.Sequential(*layers)
-        self.head = nn.Linear(width, n_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(self.stem(x)))
-
-
 def _digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """sklearn's digits (features / 16), 80/20 split. Read from sklearn's bundled file without importing
     sklearn, which costs ~1.5 s in every driver process."""
@@ -153,10 +135,7 @@ def _digits() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
 def mlp_parts(seed: int) -> Parts:
     x_tr, y_tr, x_va, y_va = _digits()
     torch.manual_seed(seed)
-    if "dropout" in inspect.signature(HostMLP).parameters:
-        model: nn.Module = HostMLP(64, [32, 32], 10, dropout=0.1)  # type: ignore[call-arg]
-    else:
-        model = DropoutMLP(64, [32, 32], 10, dropout=0.1)
+    model = HostMLP(64, [32, 32], 10, dropout=0.1)
     hidden = default_slots(model)[1:3]
     return Parts(model, (hidden[0], hidden[1]), ("residual_mlp", "residual_mlp"), TensorDataset(x_tr, y_tr),
                  TensorDataset(x_va, y_va), nn.functional.cross_entropy, batch_size=128, lr=0.01)
