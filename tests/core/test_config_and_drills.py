@@ -24,6 +24,14 @@ def test_unknown_keys_are_errors_naming_the_key(tmp_path: Path) -> None:
         load_config(path)
 
 
+def test_unknown_key_errors_list_the_valid_keys_of_their_section() -> None:
+    with pytest.raises(ConfigError, match=r"run\.epohcs: .*valid keys here: name, epochs, seed") as info:
+        config_from_dict({"run": {"epohcs": 4}})
+    assert "config --help" not in str(info.value)  # no such command exists
+    with pytest.raises(ConfigError, match=r"kasmina\.blend_stepz: .*valid keys here: .*blend_steps"):
+        config_from_dict({"kasmina": {"blend_stepz": 3}})
+
+
 def test_bad_values_name_the_key_and_the_value() -> None:
     with pytest.raises(ConfigError, match=r"optimizer\.lr: Input should be greater than 0 \(got -1\)"):
         config_from_dict({"optimizer": {"lr": -1}})

@@ -188,15 +188,28 @@ class TolariaConfig(Section):
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
 
-def _describe(error: ValidationError, source: str) -> str:
+def _describe(error: ValidationError, source: str, model: type[BaseModel] | None = None) -> str:
     lines = [f"invalid config {source}:"]
     for item in error.errors():
         key = ".".join(str(p) for p in item["loc"]) or "(top level)"
         if item["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key; remove it or check the spelling (see `tolaria config --help`)")
+            valid = _valid_keys(model or TolariaConfig, item["loc"][:-1])
+            lines.append(f"  {key}: unknown key; remove it or check the spelling (valid keys here: {valid}; "
+                         "examples/digits.toml shows a full config)")
         else:
             lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
     return "\n".join(lines)
+
+
+def _valid_keys(model: type[BaseModel], loc: tuple[int | str, ...]) -> str:
+    """The field names of the section at `loc`, so an unknown-key error can list the real ones."""
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return "see the field descriptions in src/esper/tolaria/config.py"
+        model = annotation
+    return ", ".join(model.model_fields)
 
 
 def config_from_dict(data: dict[str, Any], *, source: str = "<dict>") -> TolariaConfig:
@@ -219,7 +232,7 @@ def _validate_components(config: TolariaConfig, source: str) -> None:
         try:
             model.model_validate(getattr(config, section))
         except ValidationError as exc:
-            message = _describe(exc, source).replace("\n  ", f"\n  {section}.")
+            message = _describe(exc, source, model).replace("\n  ", f"\n  {section}.")
             raise ConfigError(message) from None
 
 
