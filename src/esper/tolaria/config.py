@@ -72,6 +72,11 @@ class LRConfig(Section):
     seed_warmup_steps: int = Field(20, ge=0, description="Warm-up steps of a new seed's group.")
     seed_lr_ratio: float = Field(1.0, gt=0, description="Seed group base LR as a fraction of the host base LR.")
     tolerance: float = Field(1e-6, gt=0, description="Relative tolerance of the out-of-band LR check.")
+    step_epochs: int = Field(10, ge=1, description="Epochs between the step policy's LR decays.")
+    total_steps: int | None = Field(None, ge=1, description="Optimizer steps of the whole run for the cosine and "
+                                    "step policies (default: epochs x len(train loader)); required when the "
+                                    "training loader has no len(). The step policy decays every "
+                                    "step_epochs x (total_steps // epochs) steps.")
 
 
 class BoundaryConfig(Section):

@@ -33,7 +33,7 @@ from esper.tolaria.boundary import (
     seed_stage_changes,
 )
 from esper.tolaria.breakers import BreakerBoard
-from esper.tolaria.config import TolariaConfig
+from esper.tolaria.config import ConfigError, TolariaConfig
 from esper.tolaria.conservative import ConservativeMode
 from esper.tolaria.distributed import World
 from esper.tolaria.faults import Drill, FaultPlan, StepDrills, wire_drills
@@ -399,16 +399,7 @@ class TolariaTrainer:
         self.telemetry.emit_event(description, level, priority, **attributes)
 
     def _host_policy(self) -> dict[str, Any]:
-        c, lr = self.config.lr, self.config.optimizer.lr
-        if c.host_policy == "cosine":
-            steps = max(1, self.config.run.epochs * _batches_per_epoch(self.train_loader))
-            return {"kind": "cosine", "base_lr": lr, "min_lr": lr * c.min_lr_ratio,
-                    "warmup_steps": min(c.warmup_steps, steps - 1), "total_steps": steps}
-        if c.host_policy == "morpho_adaptive":
-            return {"kind": "morpho_adaptive", "base_lr": lr}
-        if c.host_policy == "step":
-            return {"kind": "step", "base_lr": lr, "step_size": max(1, _batches_per_epoch(self.train_loader) * 10)}
-        return {"kind": "constant", "lr": lr}
+        return host_policy_spec(self.config, self.train_loader)
 
     def _seed_policy(self, seed_id: str) -> dict[str, Any]:
         c = self.config.lr
@@ -493,11 +484,32 @@ def _restore_signal_handlers(previous: Mapping[int, Any]) -> None:
         signal.signal(sig, handler)
 
 
-def _batches_per_epoch(loader: Iterable[Any]) -> int:
+def host_policy_spec(config: TolariaConfig, loader: Iterable[Any]) -> dict[str, Any]:
+    """The host group's LR policy; cosine and step need the schedule length in optimizer steps."""
+    c, lr = config.lr, config.optimizer.lr
+    if c.host_policy == "cosine":
+        steps = _schedule_steps(config, loader)
+        return {"kind": "cosine", "base_lr": lr, "min_lr": lr * c.min_lr_ratio,
+                "warmup_steps": min(c.warmup_steps, steps - 1), "total_steps": steps}
+    if c.host_policy == "morpho_adaptive":
+        return {"kind": "morpho_adaptive", "base_lr": lr}
+    if c.host_policy == "step":
+        per_epoch = max(1, _schedule_steps(config, loader) // config.run.epochs)
+        return {"kind": "step", "base_lr": lr, "step_size": per_epoch * c.step_epochs}
+    return {"kind": "constant", "lr": lr}
+
+
+def _schedule_steps(config: TolariaConfig, loader: Iterable[Any]) -> int:
+    """`lr.total_steps` when set, else epochs × len(loader); a loader without len() must set it."""
+    if config.lr.total_steps is not None:
+        return config.lr.total_steps
     try:
-        return len(loader)  # type: ignore[arg-type]
+        per_epoch = len(loader)  # type: ignore[arg-type]
     except TypeError:
-        return 1000
+        raise ConfigError(
+            f"lr.host_policy = {config.lr.host_policy!r} needs the schedule length, but the training loader "
+            "has no len(); set lr.total_steps to the number of optimizer steps of the whole run") from None
+    return max(1, config.run.epochs * per_epoch)
 
 
 def _default_bus(run_dir: Path | None, config: TolariaConfig) -> OonaBus:
