@@ -211,18 +211,6 @@ class PrometheusExporter:
         if total is not None and total > current:
             counter.inc(total - current)
 
-    def observe_boundary_phase(self, phase: str, seconds: float) -> None:
-        """One epoch-boundary phase duration (`state_assembly`, `tamiyo`, `apply`, `check`, ...)."""
-        if (v := _number(seconds)) is not None:
-            self.boundary.labels(phase=phase).observe(v)
-
-    def on_rollback(self) -> None:
-        self.rollbacks.inc()
-
-    def on_emergency(self) -> None:
-        self.emergencies.inc()
-
-
 
 class ExporterCallback:
     """Feeds an exporter from the trainer's named points: start at fit begin, one record per epoch, stop at end."""
