@@ -257,7 +257,7 @@ class Safety:
         return snapshot
 
     def _checkpoint(self, snapshot: Snapshot, epoch: int) -> None:
-        assert self.store is not None  # noqa: S101 - guarded by the caller
+        assert self.store is not None  # guarded by the caller
         self._pending.append((epoch, self.store.save_async(snapshot)))
         if (d := self.t.faults.due("corrupt-checkpoint", epoch)) is not None:
             self.store.flush(timeout=60)

@@ -71,7 +71,7 @@ def checkpoint_stall_ratio(quick: bool) -> list[float]:
             baseline_ms = _sync_save_ms(_state(model, optimizer), Path(tmp) / "sync.pt")
             start = time.perf_counter_ns()
             snapshot = cache.take(f"b{trial}", 0, trial + 2, _state(model, optimizer), defer=defer)
-            assert snapshot is not None  # noqa: S101 - far below the cache's cap
+            assert snapshot is not None  # far below the cache's cap
             future = store.save_async(snapshot)
             stall_ns = time.perf_counter_ns() - start
             optimizer.zero_grad(set_to_none=True)

@@ -32,7 +32,7 @@ def full_rollback_ratio(quick: bool) -> list[float]:
     with tempfile.TemporaryDirectory(prefix="bench-full-") as tmp:
         t = _trainer(Path(tmp), 256, [1024, 768], 6, checkpoint={"enabled": True})
         t._train_epoch(0)
-        assert t.safety.store is not None  # noqa: S101 - checkpoints are enabled above
+        assert t.safety.store is not None  # checkpoints are enabled above
         info = t.safety.store.save(take_snapshot(t, "bench"))
         ours, raw = [], []
         for _ in range(9 if quick else 15):

@@ -137,7 +137,7 @@ def _measure(spec: FigureSpec, *, quick: bool, trials: int, has_oona: bool) -> d
     started = time.perf_counter()
     try:
         values = _collect(spec, quick=quick, trials=trials)
-    except Exception as exc:  # one broken figure must not end the bench; it is reported as an error
+    except Exception as exc:  # noqa: BLE001 - one broken figure must not end the bench; it is reported as an error
         tail = traceback.format_exc(limit=-3)
         log.warning("bench figure %s raised: %s", spec.name, exc)
         return {**entry, "error": f"{type(exc).__name__}: {exc}", "traceback": tail, "ok": False,

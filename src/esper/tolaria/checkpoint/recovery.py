@@ -212,7 +212,7 @@ def verify_and_load(path: Path, entry: CommitEntry) -> LoadedCheckpoint | Verifi
     if not checked.ok:
         return checked
     manifest = checked.manifest
-    assert manifest is not None  # noqa: S101 - ok implies a parsed manifest
+    assert manifest is not None  # ok implies a parsed manifest
     sections: dict[str, Any] = {}
     for file_name in (STATE_FILE, MODEL_FILE):
         try:
