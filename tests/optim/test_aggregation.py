@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 from torch import nn
 
+from esper.contracts import SeedLossTerm
 from esper.leyline import (
     SEED_STAGE_BLENDING,
     SEED_STAGE_CULLED,
@@ -29,7 +30,6 @@ from esper.leyline import (
     SEED_STAGE_UNKNOWN,
 )
 from esper.tolaria.aggregation import AggregationConfig, GradientAggregator, seed_weight
-from esper.tolaria.protocols import SeedLossTerm
 from optim.toy import ToySeeded, batch
 
 

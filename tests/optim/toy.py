@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from esper.contracts import SeedLossTerm
 from esper.leyline import SEED_STAGE_PROBATIONARY
-from esper.tolaria.protocols import SeedLossTerm
 
 
 class ToySeeded(nn.Module):

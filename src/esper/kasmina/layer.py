@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from esper.contracts import ApplyResult, SeedLossTerm
 from esper.kasmina.alpha import alpha_at
 from esper.kasmina.blueprints import BlueprintError, BlueprintSpec, build_blueprint
 from esper.kasmina.config import KasminaConfig
@@ -44,7 +45,6 @@ from esper.leyline import (
     CommandType,
     SeedState,
 )
-from esper.tolaria.protocols import ApplyResult, SeedLossTerm
 
 SEED_CONTAINER = "kasmina_seeds"
 _SEED_ID = re.compile(r"seed\d+")
@@ -81,7 +81,7 @@ def _fail(reason: str, seed_id: str = "") -> ApplyResult:
 
 
 class KasminaLayer:
-    """The execution layer (implements `esper.tolaria.protocols.ExecutionLayer`).
+    """The execution layer (implements `esper.contracts.ExecutionLayer`).
 
     Activation shapes: a seed is built from the per-sample shape of its slot's output. Shapes are
     recorded by one-time probe hooks on the first forward pass, or at construction if

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 from esper.oona import BusUnavailable, RedisBus, SecretMissing, StreamNames, load_secret
 from esper.tamiyo.remote import TamiyoWorker
 
-if TYPE_CHECKING:  # the worker must not pull torch in through esper.tolaria
-    from esper.tolaria.protocols import TamiyoClient
+if TYPE_CHECKING:  # the worker must not pull torch in through esper.contracts
+    from esper.contracts import TamiyoClient
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -39,8 +39,8 @@ from esper.oona import (
 )
 from esper.oona.streams import CORRELATION_ID, EVENT_ID, REPLY_TO, envelope_for
 
-if TYPE_CHECKING:  # only the type: importing esper.tolaria at runtime would pull torch into the worker
-    from esper.tolaria.protocols import TamiyoClient
+if TYPE_CHECKING:  # only the type: importing esper.contracts at runtime would pull torch into the worker
+    from esper.contracts import TamiyoClient
 
 log = logging.getLogger(__name__)
 

@@ -42,6 +42,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
+from esper.contracts import SeedLossTerm
 from esper.leyline import (
     SEED_STAGE_BLENDING,
     SEED_STAGE_GERMINATED,
@@ -49,7 +50,6 @@ from esper.leyline import (
     SEED_STAGE_SHADOWING,
     SEED_STAGE_TRAINING,
 )
-from esper.tolaria.protocols import SeedLossTerm
 
 ALPHA = "alpha"
 """Marker in `STAGE_WEIGHTS`: the weight is the seed's blending alpha, clamped to [0, 1]."""

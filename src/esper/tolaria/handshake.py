@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from esper.contracts import TamiyoClient
 from esper.leyline import (
     COMMAND_SEED,
     SEED_OP_GERMINATE,
@@ -32,7 +33,6 @@ from esper.leyline import (
     noop_command,
     validate_command,
 )
-from esper.tolaria.protocols import TamiyoClient
 
 
 class HandshakeError(Exception):

@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
+from esper.contracts import OonaBus
 from esper.leyline import (
     BUS_MESSAGE_TYPE_EMERGENCY_SIGNAL,
     BUS_MESSAGE_TYPE_TELEMETRY,
@@ -32,7 +33,6 @@ from esper.leyline import (
     new_id,
     now_timestamp,
 )
-from esper.tolaria.protocols import OonaBus
 
 log = logging.getLogger(__name__)
 

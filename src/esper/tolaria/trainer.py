@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from esper.contracts import ExecutionLayer, OonaBus, TamiyoClient
 from esper.leyline import (
     MESSAGE_PRIORITY_LOW,
     MESSAGE_PRIORITY_NORMAL,
@@ -42,7 +43,6 @@ from esper.tolaria.hooks import HookPoint
 from esper.tolaria.lr import UnifiedLRController
 from esper.tolaria.optimizer import DynamicOptimizerManager
 from esper.tolaria.profiling import Profiler
-from esper.tolaria.protocols import ExecutionLayer, OonaBus, TamiyoClient
 from esper.tolaria.safety import RolledBack, Safety
 from esper.tolaria.snapshot import state_checksum
 from esper.tolaria.state import loader_generator, restore_state

@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from esper.contracts import SeedLossTerm
 from esper.leyline import SEED_STAGE_PROBATIONARY
 from esper.tolaria.aggregation import AggregationConfig, GradientAggregator
 from esper.tolaria.bench.registry import figure
 from esper.tolaria.lr import ConstantPolicy, CosinePolicy, SeedWarmupPolicy, UnifiedLRController
 from esper.tolaria.optimizer import DynamicOptimizerManager
-from esper.tolaria.protocols import SeedLossTerm
 
 
 class _BenchHost(nn.Module):

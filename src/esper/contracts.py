@@ -1,8 +1,10 @@
-"""The small interfaces Tolaria uses to reach Kasmina, Tamiyo and Oona.
+"""The contracts between Tolaria, Kasmina, Tamiyo and Oona: the protocols Tolaria reaches them
+through and the value types crossing them. None of the four owns this module.
 
 Tolaria depends on these protocols only; the reference implementations in `esper.kasmina`,
 `esper.tamiyo` and `esper.oona` are swappable. Every type crossing them is a Leyline message
-or a plain value type defined here.
+or a plain value type defined here. May import: `esper.leyline`, torch. Never `esper.tolaria`,
+`esper.kasmina`, `esper.tamiyo` or `esper.oona` (tests/test_import_direction.py).
 """
 
 from __future__ import annotations
