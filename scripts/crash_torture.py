@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from esper.tolaria.checkpoint import CheckpointStore, recover
-from esper.tolaria.snapshot import Snapshot
+from esper.tolaria.state.snapshot import Snapshot
 
 BENIGN_EVENTS = ("torn tail", "has no durable COMMIT in the WAL; removed")
 

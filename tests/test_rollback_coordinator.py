@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from esper.tolaria.rollback import RollbackCoordinator, RollbackParticipant
+from esper.tolaria.recovery.rollback import RollbackCoordinator, RollbackParticipant
 
 
 class FakeClock:

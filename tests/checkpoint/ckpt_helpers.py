@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from esper.tolaria.snapshot import Snapshot
+from esper.tolaria.state.snapshot import Snapshot
 
 
 def make_state(seed: int = 0, width: int = 8) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from esper.tolaria.checkpoint import CheckpointStore, recover, verify_checkpoint
 from esper.tolaria.checkpoint.recovery import committed_index
 from esper.tolaria.checkpoint.wal import replay
-from esper.tolaria.snapshot import Snapshot, state_checksum
+from esper.tolaria.state.snapshot import Snapshot, state_checksum
 
 MakeSnapshot = Callable[[int], Snapshot]
 BENIGN = ("has no durable COMMIT in the WAL; removed", "torn tail")

@@ -14,7 +14,7 @@ import torch
 from ckpt_helpers import make_snapshot
 
 from esper.tolaria.checkpoint import CheckpointStore, CheckpointSuperseded, CheckpointWriteError, recover
-from esper.tolaria.snapshot import Snapshot, deep_clone
+from esper.tolaria.state.snapshot import Snapshot, deep_clone
 
 
 class _Gate:

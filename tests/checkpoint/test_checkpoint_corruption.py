@@ -144,7 +144,7 @@ def test_a_manifest_edited_after_its_commit_is_not_trusted(tmp_path: Path) -> No
 
     from esper.leyline import CheckpointManifest
     from esper.tolaria.checkpoint import CheckpointStore, recover
-    from esper.tolaria.snapshot import Snapshot
+    from esper.tolaria.state.snapshot import Snapshot
 
     store = CheckpointStore(tmp_path, keep_last=2)
     info = store.save(Snapshot("s", 1, 10, {"model": {"w": torch.ones(3)}, "trainer": {"epoch": 1}}))

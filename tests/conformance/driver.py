@@ -32,7 +32,7 @@ import torch._dynamo  # noqa: E402, F401 - the first optimizer imports it (~1.6 
 
 from conformance.workloads import architecture, build_trainer  # noqa: E402
 from esper.leyline import AdaptationCommand, is_noop  # noqa: E402
-from esper.tolaria.trainer import TolariaTrainer  # noqa: E402
+from esper.tolaria.loop.trainer import TolariaTrainer  # noqa: E402
 
 CRASH_EXIT = 9
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from conformance.workloads import architecture, build_trainer
 from esper.tolaria.checkpoint.inspect import list_checkpoints
-from esper.tolaria.trainer import TolariaTrainer
+from esper.tolaria.loop.trainer import TolariaTrainer
 
 
 class BoundaryHashes:

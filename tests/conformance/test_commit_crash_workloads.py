@@ -14,7 +14,7 @@ import pytest
 
 from conformance.harness import Reference
 from esper.tolaria.checkpoint import recover
-from esper.tolaria.snapshot import Snapshot
+from esper.tolaria.state.snapshot import Snapshot
 
 WORKLOADS = ("mlp", "cnn", "lm")
 

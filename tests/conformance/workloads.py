@@ -48,8 +48,8 @@ from esper.leyline import (
 from esper.tolaria.build import configure_torch, default_slots
 from esper.tolaria.config import TolariaConfig, config_from_dict
 from esper.tolaria.data import ResumableBatchSampler
+from esper.tolaria.loop.trainer import TolariaTrainer
 from esper.tolaria.models import HostMLP
-from esper.tolaria.trainer import TolariaTrainer
 
 EPOCHS = 11
 """Long enough for the whole SCRIPT plus one epoch after the cull."""

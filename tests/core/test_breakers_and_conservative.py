@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from esper.leyline import CIRCUIT_STATE_CLOSED, CIRCUIT_STATE_HALF_OPEN, CIRCUIT_STATE_OPEN
-from esper.tolaria.breakers import BreakerBoard, CircuitBreaker
-from esper.tolaria.conservative import ConservativeMode
+from esper.tolaria.control.breakers import BreakerBoard, CircuitBreaker
+from esper.tolaria.control.conservative import ConservativeMode
 
 
 def test_breaker_opens_after_threshold_consecutive_failures() -> None:

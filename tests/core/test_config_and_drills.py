@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from esper.tolaria.config import ConfigError, config_from_dict, load_config
-from esper.tolaria.faults import DrillError, FaultPlan, parse_drill
+from esper.tolaria.drills import DrillError, FaultPlan, parse_drill
 
 ROOT = Path(__file__).resolve().parents[2]
 

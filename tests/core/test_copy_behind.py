@@ -14,9 +14,9 @@ from torch import nn
 from trainer_fixtures import small_config  # type: ignore[import-not-found]
 
 from esper.tolaria.checkpoint import CheckpointStore
-from esper.tolaria.faults import FaultPlan
-from esper.tolaria.snapshot import SnapshotCopyError, deep_clone, state_checksum
-from esper.tolaria.snapshot_cache import SnapshotCache
+from esper.tolaria.drills import FaultPlan
+from esper.tolaria.recovery.snapshot_cache import SnapshotCache
+from esper.tolaria.state.snapshot import SnapshotCopyError, deep_clone, state_checksum
 
 CALM = {"boundary": {"state_assembly_ms": 1e4, "tamiyo_ms": 1e4, "apply_ms": 1e4, "check_ms": 1e4,
                      "total_ms": 1e5}, "handshake": {"tamiyo_timeout_s": 30.0}}
@@ -79,7 +79,7 @@ def _run(make_trainer: Any, **sections: Any) -> dict[str, Any]:
 
 def test_a_run_with_copy_behind_is_bit_identical_to_one_without(make_trainer: Any,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    import esper.tolaria.snapshot_copier as copier
+    import esper.tolaria.recovery.snapshot_copier as copier
 
     real_run = copier.CopyJob.run
 
@@ -100,7 +100,7 @@ def test_a_run_with_copy_behind_is_bit_identical_to_one_without(make_trainer: An
 
 def test_a_failed_copy_in_a_run_is_reported_and_training_goes_on(make_trainer: Any,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    import esper.tolaria.snapshot_copier as copier
+    import esper.tolaria.recovery.snapshot_copier as copier
 
     calls = {"n": 0}
     real_run = copier.CopyJob.run
@@ -131,7 +131,7 @@ def test_a_rollback_to_a_snapshot_still_being_copied_waits_for_its_values(make_t
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Whoever asks for the rollback (the protocol, a callback, a test), the target's tensors are
     read only once its copy-behind job has finished: a half-copied snapshot restores garbage."""
-    import esper.tolaria.snapshot_copier as copier
+    import esper.tolaria.recovery.snapshot_copier as copier
 
     real_run = copier.CopyJob.run
 
@@ -159,7 +159,7 @@ def test_a_rollback_lets_the_snapshot_being_copied_finish_before_it_writes_the_l
         make_trainer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """The newest snapshot's copy-behind job reads the live tensors; a rollback to an older snapshot
     that wrote them first would leave the newest one half old, half new."""
-    import esper.tolaria.snapshot_copier as copier
+    import esper.tolaria.recovery.snapshot_copier as copier
 
     real_run = copier.CopyJob.run
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from trainer_fixtures import small_config  # type: ignore[import-not-found]
 
-from esper.tolaria.faults import FaultPlan
+from esper.tolaria.drills import FaultPlan
 
 
 def run_drill(make_trainer: Any, spec: str, epochs: int = 4, **config: Any) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from typing import Any
 
 from trainer_fixtures import small_config  # type: ignore[import-not-found]
 
-from esper.tolaria.exporters import ExporterCallback, PrometheusExporter
+from esper.tolaria.observe.exporters import ExporterCallback, PrometheusExporter
 
 
 def _free_port() -> int:

@@ -11,9 +11,9 @@ from trainer_fixtures import small_config  # type: ignore[import-not-found]
 
 from esper.tolaria.checkpoint.recovery import LoadedCheckpoint, committed_index, verify_and_load
 from esper.tolaria.checkpoint.wal import replay
-from esper.tolaria.faults import FaultPlan
-from esper.tolaria.snapshot import Snapshot, state_checksum
-from esper.tolaria.state import capture_state, restore_state
+from esper.tolaria.drills import FaultPlan
+from esper.tolaria.state.capture import capture_state, restore_state
+from esper.tolaria.state.snapshot import Snapshot, state_checksum
 
 CALM = {"boundary": {"state_assembly_ms": 1e4, "tamiyo_ms": 1e4, "apply_ms": 1e4, "check_ms": 1e4,
                      "total_ms": 1e5}, "handshake": {"tamiyo_timeout_s": 30.0}}

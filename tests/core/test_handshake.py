@@ -16,7 +16,7 @@ from esper.leyline import (
     seed_command,
     system_state_packet,
 )
-from esper.tolaria.handshake import DeadlineCaller, HandshakeError, TamiyoHandshake
+from esper.tolaria.loop.handshake import DeadlineCaller, HandshakeError, TamiyoHandshake
 
 
 def packet() -> SystemStatePacket:

@@ -106,7 +106,7 @@ def test_a_major_full_rollback_retires_the_commands_applied_after_its_target(
     make_trainer: Any, tmp_path: Path
 ) -> None:
     from esper.tolaria.checkpoint.recovery import journaled_commands
-    from esper.tolaria.faults import FaultPlan
+    from esper.tolaria.drills import FaultPlan
 
     config = small_config(**CALM, run={"epochs": 6}, checkpoint={"enabled": True, "keep_last": 100})
     probe, _ = make_trainer(config, run_dir=tmp_path / "probe")

@@ -10,7 +10,7 @@ from typing import Any
 from test_safety import CALM  # type: ignore[import-not-found]
 from trainer_fixtures import small_config  # type: ignore[import-not-found]
 
-from esper.tolaria.faults import FaultPlan
+from esper.tolaria.drills import FaultPlan
 
 
 def _trainer(make_trainer: Any, tmp_path: Path, drill: str) -> tuple[Any, Any]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from job_toml import job_toml  # type: ignore[import-not-found]
 
-from esper.tolaria.steplog import read_step_log
+from esper.tolaria.observe.steplog import read_step_log
 
 CULLING = """
 plateau_threshold = 1.0

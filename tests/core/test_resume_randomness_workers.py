@@ -16,7 +16,7 @@ from esper.tolaria.checkpoint import recover
 from esper.tolaria.config import ConfigError, TolariaConfig
 from esper.tolaria.data import ResumableBatchSampler
 from esper.tolaria.models import HostMLP
-from esper.tolaria.state import rng_state, set_rng_state
+from esper.tolaria.state.capture import rng_state, set_rng_state
 
 CALM = {"boundary": {"state_assembly_ms": 1e4, "tamiyo_ms": 1e4, "apply_ms": 1e4, "check_ms": 1e4,
                      "total_ms": 1e5}, "handshake": {"tamiyo_timeout_s": 30.0},
@@ -100,7 +100,7 @@ def test_with_workers_the_batch_skipped_after_a_nan_is_the_offending_one(workers
 
 def test_the_replay_after_a_mid_epoch_rollback_draws_the_same_dropout_masks() -> None:
     """A spike rolls back to a mid-epoch snapshot; the replay must equal a run that skipped the batch."""
-    from esper.tolaria.faults import FaultPlan
+    from esper.tolaria.drills import FaultPlan
 
     cfg = {"snapshots": {"every_steps": 4, "capacity": 8}}
     recovered = build_trainer(dropout_config(0, **cfg), faults=FaultPlan.parse(["loss-spike@epoch=1,step=10"]))

@@ -8,9 +8,9 @@ from typing import Any
 from trainer_fixtures import small_config  # type: ignore[import-not-found]
 
 from esper.tolaria.checkpoint import inspect
-from esper.tolaria.faults import FaultPlan
-from esper.tolaria.snapshot import state_checksum
-from esper.tolaria.state import capture_state
+from esper.tolaria.drills import FaultPlan
+from esper.tolaria.state.capture import capture_state
+from esper.tolaria.state.snapshot import state_checksum
 
 # Budgets far above the work, so that machine noise never changes a run's decisions.
 CALM = {"boundary": {"state_assembly_ms": 1e4, "tamiyo_ms": 1e4, "apply_ms": 1e4, "check_ms": 1e4,
@@ -78,7 +78,7 @@ def test_nan_gradient_under_a_finite_loss_is_severe(make_trainer: Any) -> None:
 def test_a_batch_whose_gradient_is_always_nan_is_found_on_the_replay_and_skipped(make_trainer: Any) -> None:
     """A data-driven NaN gradient on an unchecked step: caught one step late through the loss, then
     the checked replay names the batch, and the run equals one that never saw it."""
-    from esper.tolaria.faults import _NaNGradient
+    from esper.tolaria.drills import _NaNGradient
 
     bad = (2, 5)
     cfg = {**CALM, "run": {"epochs": 5}, "telemetry": {"step_interval": 0},

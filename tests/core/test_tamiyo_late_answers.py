@@ -11,7 +11,7 @@ from trainer_fixtures import small_config  # type: ignore[import-not-found]
 
 from esper.leyline import AdaptationCommand, SystemStatePacket, system_state_packet
 from esper.tamiyo import HeuristicTamiyo
-from esper.tolaria.handshake import DeadlineCaller, HandshakeError, TamiyoHandshake
+from esper.tolaria.loop.handshake import DeadlineCaller, HandshakeError, TamiyoHandshake
 
 
 class PacedTamiyo:

@@ -13,7 +13,7 @@ from esper.leyline import (
     BusEnvelope,
     TelemetryPacket,
 )
-from esper.tolaria.telemetry import _BATCH, PriorityDropQueue, TelemetryCollector
+from esper.tolaria.observe.telemetry import _BATCH, PriorityDropQueue, TelemetryCollector
 
 
 class SlowBus:

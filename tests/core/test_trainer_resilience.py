@@ -10,7 +10,7 @@ from trainer_fixtures import small_config  # type: ignore[import-not-found]
 
 from esper.leyline import AdaptationCommand, SystemStatePacket
 from esper.tamiyo import HeuristicTamiyo
-from esper.tolaria.faults import FaultPlan
+from esper.tolaria.drills import FaultPlan
 
 
 class ScriptedTamiyo:

@@ -16,7 +16,7 @@ import torch
 from job_toml import job_toml  # type: ignore[import-not-found]
 
 from esper.tolaria.checkpoint import recover
-from esper.tolaria.steplog import read_step_log
+from esper.tolaria.observe.steplog import read_step_log
 
 GROWTH = """
 plateau_threshold = 1.0     # growth decisions follow epoch counts only, so float noise cannot change them

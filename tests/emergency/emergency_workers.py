@@ -7,7 +7,7 @@ from multiprocessing.queues import Queue
 from typing import Any
 
 from esper.leyline import EmergencySignal
-from esper.tolaria.signal import EmergencyChannel
+from esper.tolaria.recovery.signal import EmergencyChannel
 
 
 def numbered_signal(i: int) -> EmergencySignal:

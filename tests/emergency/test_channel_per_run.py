@@ -16,7 +16,7 @@ from emergency_workers import is_consistent, numbered_signal
 from trainer_fixtures import MemoryBus, small_config  # type: ignore[import-not-found]
 
 from esper.tolaria.build import build_trainer
-from esper.tolaria.signal import EmergencyChannel, run_channel_key
+from esper.tolaria.recovery.signal import EmergencyChannel, run_channel_key
 
 
 @pytest.fixture()

@@ -13,8 +13,8 @@ from esper.leyline import (
     EMERGENCY_LEVEL_HALT,
     EMERGENCY_LEVEL_NOTICE,
 )
-from esper.tolaria.emergency import Incident
-from esper.tolaria.monitors import AccuracyMonitor, GradientMonitor, LossMonitor, TimingMonitor, Watchdog
+from esper.tolaria.recovery.emergency import Incident
+from esper.tolaria.recovery.monitors import AccuracyMonitor, GradientMonitor, LossMonitor, TimingMonitor, Watchdog
 
 
 def _warm(monitor: LossMonitor, steps: int = 30, loss: float = 1.0) -> None:

@@ -14,7 +14,7 @@ from esper.leyline import (
     EMERGENCY_LEVEL_NOTICE,
     EmergencySignal,
 )
-from esper.tolaria.emergency import (
+from esper.tolaria.recovery.emergency import (
     CRITICAL,
     LEVELS,
     MAJOR,
@@ -25,7 +25,7 @@ from esper.tolaria.emergency import (
     EmergencyProtocol,
     Incident,
 )
-from esper.tolaria.signal import EmergencyChannel, signal_checksum
+from esper.tolaria.recovery.signal import EmergencyChannel, signal_checksum
 
 
 class FakeClock:

@@ -13,10 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from esper.tolaria.restore_plan import RestorePlan
-from esper.tolaria.snapshot import deep_clone, state_checksum
-from esper.tolaria.snapshot_cache import SnapshotCache, _sample_view, samples_equal
-from esper.tolaria.state import _NumpyStateProbe, rng_state, set_rng_state
+from esper.tolaria.recovery.restore_plan import RestorePlan
+from esper.tolaria.recovery.snapshot_cache import SnapshotCache, _sample_view, samples_equal
+from esper.tolaria.state.capture import _NumpyStateProbe, rng_state, set_rng_state
+from esper.tolaria.state.snapshot import deep_clone, state_checksum
 
 
 class Named(torch.optim.Adam):

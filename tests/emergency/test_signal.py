@@ -15,8 +15,8 @@ import pytest
 from emergency_workers import acking_participant, busy_reader, is_consistent, numbered_signal
 
 from esper.leyline import EMERGENCY_LEVEL_HALT, EmergencySignal
-from esper.tolaria import signal as sig
-from esper.tolaria.signal import ChannelBusyError, ChannelError, EmergencyChannel
+from esper.tolaria.recovery import signal as sig
+from esper.tolaria.recovery.signal import ChannelBusyError, ChannelError, EmergencyChannel
 
 SPAWN = mp.get_context("spawn")
 

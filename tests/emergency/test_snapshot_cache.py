@@ -6,14 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from esper.tolaria.snapshot import Snapshot, deep_clone, state_checksum
-from esper.tolaria.snapshot_cache import (
+from esper.tolaria.recovery.snapshot_cache import (
     RestoreError,
     SnapshotCache,
     confirm_restored,
     restore_tensors_,
     sample_bits,
 )
+from esper.tolaria.state.snapshot import Snapshot, deep_clone, state_checksum
 
 
 def _snap(sid: str, step: int, numel: int = 256) -> Snapshot:

@@ -11,7 +11,7 @@ from oona_support import SECRET
 
 from esper.leyline import EMERGENCY_LEVEL_HALT, EmergencySignal
 from esper.oona import InProcessBus, RedisBus
-from esper.tolaria.telemetry import TelemetryCollector
+from esper.tolaria.observe.telemetry import TelemetryCollector
 
 
 def test_collector_events_reach_the_jsonl_sink(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from redis_server import free_port
 from esper.leyline import BUS_MESSAGE_TYPE_TELEMETRY, BusEnvelope, LeylineSizeError, TelemetryPacket
 from esper.oona import BusRejected, EntryTooLarge, RedisBus, SpoolingBus, StreamNames, envelope_for, sign_payload
 from esper.tolaria.cli import main
-from esper.tolaria.telemetry import TelemetryCollector
+from esper.tolaria.observe.telemetry import TelemetryCollector
 
 
 def _packet(size: int) -> BusEnvelope:

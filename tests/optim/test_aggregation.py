@@ -29,7 +29,7 @@ from esper.leyline import (
     SEED_STAGE_TRAINING,
     SEED_STAGE_UNKNOWN,
 )
-from esper.tolaria.aggregation import AggregationConfig, GradientAggregator, seed_weight
+from esper.tolaria.control.aggregation import AggregationConfig, GradientAggregator, seed_weight
 from optim.toy import ToySeeded, batch
 
 
@@ -340,8 +340,8 @@ def _low_precision_model(dtype: torch.dtype) -> nn.Linear:
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_a_low_precision_gradient_norm_of_300_reads_300_and_finite(dtype: torch.dtype) -> None:
-    from esper.tolaria.aggregation import _total_norm, fp32_norms
-    from esper.tolaria.safety import tensors_finite
+    from esper.tolaria.control.aggregation import _total_norm, fp32_norms
+    from esper.tolaria.recovery.safety import tensors_finite
 
     model = _low_precision_model(dtype)
     grad = model.weight.grad
@@ -356,8 +356,8 @@ def test_a_low_precision_gradient_norm_of_300_reads_300_and_finite(dtype: torch.
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bad", [math.inf, math.nan])
 def test_a_real_nonfinite_low_precision_value_still_reads_nonfinite(dtype: torch.dtype, bad: float) -> None:
-    from esper.tolaria.aggregation import _total_norm
-    from esper.tolaria.safety import tensors_finite
+    from esper.tolaria.control.aggregation import _total_norm
+    from esper.tolaria.recovery.safety import tensors_finite
 
     g = torch.full((100,), 30.0, dtype=dtype)
     g[7] = bad

@@ -10,7 +10,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from esper.tolaria.lr import (
+from esper.tolaria.control.lr import (
     ConstantPolicy,
     CosinePolicy,
     FrozenPolicy,
@@ -203,4 +203,4 @@ def test_no_code_outside_the_controller_writes_param_group_lr() -> None:
         for lineno, line in enumerate(path.read_text().splitlines(), 1):
             if pattern.search(line):
                 offenders.append(f"{path.relative_to(src)}:{lineno}")
-    assert offenders and all(o.startswith("esper/tolaria/lr.py") for o in offenders), offenders
+    assert offenders and all(o.startswith("esper/tolaria/control/lr.py") for o in offenders), offenders

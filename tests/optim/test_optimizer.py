@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from esper.tolaria.lr import ConstantPolicy, SeedWarmupPolicy, UnifiedLRController
-from esper.tolaria.optimizer import DynamicOptimizerManager, group_name_for, resize_state_tensor
+from esper.tolaria.control.lr import ConstantPolicy, SeedWarmupPolicy, UnifiedLRController
+from esper.tolaria.control.optimizer import DynamicOptimizerManager, group_name_for, resize_state_tensor
 from optim.toy import ToySeeded, batch
 
 Factory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]

@@ -11,9 +11,9 @@ from kasmina.helpers import apply_ok, cmd, drive_to, make_layer  # type: ignore[
 
 from esper.kasmina import KasminaLayer
 from esper.leyline import SEED_OP_CULL, SEED_OP_FOSSILIZE, SEED_OP_GERMINATE, SEED_STAGE_PROBATIONARY
-from esper.tolaria.lr import ConstantPolicy, UnifiedLRController
-from esper.tolaria.optimizer import DynamicOptimizerManager
-from esper.tolaria.snapshot import deep_clone
+from esper.tolaria.control.lr import ConstantPolicy, UnifiedLRController
+from esper.tolaria.control.optimizer import DynamicOptimizerManager
+from esper.tolaria.state.snapshot import deep_clone
 
 
 def _manager(layer: KasminaLayer) -> tuple[DynamicOptimizerManager, UnifiedLRController]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from esper.tolaria.profiling import NOOP_SPAN, Profiler
+from esper.tolaria.observe.profiling import NOOP_SPAN, Profiler
 
 
 def test_disabled_span_is_the_shared_noop_and_records_nothing(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from esper.tolaria.exporters import PrometheusExporter, TensorBoardExporter
+from esper.tolaria.observe.exporters import PrometheusExporter, TensorBoardExporter
 
 
 def _record(epoch: int, **extra: Any) -> dict[str, Any]:

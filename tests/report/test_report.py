@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from esper.tolaria.report import PLOTS, conservative_spans, generate_report, read_telemetry
+from esper.tolaria.observe.report import PLOTS, conservative_spans, generate_report, read_telemetry
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -182,7 +182,7 @@ def test_rerunning_the_report_overwrites_it(tmp_path: Path) -> None:
 
 
 def test_profile_section_summarizes_the_chrome_trace(tmp_path: Path) -> None:
-    from esper.tolaria.profiling import Profiler
+    from esper.tolaria.observe.profiling import Profiler
 
     run_dir = _write(tmp_path / "run", full_summary(3))
     prof = Profiler(True)

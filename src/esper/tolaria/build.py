@@ -10,9 +10,9 @@ from torch import nn
 
 from esper.tolaria.config import TolariaConfig
 from esper.tolaria.data import make_loaders
-from esper.tolaria.faults import FaultPlan
+from esper.tolaria.drills import FaultPlan
+from esper.tolaria.loop.trainer import TolariaTrainer
 from esper.tolaria.models import HostMLP
-from esper.tolaria.trainer import TolariaTrainer
 
 _OPTIMIZERS: dict[str, Any] = {
     "sgd": lambda c: (torch.optim.SGD, {"lr": c.lr, "momentum": c.momentum, "weight_decay": c.weight_decay}),

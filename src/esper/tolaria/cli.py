@@ -91,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     from esper.tolaria.config import load_config
     from esper.tolaria.distributed import World
-    from esper.tolaria.faults import FaultPlan
+    from esper.tolaria.drills import FaultPlan
     from esper.tolaria.job import run_job
 
     overrides: dict[str, dict[str, Any]] = {}
@@ -194,7 +194,7 @@ def _inspect_json(info: dict[str, Any]) -> dict[str, Any]:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from esper.tolaria.report import generate_report
+    from esper.tolaria.observe.report import generate_report
 
     print(f"report: {generate_report(args.run_dir)}")
     return 0
@@ -222,7 +222,7 @@ def _cmd_watch(args: argparse.Namespace) -> int:
 
 
 def _cmd_drills(args: argparse.Namespace) -> int:
-    from esper.tolaria.faults import DRILLS
+    from esper.tolaria.drills import DRILLS
 
     for kind, what in DRILLS.items():
         print(f"{kind:24s} {what}")

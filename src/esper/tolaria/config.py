@@ -173,7 +173,7 @@ class TolariaConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     lr: LRConfig = Field(default_factory=LRConfig)
-    aggregation: dict[str, Any] = Field(default_factory=dict, description="esper.tolaria.aggregation config.")
+    aggregation: dict[str, Any] = Field(default_factory=dict, description="esper.tolaria.control.aggregation config.")
     kasmina: dict[str, Any] = Field(default_factory=dict, description="esper.kasmina config.")
     tamiyo: dict[str, Any] = Field(default_factory=dict, description="esper.tamiyo heuristic config.")
     boundary: BoundaryConfig = Field(default_factory=BoundaryConfig)
@@ -231,7 +231,7 @@ def _validate_components(config: TolariaConfig, source: str) -> None:
     """Component configs are owned by their packages; validate them here so errors surface at load."""
     from esper.kasmina import KasminaConfig
     from esper.tamiyo import TamiyoConfig
-    from esper.tolaria.aggregation import AggregationConfig
+    from esper.tolaria.control.aggregation import AggregationConfig
 
     for section, model in (("kasmina", KasminaConfig), ("tamiyo", TamiyoConfig), ("aggregation", AggregationConfig)):
         try:

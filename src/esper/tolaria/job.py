@@ -17,9 +17,9 @@ from esper.tolaria.checkpoint.atomic import atomic_write_bytes
 from esper.tolaria.checkpoint.layout import CKPT_RE
 from esper.tolaria.config import TolariaConfig, config_from_dict
 from esper.tolaria.distributed import World
-from esper.tolaria.faults import FaultPlan
+from esper.tolaria.drills import FaultPlan
+from esper.tolaria.observe.summary import write_summary
 from esper.tolaria.run_dir import Mode, RunDirClaim
-from esper.tolaria.summary import write_summary
 
 log = logging.getLogger(__name__)
 
@@ -95,18 +95,18 @@ def _build(config: TolariaConfig, run_dir: Path, point: ResumePoint | None, *, f
 def _callbacks(config: TolariaConfig, run_dir: Path, world: World, progress: bool) -> tuple[Any, ...]:
     callbacks: tuple[Any, ...] = ()
     if progress and world.is_leader:
-        from esper.tolaria.progress import RichProgress
+        from esper.tolaria.observe.progress import RichProgress
 
         callbacks += (RichProgress(),)
     if world.is_leader and (config.exporters.prometheus_port or config.exporters.tensorboard_dir):
-        from esper.tolaria.exporters import ExporterCallback, PrometheusExporter, TensorBoardExporter
+        from esper.tolaria.observe.exporters import ExporterCallback, PrometheusExporter, TensorBoardExporter
 
         if config.exporters.prometheus_port:
             callbacks += (ExporterCallback(PrometheusExporter(config.exporters.prometheus_port)),)
         if config.exporters.tensorboard_dir:
             callbacks += (ExporterCallback(TensorBoardExporter(Path(config.exporters.tensorboard_dir))),)
     if config.telemetry.step_log and world.is_leader:
-        from esper.tolaria.steplog import StepLog
+        from esper.tolaria.observe.steplog import StepLog
 
         callbacks += (StepLog(run_dir / "steps.csv"),)
     return callbacks
@@ -153,6 +153,6 @@ def checkpoint_name(run_dir: Path, checkpoint: str) -> str:
 
 
 def _write_report(run_dir: Path) -> None:
-    from esper.tolaria.report import generate_report
+    from esper.tolaria.observe.report import generate_report
 
     generate_report(run_dir)

@@ -14,7 +14,7 @@ from torch import nn
 
 from esper.tolaria.bench.registry import figure
 from esper.tolaria.checkpoint import CheckpointStore, RecordType, WriteAheadLog
-from esper.tolaria.snapshot_cache import SnapshotCache, copy_behind_rule
+from esper.tolaria.recovery.snapshot_cache import SnapshotCache, copy_behind_rule
 
 
 def _trained(width: int, depth: int) -> tuple[nn.Module, torch.optim.Optimizer]:

@@ -21,7 +21,7 @@ from typing import Any
 
 from esper.leyline import EMERGENCY_LEVEL_HALT, EmergencySignal
 from esper.tolaria.bench.registry import figure
-from esper.tolaria.signal import EmergencyChannel
+from esper.tolaria.recovery.signal import EmergencyChannel
 
 _STOP = "bench-stop"
 
@@ -116,8 +116,8 @@ def _live(model: Any, opt: Any) -> dict[str, Any]:
 
 
 def _rollback_ratio(n_params: int, quick: bool) -> list[float]:
-    from esper.tolaria.snapshot import deep_clone
-    from esper.tolaria.snapshot_cache import flatten_tensors, restore_tensors_
+    from esper.tolaria.recovery.snapshot_cache import flatten_tensors, restore_tensors_
+    from esper.tolaria.state.snapshot import deep_clone
 
     live, model, opt = _mlp_state(n_params)
     snap = deep_clone(live)
@@ -167,7 +167,7 @@ def _trainer_rollback_ratio(features: int, hidden: list[int], quick: bool) -> li
     Tamiyo: structure check, in-place tensor restore, LR/RNG/data/counters, sampled confirm)
     divided by a raw `copy_` loop over the same model and Adam-state tensors."""
     from esper.tolaria.bench.figures_integration import _trainer
-    from esper.tolaria.snapshot_cache import flatten_tensors
+    from esper.tolaria.recovery.snapshot_cache import flatten_tensors
 
     t = _trainer(None, features, hidden, 3)
     t._train_epoch(0)

@@ -26,7 +26,7 @@ def full_rollback_ratio(quick: bool) -> list[float]:
     """A MAJOR's full rollback (WAL replay, checksum verification, load, prepare/commit/confirm of a
     ~1M-param MLP with Adam state) ÷ raw `torch.load` of the same two files + `load_state_dict`
     of model and optimizer. Alternating, median of each."""
-    from esper.tolaria.state import take_snapshot
+    from esper.tolaria.state.capture import take_snapshot
 
     ratios = []
     with tempfile.TemporaryDirectory(prefix="bench-full-") as tmp:

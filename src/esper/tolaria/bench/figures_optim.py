@@ -16,10 +16,10 @@ from torch import nn
 
 from esper.contracts import SeedLossTerm
 from esper.leyline import SEED_STAGE_PROBATIONARY
-from esper.tolaria.aggregation import AggregationConfig, GradientAggregator
 from esper.tolaria.bench.registry import figure
-from esper.tolaria.lr import ConstantPolicy, CosinePolicy, SeedWarmupPolicy, UnifiedLRController
-from esper.tolaria.optimizer import DynamicOptimizerManager
+from esper.tolaria.control.aggregation import AggregationConfig, GradientAggregator
+from esper.tolaria.control.lr import ConstantPolicy, CosinePolicy, SeedWarmupPolicy, UnifiedLRController
+from esper.tolaria.control.optimizer import DynamicOptimizerManager
 
 
 class _BenchHost(nn.Module):

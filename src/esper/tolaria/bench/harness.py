@@ -38,7 +38,7 @@ from rich.table import Table
 
 from esper.tolaria.bench import registry
 from esper.tolaria.bench.registry import FigureSpec, figure
-from esper.tolaria.profiling import Profiler
+from esper.tolaria.observe.profiling import Profiler
 
 log = logging.getLogger(__name__)
 

@@ -43,7 +43,7 @@ from esper.tolaria.checkpoint.layout import (
     sha256_hex,
 )
 from esper.tolaria.checkpoint.wal import RecordType, WalRecord, replay
-from esper.tolaria.snapshot import Snapshot
+from esper.tolaria.state.snapshot import Snapshot
 
 
 class CheckpointNotFound(FileNotFoundError):

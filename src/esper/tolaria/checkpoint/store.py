@@ -55,7 +55,7 @@ from esper.tolaria.checkpoint.layout import (
 from esper.tolaria.checkpoint.recovery import checkpoint_dirs, committed_index, max_manifest_txn
 from esper.tolaria.checkpoint.wal import RecordType, WriteAheadLog
 from esper.tolaria.checkpoint.wal import replay as replay_wal
-from esper.tolaria.snapshot import Snapshot
+from esper.tolaria.state.snapshot import Snapshot
 
 # `fault(relative_name)` is called just before each checkpoint file is written; drills and tests
 # raise OSError(errno.ENOSPC, ...) from it to rehearse a full disk.

@@ -13,19 +13,19 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from esper.tolaria.restore_plan import RestorePlan
-from esper.tolaria.snapshot import Snapshot, SnapshotCopyError
-from esper.tolaria.snapshot_cache import (
+from esper.tolaria.recovery.restore_plan import RestorePlan
+from esper.tolaria.recovery.snapshot_cache import (
     RestoreError,
     confirm_restored,
     copy_in_place_,
     restore_tensors_,
     samples_equal,
 )
-from esper.tolaria.state import restore_state
+from esper.tolaria.state.capture import restore_state
+from esper.tolaria.state.snapshot import Snapshot, SnapshotCopyError
 
 if TYPE_CHECKING:
-    from esper.tolaria.trainer import TolariaTrainer
+    from esper.tolaria.loop.trainer import TolariaTrainer
 
 
 def _manifest_json(manifest: Any) -> str:

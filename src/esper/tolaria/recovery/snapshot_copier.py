@@ -18,7 +18,7 @@ import threading
 
 import torch
 
-from esper.tolaria.snapshot import SnapshotCopyError
+from esper.tolaria.state.snapshot import SnapshotCopyError
 
 
 class CopyJob:

@@ -7,11 +7,11 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from esper.tolaria.boundary import OWN_PHASES
 from esper.tolaria.checkpoint.atomic import atomic_write_bytes
+from esper.tolaria.loop.boundary import OWN_PHASES
 
 if TYPE_CHECKING:
-    from esper.tolaria.trainer import TolariaTrainer
+    from esper.tolaria.loop.trainer import TolariaTrainer
 
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None

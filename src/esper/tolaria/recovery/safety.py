@@ -28,8 +28,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from esper.leyline import MESSAGE_PRIORITY_HIGH, TELEMETRY_LEVEL_ERROR, TELEMETRY_LEVEL_WARNING, new_id
-from esper.tolaria.aggregation import fp32_norms
-from esper.tolaria.boundary import journal_rewind
 from esper.tolaria.checkpoint import (
     CheckpointInfo,
     CheckpointStore,
@@ -38,7 +36,9 @@ from esper.tolaria.checkpoint import (
     corrupt_latest,
     recover,
 )
-from esper.tolaria.emergency import (
+from esper.tolaria.control.aggregation import fp32_norms
+from esper.tolaria.loop.boundary import journal_rewind
+from esper.tolaria.recovery.emergency import (
     CRITICAL,
     MAJOR,
     MINOR,
@@ -48,18 +48,18 @@ from esper.tolaria.emergency import (
     Incident,
     level_name,
 )
-from esper.tolaria.monitors import AccuracyMonitor, GradientMonitor, LossMonitor, TimingMonitor, Watchdog
-from esper.tolaria.restore_plan import RestorePlan
-from esper.tolaria.rollback import RollbackCoordinator
-from esper.tolaria.rollback_participants import TolariaParticipant, participants
-from esper.tolaria.signal import ChannelBusyError, ChannelError, EmergencyChannel, run_channel_key
-from esper.tolaria.snapshot import Snapshot, SnapshotCopyError
-from esper.tolaria.snapshot_cache import SnapshotCache, copy_behind_rule
-from esper.tolaria.state import live_state, take_snapshot
+from esper.tolaria.recovery.monitors import AccuracyMonitor, GradientMonitor, LossMonitor, TimingMonitor, Watchdog
+from esper.tolaria.recovery.participants import TolariaParticipant, participants
+from esper.tolaria.recovery.restore_plan import RestorePlan
+from esper.tolaria.recovery.rollback import RollbackCoordinator
+from esper.tolaria.recovery.signal import ChannelBusyError, ChannelError, EmergencyChannel, run_channel_key
+from esper.tolaria.recovery.snapshot_cache import SnapshotCache, copy_behind_rule
+from esper.tolaria.state.capture import live_state, take_snapshot
+from esper.tolaria.state.snapshot import Snapshot, SnapshotCopyError
 
 if TYPE_CHECKING:
-    from esper.tolaria.aggregation import AggregationStats
-    from esper.tolaria.trainer import TolariaTrainer
+    from esper.tolaria.control.aggregation import AggregationStats
+    from esper.tolaria.loop.trainer import TolariaTrainer
 
 log = logging.getLogger(__name__)
 

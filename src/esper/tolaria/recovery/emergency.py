@@ -47,7 +47,7 @@ from esper.leyline import (
     EmergencySignal,
     now_timestamp,
 )
-from esper.tolaria.signal import ChannelError, EmergencyChannel, signal_checksum
+from esper.tolaria.recovery.signal import ChannelError, EmergencyChannel, signal_checksum
 
 log = logging.getLogger(__name__)
 

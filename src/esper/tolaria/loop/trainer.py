@@ -25,29 +25,29 @@ from esper.leyline import (
     AdaptationCommand,
     new_id,
 )
-from esper.tolaria.aggregation import AggregationConfig, GradientAggregator
-from esper.tolaria.boundary import (
+from esper.tolaria.config import ConfigError, TolariaConfig
+from esper.tolaria.control.aggregation import AggregationConfig, GradientAggregator
+from esper.tolaria.control.breakers import BreakerBoard
+from esper.tolaria.control.conservative import ConservativeMode
+from esper.tolaria.control.lr import UnifiedLRController
+from esper.tolaria.control.optimizer import DynamicOptimizerManager
+from esper.tolaria.distributed import World
+from esper.tolaria.drills import Drill, FaultPlan, StepDrills, wire_drills
+from esper.tolaria.loop.boundary import (
     BoundaryReport,
     EpochBoundary,
     hardware_context,
     journal_command,
     seed_stage_changes,
 )
-from esper.tolaria.breakers import BreakerBoard
-from esper.tolaria.config import ConfigError, TolariaConfig
-from esper.tolaria.conservative import ConservativeMode
-from esper.tolaria.distributed import World
-from esper.tolaria.faults import Drill, FaultPlan, StepDrills, wire_drills
-from esper.tolaria.handshake import TamiyoHandshake
-from esper.tolaria.hooks import HookPoint
-from esper.tolaria.lr import UnifiedLRController
-from esper.tolaria.optimizer import DynamicOptimizerManager
-from esper.tolaria.profiling import Profiler
-from esper.tolaria.safety import RolledBack, Safety
-from esper.tolaria.snapshot import state_checksum
-from esper.tolaria.state import loader_generator, restore_state
-from esper.tolaria.telemetry import TelemetryCollector
-from esper.tolaria.timing import MonotonicTimer
+from esper.tolaria.loop.handshake import TamiyoHandshake
+from esper.tolaria.loop.hooks import HookPoint
+from esper.tolaria.observe.profiling import Profiler
+from esper.tolaria.observe.telemetry import TelemetryCollector
+from esper.tolaria.observe.timing import MonotonicTimer
+from esper.tolaria.recovery.safety import RolledBack, Safety
+from esper.tolaria.state.capture import loader_generator, restore_state
+from esper.tolaria.state.snapshot import state_checksum
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -441,7 +441,7 @@ class TolariaTrainer:
         return previous
 
     def summary(self) -> dict[str, Any]:
-        from esper.tolaria.summary import build_summary
+        from esper.tolaria.observe.summary import build_summary
 
         return build_summary(self)
 

@@ -39,11 +39,11 @@ from esper.leyline import (
     parse,
     system_state_packet,
 )
-from esper.tolaria.handshake import HandshakeOutcome, is_germination
+from esper.tolaria.loop.handshake import HandshakeOutcome, is_germination
 
 if TYPE_CHECKING:
     from esper.tolaria.checkpoint.wal import WalRecord
-    from esper.tolaria.trainer import TolariaTrainer
+    from esper.tolaria.loop.trainer import TolariaTrainer
 
 OWN_PHASES = ("state_assembly", "tamiyo", "apply", "check")
 

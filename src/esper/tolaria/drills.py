@@ -258,7 +258,7 @@ class StepDrills:
             return loss
         t = self.t
         if (d := self.plan.due("lr-tamper", epoch, batch)) is not None:
-            from esper.tolaria.lr import HOST_GROUP, tamper_for_drill
+            from esper.tolaria.control.lr import HOST_GROUP, tamper_for_drill
 
             self.lr_drill = d
             tamper_for_drill(t.optim.optimizer, HOST_GROUP, 10.0)
@@ -282,7 +282,7 @@ class StepDrills:
 
     def before_boundary(self, epoch: int) -> None:
         if (d := self.plan.due("accuracy-collapse", epoch)) is not None:
-            from esper.tolaria.safety import scramble_weights
+            from esper.tolaria.recovery.safety import scramble_weights
 
             self.t.active_drill = d
             scramble_weights(self.t.model)

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from esper.tolaria.emergency import CRITICAL, MAJOR, MINOR, SEVERE, Incident
+from esper.tolaria.recovery.emergency import CRITICAL, MAJOR, MINOR, SEVERE, Incident
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from typing import Any, Literal
 
 import torch
 
-from esper.tolaria.snapshot import ATOMS, Snapshot, SnapshotCopyError, tensor_bytes
-from esper.tolaria.snapshot_copier import BackgroundCopier
+from esper.tolaria.recovery.snapshot_copier import BackgroundCopier
+from esper.tolaria.state.snapshot import ATOMS, Snapshot, SnapshotCopyError, tensor_bytes
 
 # defer(section, tensor): True to copy this tensor behind (see snapshot_copier.py). `section` is the
 # top-level key of the state it sits under ("model", "optimizer", ...).

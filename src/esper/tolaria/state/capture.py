@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from esper.tolaria.snapshot import Snapshot, deep_clone
+from esper.tolaria.state.snapshot import Snapshot, deep_clone
 
 if TYPE_CHECKING:
-    from esper.tolaria.trainer import TolariaTrainer
+    from esper.tolaria.loop.trainer import TolariaTrainer
 
 # Records of what happened stay when a rollback restores an earlier state; a resume restores them.
 RECORD_KEYS = ("rollbacks", "emergencies", "fallbacks", "apply_failures")

@@ -41,13 +41,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from esper.tolaria.lr import HOST_GROUP, BasePolicy, UnifiedLRController
+from esper.tolaria.control.lr import HOST_GROUP, BasePolicy, UnifiedLRController
 
 SEED_PREFIX = "kasmina_seeds."
 _STRUCTURAL_KEYS = ("params", "param_names", "name")
 
 PolicySpec = BasePolicy | Mapping[str, Any]
-"""A policy object, or its config mapping with a `kind` key (see `esper.tolaria.lr.parse_policy`)."""
+"""A policy object, or its config mapping with a `kind` key (see `esper.tolaria.control.lr.parse_policy`)."""
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 

@@ -1,0 +1,1 @@
+"""esper.tolaria.state.capture"""
