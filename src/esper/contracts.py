@@ -68,13 +68,19 @@ class TamiyoClient(Protocol):
     def evaluate_epoch(self, packet: SystemStatePacket) -> AdaptationCommand: ...
 
 
+class EventSink(Protocol):
+    """Where a component reports a notable event (Tolaria's telemetry collector's `emit_event`)."""
+
+    def __call__(self, description: str, level: int = ..., priority: int = ..., **attributes: object) -> None: ...
+
+
 @runtime_checkable
 class StatefulComponent(Protocol):
-    """Anything whose state belongs in a snapshot."""
+    """Anything whose state belongs in a snapshot (`torch.nn.Module` and `torch.optim` style)."""
 
-    def state_dict(self) -> dict[str, Any]: ...
+    def state_dict(self) -> Any: ...
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+    def load_state_dict(self, state: Any) -> None: ...
 
 
 class ExecutionLayer(Protocol):
@@ -102,6 +108,15 @@ class ExecutionLayer(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+@runtime_checkable
+class SpoolingBusLike(Protocol):
+    """A bus that keeps locally what it could not publish, and reports it (`oona.SpoolingBus`)."""
+
+    spooled: int
+
+    def summary(self) -> dict[str, Any]: ...
 
 
 class OonaBus(Protocol):

@@ -73,15 +73,15 @@ class EveryCheckpointCommitted(BoundaryHashes):
 
     def on_boundary_end(self, trainer: TolariaTrainer, epoch: int, report: Any) -> None:
         super().on_boundary_end(trainer, epoch, report)
-        assert trainer.safety.store is not None
-        trainer.safety.store.flush(timeout=120)
+        assert trainer.checkpoints.store is not None
+        trainer.checkpoints.store.flush(timeout=120)
 
 
 def run_reference(workload: str, run_dir: Path, *, num_workers: int = 0) -> Reference:
     hashes = EveryCheckpointCommitted()
     trainer = build_trainer(workload, run_dir, num_workers=num_workers, callbacks=[hashes])
     trainer.fit()
-    stages = {h["stage"] for history in trainer.seed_history.values() for h in history}
+    stages = {h.stage for history in trainer.log.seed_history.values() for h in history}
     checkpoints = [c for c in list_checkpoints(run_dir / "checkpoints") if c["committed"] and c["status"] == "ok"]
     return Reference(workload, num_workers, run_dir, trainer.final_state_sha256(),
                      [list(a) for a in architecture(trainer)], hashes.by_step, stages,

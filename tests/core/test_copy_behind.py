@@ -141,14 +141,14 @@ def test_a_rollback_to_a_snapshot_still_being_copied_waits_for_its_values(make_t
 
     trainer, _ = make_trainer(small_config(**CALM, run={"epochs": 2}, snapshots={"copy_behind": True,
                                                                                   "capacity": 1}))
-    trainer.safety.start()  # snapshot "before" holds the initial weights
+    trainer.safety.start(resumed=False)  # snapshot "before" holds the initial weights
     trainer.safety.settle()
     with torch.no_grad():
         for p in trainer.model.parameters():
             p.add_(1.0)  # training moved on (after the settle, as the contract asks)
     expected = state_checksum(trainer.model.state_dict())
     monkeypatch.setattr(copier.CopyJob, "run", slow_copy)
-    target = trainer.safety._snapshot()  # recycles the old buffers; parameters copied over 0.2 s
+    target = trainer.safety.snapshots.take()  # recycles the old buffers; parameters copied over 0.2 s
     outcome = trainer.safety.coordinator.rollback(target, "fast")  # at once, while the copy runs
     assert outcome.succeeded, outcome.reason
     assert state_checksum(trainer.model.state_dict()) == expected
@@ -168,15 +168,15 @@ def test_a_rollback_lets_the_snapshot_being_copied_finish_before_it_writes_the_l
         real_run(job)
 
     trainer, _ = make_trainer(small_config(**CALM, run={"epochs": 2}, snapshots={"copy_behind": True}))
-    trainer.safety.start()
-    start = trainer.safety.cache.last_healthy()
+    trainer.safety.start(resumed=False)
+    start = trainer.safety.snapshots.cache.last_healthy()
     trainer.safety.settle()
     with torch.no_grad():
         for p in trainer.model.parameters():
             p.add_(1.0)
     moved_on = state_checksum(trainer.model.state_dict())
     monkeypatch.setattr(copier.CopyJob, "run", slow_copy)
-    newest = trainer.safety._snapshot()
+    newest = trainer.safety.snapshots.take()
     outcome = trainer.safety.coordinator.rollback(start, "fast")  # while `newest` is still being copied
     assert outcome.succeeded, outcome.reason
     newest.wait_ready()

@@ -12,7 +12,6 @@ from trainer_fixtures import small_config  # type: ignore[import-not-found]
 from esper.tolaria.checkpoint.recovery import LoadedCheckpoint, committed_index, verify_and_load
 from esper.tolaria.checkpoint.wal import replay
 from esper.tolaria.drills import FaultPlan
-from esper.tolaria.state.capture import capture_state, restore_state
 from esper.tolaria.state.snapshot import Snapshot, state_checksum
 
 CALM = {"boundary": {"state_assembly_ms": 1e4, "tamiyo_ms": 1e4, "apply_ms": 1e4, "check_ms": 1e4,
@@ -30,7 +29,7 @@ def _optimizer_holds_exactly_the_trainable_parameters(t: Any) -> bool:
 
 
 def _same_sections(t: Any, snapshot_state: dict[str, Any]) -> None:
-    live = capture_state(t)
+    live = t.registry.capture()
     for key in ("model", "optimizer", "kasmina", "lr"):
         assert state_checksum(live[key]) == state_checksum(snapshot_state[key]), key
 
@@ -48,7 +47,7 @@ class EveryCheckpointDurable:
     """Waits for each epoch's checkpoint (the store lets a newer one supersede a queued one)."""
 
     def on_boundary_end(self, t: Any, epoch: int, report: Any) -> None:
-        assert t.safety.store.flush(timeout=60)
+        assert t.checkpoints.store.flush(timeout=60)
 
 
 def test_every_checkpoint_of_a_run_that_fossilizes_restores_and_continues(make_trainer: Any, tmp_path: Path) -> None:
@@ -62,13 +61,13 @@ def test_every_checkpoint_of_a_run_that_fossilizes_restores_and_continues(make_t
 
     restorer, _ = make_trainer(small_config(**CALM, run={"epochs": 8}))
     for checkpoint in checkpoints:  # in order: into and across every structure the run had
-        restore_state(restorer, checkpoint.state, keep_records=False)
+        restorer.registry.restore(checkpoint.state, rewind=False)
         assert _optimizer_holds_exactly_the_trainable_parameters(restorer), checkpoint.name
         _same_sections(restorer, checkpoint.state)
 
     first_fossil = next(c for c in checkpoints if FOSSILIZED in _stages(c.state))
     resumed, _ = make_trainer(small_config(**CALM, run={"epochs": 8}))
-    restore_state(resumed, first_fossil.state, keep_records=False)
+    resumed.registry.restore(first_fossil.state, rewind=False)
     assert resumed.fit().summary["final_state_sha256"] == final  # continues exactly
 
 
@@ -82,7 +81,7 @@ def test_a_fast_rollback_crosses_a_fossilization_in_both_directions(make_trainer
 
     class CrossTheFossilization:
         def on_boundary_end(self, t: Any, epoch: int, report: Any) -> None:
-            now = t.safety.cache.get(t.safety._unproven)
+            now = t.safety.snapshots.cache.get(t.safety.snapshots._unproven)
             stages = _stages(now.state)
             if FOSSILIZED not in stages:
                 seen["before"] = now
@@ -93,7 +92,7 @@ def test_a_fast_rollback_crosses_a_fossilization_in_both_directions(make_trainer
                 for target in (seen["after"], seen["before"], seen["after"], now):
                     outcome = t.safety.coordinator.rollback(target, "fast")
                     assert outcome.succeeded, outcome.reason
-                    restores.append(t.safety._tolaria_participant.last_restore)
+                    restores.append(t.safety.coordinator.participants[1].last_restore)
                     assert _optimizer_holds_exactly_the_trainable_parameters(t)
                     _same_sections(t, target.state)
 

@@ -50,7 +50,7 @@ class Durable:
     """Each epoch's checkpoint is committed before the next epoch starts (the crash point is exact)."""
 
     def on_boundary_end(self, t: Any, epoch: int, report: Any) -> None:
-        assert t.safety.store.flush(timeout=60)
+        assert t.checkpoints.store.flush(timeout=60)
 
 
 def _seeds(t: Any) -> list[tuple[str, int]]:
@@ -122,9 +122,9 @@ def test_a_major_full_rollback_retires_the_commands_applied_after_its_target(
     run.callbacks.append(Durable())
     run.fit()
     run.close()
-    done = [r for r in run.rollbacks if r["succeeded"]]
+    done = [r for r in run.log.rollbacks if r.succeeded]
     assert len(done) == 1  # whichever tier the MAJOR response used
-    target_step = done[0]["target_step"]
+    target_step = done[0].target_step
     records = replay(tmp_path / "run" / "checkpoints").records
     first = next(r for r in records if r.type == RecordType.COMMAND)
     rewinds = [r for r in records if r.type == RecordType.REWIND]

@@ -33,7 +33,7 @@ def _slow_once(obj: Any, name: str, seconds: float) -> None:
 
 def test_a_fast_rollback_that_succeeds_in_600_ms_runs_no_full_rollback(make_trainer: Any, tmp_path: Path) -> None:
     trainer, bus = _trainer(make_trainer, tmp_path, "nan-loss@epoch=3,step=1")
-    _slow_once(trainer.safety._tolaria_participant, "prepare", 0.6)  # over SEVERE's 500 ms
+    _slow_once(trainer.safety.coordinator.participants[1], "prepare", 0.6)  # over SEVERE's 500 ms
     s = trainer.fit().summary
     chain = [(e["level"], e["ok"], e["escalated_to"], e["late"]) for e in s["emergencies"]]
     assert chain == [("severe", True, "", True)], chain
@@ -44,8 +44,8 @@ def test_a_fast_rollback_that_succeeds_in_600_ms_runs_no_full_rollback(make_trai
 
 def test_a_full_rollback_waiting_on_a_slow_checkpoint_flush_does_not_halt(make_trainer: Any, tmp_path: Path) -> None:
     trainer, bus = _trainer(make_trainer, tmp_path, "nan-loss@epoch=3,step=1")
-    trainer.safety.cache.last_healthy = lambda before_step=None: None  # no fast tier: SEVERE fails to MAJOR
-    _slow_once(trainer.safety.store, "flush", 2.1)  # over MAJOR's 2 s
+    trainer.safety.snapshots.cache.last_healthy = lambda before_step=None: None  # no fast tier: SEVERE fails to MAJOR
+    _slow_once(trainer.checkpoints.store, "flush", 2.1)  # over MAJOR's 2 s
     s = trainer.fit().summary
     chain = [(e["level"], e["ok"], e["escalated_to"], e["late"]) for e in s["emergencies"]]
     assert chain == [("severe", False, "major", False), ("major", True, "", True)], chain

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from esper.tolaria.config import ConfigError, TolariaConfig, config_from_dict
-from esper.tolaria.loop.trainer import host_policy_spec
+from esper.tolaria.loop.wiring import host_policy_spec
 
 
 def _unsized_loader() -> Iterator[int]:

@@ -16,7 +16,7 @@ from esper.tolaria.checkpoint import recover
 from esper.tolaria.config import ConfigError, TolariaConfig
 from esper.tolaria.data import ResumableBatchSampler
 from esper.tolaria.models import HostMLP
-from esper.tolaria.state.capture import rng_state, set_rng_state
+from esper.tolaria.state.rng import rng_state, set_rng_state
 
 CALM = {"boundary": {"state_assembly_ms": 1e4, "tamiyo_ms": 1e4, "apply_ms": 1e4, "check_ms": 1e4,
                      "total_ms": 1e5}, "handshake": {"tamiyo_timeout_s": 30.0},
@@ -51,7 +51,7 @@ def test_mid_epoch_resume_with_dropout_and_workers_matches_the_uninterrupted_run
     config = dropout_config(workers, checkpoint={"enabled": True})
     stopped = build_trainer(config, run_dir=tmp_path, callbacks=(StopAt(30),))
     assert stopped.fit().summary["stopped"] == "test"
-    batches = len(stopped.train_loader)  # type: ignore[arg-type]
+    batches = len(stopped.batches.loader)  # type: ignore[arg-type]
     # The position is the batch the loop consumed last, however far the workers fetched ahead.
     assert (stopped.state.epoch, stopped.state.batch_in_epoch) == (30 // batches, 30 % batches)
 
@@ -82,8 +82,8 @@ def test_a_resumed_run_keeps_its_run_id_in_its_checkpoints_and_signals(tmp_path:
 def test_with_workers_the_batch_skipped_after_a_nan_is_the_offending_one(workers: int) -> None:
     bad = (1, 6)
     trainer = build_trainer(dropout_config(workers))
-    sampler = trainer.sampler
-    targets = trainer.train_loader.dataset.tensors[1]  # type: ignore[attr-defined]
+    sampler = trainer.batches.sampler
+    targets = trainer.batches.loader.dataset.tensors[1]  # type: ignore[attr-defined]
     bad_y = targets[sampler.batches_for_epoch(bad[0])[bad[1]]]
     plain_loss = trainer.loss_fn
 
@@ -106,9 +106,9 @@ def test_the_replay_after_a_mid_epoch_rollback_draws_the_same_dropout_masks() ->
     recovered = build_trainer(dropout_config(0, **cfg), faults=FaultPlan.parse(["loss-spike@epoch=1,step=10"]))
     summary = recovered.fit().summary
     target = summary["rollbacks"][0]
-    assert target["succeeded"] and target["target_step"] % len(recovered.train_loader) != 0  # mid-epoch
+    assert target["succeeded"] and target["target_step"] % len(recovered.batches.loader) != 0  # mid-epoch
     clean = build_trainer(dropout_config(0, **cfg))
-    clean.sampler.skipped.add((1, 10))
+    clean.batches.sampler.skipped.add((1, 10))
     clean.fit()
     assert recovered.final_state_sha256() == clean.final_state_sha256()
 
@@ -184,8 +184,8 @@ class StopAtBoundary:
 
 def with_own_generator(trainer: Any) -> Any:
     """The user's own DataLoader: worker augmentation, and a generator of its own for the base seed."""
-    trainer.train_loader = torch.utils.data.DataLoader(
-        NoisyDigits(trainer.train_loader.dataset), batch_sampler=trainer.sampler, num_workers=2,
+    trainer.batches.loader = torch.utils.data.DataLoader(
+        NoisyDigits(trainer.batches.loader.dataset), batch_sampler=trainer.batches.sampler, num_workers=2,
         generator=torch.Generator().manual_seed(7))
     return trainer
 

@@ -9,7 +9,6 @@ from trainer_fixtures import small_config  # type: ignore[import-not-found]
 
 from esper.tolaria.checkpoint import inspect
 from esper.tolaria.drills import FaultPlan
-from esper.tolaria.state.capture import capture_state
 from esper.tolaria.state.snapshot import state_checksum
 
 # Budgets far above the work, so that machine noise never changes a run's decisions.
@@ -47,14 +46,14 @@ def test_a_rollback_within_one_structure_uses_the_snapshots_copy_plan_and_is_exa
 
     class RollBackOnce:
         def on_boundary_end(self, t: Any, epoch: int, report: Any) -> None:
-            target = t.safety.cache.last_healthy()
+            target = t.safety.snapshots.cache.last_healthy()
             if target is None or target.global_step == 0 or checks:  # step 0: no optimizer state yet
                 return
             outcome = t.safety.coordinator.rollback(target, "fast")
             assert outcome.succeeded, outcome.reason
-            checks.append(t.safety._tolaria_participant.last_restore)
-            assert state_checksum(capture_state(t)["model"]) == state_checksum(target.state["model"])
-            assert state_checksum(capture_state(t)["optimizer"]) == state_checksum(target.state["optimizer"])
+            checks.append(t.safety.coordinator.participants[1].last_restore)
+            assert state_checksum(t.registry.capture()["model"]) == state_checksum(target.state["model"])
+            assert state_checksum(t.registry.capture()["optimizer"]) == state_checksum(target.state["optimizer"])
 
     trainer.callbacks.append(RollBackOnce())
     trainer.fit()
@@ -88,7 +87,7 @@ def test_a_batch_whose_gradient_is_always_nan_is_found_on_the_replay_and_skipped
 
     def poisoned(out: Any, y: Any) -> Any:
         loss = plain_loss(out, y)
-        if trainer.model.training and (trainer.state.epoch, trainer.sampler.last_index) == bad:
+        if trainer.model.training and (trainer.state.epoch, trainer.batches.sampler.last_index) == bad:
             return loss + _NaNGradient.apply(next(trainer.model.parameters()))
         return loss
 
@@ -96,9 +95,9 @@ def test_a_batch_whose_gradient_is_always_nan_is_found_on_the_replay_and_skipped
     recovered = trainer.fit().summary
     kinds = [e["kind"] for e in recovered["emergencies"]]
     assert kinds == ["loss_nonfinite", "grad_nonfinite"], recovered["emergencies"]
-    assert trainer.sampler.skipped == {bad}
+    assert trainer.batches.sampler.skipped == {bad}
     reference, _ = make_trainer(small_config(**cfg))
-    reference.sampler.skipped.add(bad)
+    reference.batches.sampler.skipped.add(bad)
     clean = reference.fit().summary
     assert [h["train_loss"] for h in recovered["history"]] == [h["train_loss"] for h in clean["history"]]
     assert recovered["final_state_sha256"] == clean["final_state_sha256"]
@@ -122,7 +121,7 @@ def test_a_fault_that_recurs_after_every_rollback_escalates_instead_of_looping(m
     assert "fault recurs" in " ".join(e.get("detail", "") + e.get("reason", "") for e in s["emergencies"])
     assert s["stopped"].startswith("halted") and s["epochs_completed"] == 2
     # Each rollback skipped one more batch: earlier skips survive a rollback to the same snapshot.
-    assert trainer.sampler.skipped == {(2, 0), (2, 1), (2, 2)}
+    assert trainer.batches.sampler.skipped == {(2, 0), (2, 1), (2, 2)}
 
 
 def test_a_x20_loss_spike_is_severe(make_trainer: Any) -> None:
@@ -152,7 +151,7 @@ def test_a_failed_fast_rollback_escalates_to_a_full_one(make_trainer: Any, tmp_p
     cfg = {**CALM, "run": {"epochs": 5}, "checkpoint": {"enabled": True}, "emergency": {"spike_lr_factor": 1.0}}
     trainer, _ = make_trainer(small_config(**cfg), faults=FaultPlan.parse(["nan-loss@epoch=3,step=1"]),
                               run_dir=tmp_path)
-    trainer.safety.cache.last_healthy = lambda before_step=None: None  # the RAM tier is gone
+    trainer.safety.snapshots.cache.last_healthy = lambda before_step=None: None  # the RAM tier is gone
     s = trainer.fit().summary
     chain = [(e["level"], e["ok"], e["escalated_to"]) for e in s["emergencies"]]
     assert chain[:2] == [("severe", False, "major"), ("major", True, "")]
@@ -164,7 +163,7 @@ def test_spike_recovery_matches_a_run_that_never_saw_those_batches(make_trainer:
     assert recovered["rollbacks"] and recovered["rollbacks"][0]["succeeded"]
     cfg = {**CALM, "run": {"epochs": 7}, "emergency": {"spike_lr_factor": 1.0, "watchdog_s": 30.0}}
     reference, _ = make_trainer(small_config(**cfg))
-    reference.sampler.skipped.add((4, 2))
+    reference.batches.sampler.skipped.add((4, 2))
     clean = reference.fit().summary
     assert [h["train_loss"] for h in recovered["history"]] == [h["train_loss"] for h in clean["history"]]
     assert recovered["final_state_sha256"] == clean["final_state_sha256"]
@@ -178,14 +177,14 @@ def test_a_rollback_across_a_germination_restores_structure_alpha_and_optimizer_
         def on_boundary_end(self, t: Any, epoch: int, report: Any) -> None:
             seeds = t.kasmina.manifest()["seeds"]
             if not seeds and "snapshot" not in before:
-                before["snapshot"] = t.safety.cache.get(t.safety._unproven)
+                before["snapshot"] = t.safety.snapshots.cache.get(t.safety.snapshots._unproven)
             if seeds and any(s["stage"] != "SEED_STAGE_GERMINATED" for s in seeds) and "grown" not in before:
                 before["grown"] = True
                 snap = before["snapshot"]
                 outcome = t.safety.coordinator.rollback(snap, "fast")
                 assert outcome.succeeded, outcome.reason
-                assert t.safety._tolaria_participant.last_restore == "rebuilt"
-                restored = capture_state(t)
+                assert t.safety.coordinator.participants[1].last_restore == "rebuilt"
+                restored = t.registry.capture()
                 for key in ("model", "optimizer", "kasmina", "lr"):
                     assert state_checksum(restored[key]) == state_checksum(snap.state[key]), key
 

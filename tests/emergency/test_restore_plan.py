@@ -15,7 +15,7 @@ from torch import nn
 
 from esper.tolaria.recovery.restore_plan import RestorePlan
 from esper.tolaria.recovery.snapshot_cache import SnapshotCache, _sample_view, samples_equal
-from esper.tolaria.state.capture import _NumpyStateProbe, rng_state, set_rng_state
+from esper.tolaria.state.rng import _NumpyStateProbe, rng_state, set_rng_state
 from esper.tolaria.state.snapshot import deep_clone, state_checksum
 
 

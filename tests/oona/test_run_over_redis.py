@@ -98,7 +98,7 @@ def test_redis_killed_mid_run_never_stalls_training_and_drops_are_counted(privat
 
     class Clock:
         def on_boundary_end(self, t: Any, epoch: int, report: Any) -> None:
-            epoch_seconds.append(t.history[-1]["epoch_seconds"])
+            epoch_seconds.append(t.log.epochs[-1].epoch_seconds)
 
     trainer.callbacks.append(Clock())
     summary = trainer.fit().summary

@@ -341,7 +341,7 @@ def _low_precision_model(dtype: torch.dtype) -> nn.Linear:
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_a_low_precision_gradient_norm_of_300_reads_300_and_finite(dtype: torch.dtype) -> None:
     from esper.tolaria.control.aggregation import _total_norm, fp32_norms
-    from esper.tolaria.recovery.safety import tensors_finite
+    from esper.tolaria.recovery.snapshots import tensors_finite
 
     model = _low_precision_model(dtype)
     grad = model.weight.grad
@@ -357,7 +357,7 @@ def test_a_low_precision_gradient_norm_of_300_reads_300_and_finite(dtype: torch.
 @pytest.mark.parametrize("bad", [math.inf, math.nan])
 def test_a_real_nonfinite_low_precision_value_still_reads_nonfinite(dtype: torch.dtype, bad: float) -> None:
     from esper.tolaria.control.aggregation import _total_norm
-    from esper.tolaria.recovery.safety import tensors_finite
+    from esper.tolaria.recovery.snapshots import tensors_finite
 
     g = torch.full((100,), 30.0, dtype=dtype)
     g[7] = bad

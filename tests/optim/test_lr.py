@@ -19,8 +19,8 @@ from esper.tolaria.control.lr import (
     StepPolicy,
     UnifiedLRController,
     parse_policy,
-    tamper_for_drill,
 )
+from esper.tolaria.drills import tamper_lr as tamper_for_drill
 
 
 def _optimizer(names: tuple[str, ...] = ("host", "s1")) -> torch.optim.Optimizer:
@@ -203,4 +203,5 @@ def test_no_code_outside_the_controller_writes_param_group_lr() -> None:
         for lineno, line in enumerate(path.read_text().splitlines(), 1):
             if pattern.search(line):
                 offenders.append(f"{path.relative_to(src)}:{lineno}")
-    assert offenders and all(o.startswith("esper/tolaria/control/lr.py") for o in offenders), offenders
+    allowed = ("esper/tolaria/control/lr.py", "esper/tolaria/drills.py")  # the controller; the lr-tamper drill
+    assert offenders and all(o.startswith(allowed) for o in offenders), offenders

@@ -1,22 +1,32 @@
 """Fault drills: `tolaria run --inject KIND@epoch=N[,step=M]` rehearses a failure on purpose.
 
-Drills wrap the component they break (a Tamiyo that hangs, a Kasmina that raises, a store
-whose disk is full) or act at a named point of the loop; the trainer itself has no drill
-branches beyond asking `plan.due(kind, epoch, step)` at those points. Each drill's outcome is
-recorded in the run summary's `drills` list.
+Drills wrap the component they break (a Tamiyo that hangs, a Kasmina that raises, a bus that is
+down, a store whose disk fills or whose newest checkpoint rots, a host loss that turns NaN) or
+act as a callback at the loop's named hook points (`DrillRig`); production code has no drill
+branches. Each drill's outcome is read back from what the run recorded (its emergencies, failed
+applies, the LR it restored) and lands in the summary's `drills` list.
 """
 
 from __future__ import annotations
 
+import errno
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from esper.leyline import AdaptationCommand, SystemStatePacket
+from esper.contracts import EventSink, StatefulComponent
+from esper.leyline import MESSAGE_PRIORITY_HIGH, TELEMETRY_LEVEL_ERROR, AdaptationCommand, SystemStatePacket
+from esper.tolaria.checkpoint import corrupt_latest, recover
+from esper.tolaria.control.lr import HOST_GROUP
+from esper.tolaria.observe.runlog import RunLog
+from esper.tolaria.recovery.checkpoints import Checkpoints
+from esper.tolaria.recovery.monitors import Watchdog
+from esper.tolaria.state.position import TrainerState
 
 DRILLS: dict[str, str] = {
     "tamiyo-hang": "Tamiyo never answers this epoch: the handshake deadline expires, the fallback is used",
@@ -114,15 +124,17 @@ class FaultPlan:
 
 
 class _ControllerWrapper:
-    """A Tamiyo wrapper whose state (for snapshots) is the wrapped controller's."""
+    """A Tamiyo wrapper whose state (for snapshots) is the wrapped controller's, if it keeps any."""
 
-    inner: Any
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self._stateful = isinstance(inner, StatefulComponent)  # checked once, at wiring
 
-    def state_dict(self) -> dict[str, Any]:
-        return self.inner.state_dict() if hasattr(self.inner, "state_dict") else {}
+    def state_dict(self) -> Any:
+        return self.inner.state_dict() if self._stateful else {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if hasattr(self.inner, "load_state_dict"):
+    def load_state_dict(self, state: Any) -> None:
+        if self._stateful:
             self.inner.load_state_dict(state)
 
 
@@ -130,7 +142,7 @@ class FaultyTamiyo(_ControllerWrapper):
     """Wraps a Tamiyo client and misbehaves at the epochs the plan names."""
 
     def __init__(self, inner: Any, plan: FaultPlan) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.plan = plan
         self._never = threading.Event()
 
@@ -152,33 +164,11 @@ class FaultyTamiyo(_ControllerWrapper):
         return command
 
 
-class FaultyKasmina:
-    """Wraps Kasmina; `apply_command` raises at the epochs the plan names. Everything else passes through."""
-
-    def __init__(self, inner: Any, plan: FaultPlan, epoch_of: Any) -> None:
-        self._inner = inner
-        self._plan = plan
-        self._epoch_of = epoch_of
-
-    def apply_command(self, command: AdaptationCommand) -> Any:
-        if (d := self._plan.due("kasmina-raise", self._epoch_of())) is not None:
-            raise InjectedFault("drill kasmina-raise: execution layer failed mid-apply", d)
-        return self._inner.apply_command(command)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-
-def stall(seconds: float) -> None:
-    """Used by slow-boundary and hang-step: a real stall on the calling thread."""
-    time.sleep(seconds)
-
-
 class SigningTamiyo(_ControllerWrapper):
     """Signs an in-process controller's commands, so a drill can show verification rejecting a forgery."""
 
     def __init__(self, inner: Any, secret: bytes) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.secret = secret
 
     def evaluate_epoch(self, packet: SystemStatePacket) -> AdaptationCommand:
@@ -188,12 +178,30 @@ class SigningTamiyo(_ControllerWrapper):
         return sign_command(command, self.secret)
 
 
+class FaultyKasmina:
+    """Wraps Kasmina; `apply_command` raises at the epochs the plan names. Everything else passes through."""
+
+    def __init__(self, inner: Any, plan: FaultPlan, epoch_of: Callable[[], int]) -> None:
+        self._inner = inner
+        self._plan = plan
+        self._epoch_of = epoch_of
+        self.raised: Drill | None = None  # the drill whose raise awaits its recorded outcome
+
+    def apply_command(self, command: AdaptationCommand) -> Any:
+        if (d := self._plan.due("kasmina-raise", self._epoch_of())) is not None:
+            self.raised = d
+            raise InjectedFault("drill kasmina-raise: execution layer failed mid-apply", d)
+        return self._inner.apply_command(command)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
 class FaultyBus:
     """Wraps an Oona bus; from the drill's epoch on, every publish fails fast as if Redis were down."""
 
-    def __init__(self, inner: Any, plan: FaultPlan, epoch_of: Any) -> None:
+    def __init__(self, inner: Any, plan: FaultPlan, epoch_of: Callable[[], int]) -> None:
         self.inner = inner
-        self._plan = plan
         self._epoch_of = epoch_of
         self._drill: Drill | None = next((d for d in plan.drills if d.kind == "redis-down"), None)
 
@@ -214,22 +222,17 @@ class FaultyBus:
         return getattr(self.inner, name)
 
 
-def wire_drills(plan: FaultPlan, *, tamiyo: Any, kasmina: Any, bus: Any, verifier: Any,
-                epoch_of: Any) -> tuple[Any, Any, Any, Any]:
-    """Wrap the components the plan's drills break; returns (tamiyo, kasmina, bus, verifier)."""
-    if not plan.drills:
-        return tamiyo, kasmina, bus, verifier
-    kinds = {d.kind for d in plan.drills}
-    if "tamiyo-forged-command" in kinds and verifier is None:
-        import secrets
+class DrillLoss:
+    """The host loss function, perturbed once when a step drill arms it (NaN, spike, NaN gradient)."""
 
-        from esper.oona import CommandVerifier
+    def __init__(self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        self.loss_fn = loss_fn
+        self.armed: Callable[[torch.Tensor], torch.Tensor] | None = None
 
-        ephemeral = secrets.token_bytes(32)
-        tamiyo, verifier = SigningTamiyo(tamiyo, ephemeral), CommandVerifier(ephemeral)
-    if "redis-down" in kinds:
-        bus = FaultyBus(bus, plan, epoch_of)
-    return FaultyTamiyo(tamiyo, plan), FaultyKasmina(kasmina, plan, epoch_of), bus, verifier
+    def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = self.loss_fn(output, target)
+        perturb, self.armed = self.armed, None
+        return perturb(loss) if perturb is not None else loss
 
 
 class _NaNGradient(torch.autograd.Function):
@@ -245,44 +248,200 @@ class _NaNGradient(torch.autograd.Function):
         return torch.full(ctx.shape, float("nan"), dtype=grad.dtype)
 
 
-class StepDrills:
-    """Drills that act inside a training step or just before a boundary (`perturb`, `before_boundary`)."""
+def stall(seconds: float) -> None:
+    """Used by slow-boundary and hang-step: a real stall on the calling thread."""
+    time.sleep(seconds)
 
-    def __init__(self, trainer: Any) -> None:
-        self.t = trainer
-        self.plan: FaultPlan = trainer.faults
-        self.lr_drill: Drill | None = None
 
-    def perturb(self, loss: torch.Tensor, epoch: int, batch: int) -> torch.Tensor:
-        if not self.plan.drills:
-            return loss
-        t = self.t
+def tamper_lr(optimizer: torch.optim.Optimizer, group_name: str, factor: float) -> float:
+    """Multiply group `group_name`'s LR by `factor` behind the LR controller's back (the lr-tamper
+    drill): the next `UnifiedLRController.step` must detect it, restore the value and record an
+    `LRViolation`. Returns the tampered value."""
+    for group in optimizer.param_groups:
+        if group.get("name") == group_name:
+            group["lr"] = float(group["lr"]) * factor
+            return float(group["lr"])
+    raise KeyError(f"no optimizer param group named {group_name!r} to tamper with")
+
+
+def scramble_weights(model: torch.nn.Module) -> None:
+    """The accuracy-collapse drill: wreck the host's weights so validation accuracy really collapses."""
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(1234)
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen, dtype=param.dtype) * 5.0)
+
+
+@dataclass
+class DrillTargets:
+    """What the callback drills act on and read their outcomes from, given once the run is wired."""
+
+    position: TrainerState
+    model: torch.nn.Module
+    optimizer: Callable[[], torch.optim.Optimizer]
+    lr_now: Callable[[], dict[str, float]]
+    loss_baseline: Callable[[], float | None]
+    watchdog: Watchdog
+    checkpoints: Checkpoints
+    log: RunLog
+    events: EventSink
+    stall_boundary_s: float  # the slow-boundary drill's stall: twice the boundary's budget
+    breaker_threshold: int  # the slow-boundary drill lasts this many epochs, enough to open the breaker
+
+
+class DrillRig:
+    """Wires a `FaultPlan` into a run: wrappers around the components the drills break, and the
+    callbacks acting at the loop's hook points. Empty when the plan is: no wrapper, no callback."""
+
+    def __init__(self, plan: FaultPlan) -> None:
+        self.plan = plan
+        self.targets: DrillTargets | None = None
+        self._kasmina: FaultyKasmina | None = None
+        self._loss: DrillLoss | None = None
+        self._lr_drill: Drill | None = None
+        self._watched: list[tuple[Drill, int]] = []  # drills answered by the emergency protocol, from record N
+
+    @property
+    def active(self) -> bool:
+        return bool(self.plan.drills)
+
+    # ---------------------------------------------------------------- wrappers
+    def wrap(self, *, tamiyo: Any, kasmina: Any, bus: Any, verifier: Any,
+             epoch_of: Callable[[], int]) -> tuple[Any, Any, Any, Any]:
+        """Wrap the components the plan's drills break; returns (tamiyo, kasmina, bus, verifier)."""
+        if not self.active:
+            return tamiyo, kasmina, bus, verifier
+        kinds = {d.kind for d in self.plan.drills}
+        if "tamiyo-forged-command" in kinds and verifier is None:
+            import secrets
+
+            from esper.oona import CommandVerifier
+
+            ephemeral = secrets.token_bytes(32)
+            tamiyo, verifier = SigningTamiyo(tamiyo, ephemeral), CommandVerifier(ephemeral)
+        if "redis-down" in kinds:
+            bus = FaultyBus(bus, self.plan, epoch_of)
+        self._kasmina = FaultyKasmina(kasmina, self.plan, epoch_of)
+        return FaultyTamiyo(tamiyo, self.plan), self._kasmina, bus, verifier
+
+    def wrap_loss(self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> DrillLoss | None:
+        """The host loss the step drills perturb; None (nothing to wrap) for a plan without drills."""
+        if not self.active:
+            return None
+        self._loss = DrillLoss(loss_fn)
+        return self._loss
+
+    def disk_fault(self, epoch_of: Callable[[], int]) -> Callable[[str], None] | None:
+        """The checkpoint store's fault hook: disk-full fails the write of the drill's epoch."""
+        drills = [d for d in self.plan.drills if d.kind == "disk-full"]
+        if not drills:
+            return None
+
+        def fault(where: str) -> None:
+            drill = next((d for d in drills if not d.fired and epoch_of() - 1 >= d.epoch), None)
+            if drill is not None:
+                drill.fired = True
+                drill.outcome = f"ENOSPC while writing {where}; previous checkpoints intact, training continued"
+                raise OSError(errno.ENOSPC, "No space left on device (drill disk-full)", where)
+
+        return fault
+
+    def callbacks(self, targets: DrillTargets) -> list[Any]:
+        """The callback drills, bound to what they act on; none for an empty plan."""
+        self.targets = targets
+        return [self] if self.active else []
+
+    # ---------------------------------------------------------------- hook points
+    def on_step_begin(self, _trainer: object, step: int) -> None:
+        t = self._bound()
+        self._update_watched()
+        epoch, batch = t.position.epoch, t.position.batch_in_epoch
         if (d := self.plan.due("lr-tamper", epoch, batch)) is not None:
-            from esper.tolaria.control.lr import HOST_GROUP, tamper_for_drill
-
-            self.lr_drill = d
-            tamper_for_drill(t.optim.optimizer, HOST_GROUP, 10.0)
+            self._lr_drill = d
+            tamper_lr(t.optimizer(), HOST_GROUP, 10.0)
             d.outcome = "tampered; not detected"
         if (d := self.plan.due("nan-loss", epoch, batch)) is not None:
-            t.active_drill = d
-            return loss * float("nan")
-        if (d := self.plan.due("loss-spike", epoch, batch)) is not None:
-            t.active_drill = d
-            baseline = t.safety.loss.baseline or float(loss)
-            return loss * (20.0 * max(1.0, baseline / max(float(loss.detach()), 1e-12)))  # 20x the running baseline
-        if (d := self.plan.due("nan-grad", epoch, batch)) is not None:
-            t.active_drill = d
+            self._arm(d, lambda loss: loss * float("nan"))
+        elif (d := self.plan.due("loss-spike", epoch, batch)) is not None:
+            self._arm(d, lambda loss: loss * (20.0 * max(1.0, (t.loss_baseline() or float(loss))
+                                                         / max(float(loss.detach()), 1e-12))))
+        elif (d := self.plan.due("nan-grad", epoch, batch)) is not None:
             first = next(p for p in t.model.parameters() if p.requires_grad)
-            return loss + _NaNGradient.apply(first)
-        if (d := self.plan.due("hang-step", epoch, batch)) is not None:
-            t.active_drill = d
-            watchdog = t.safety.watchdog
-            stall(watchdog.deadline_s + 3 * watchdog.poll_s + 0.2)
-        return loss
+            self._arm(d, lambda loss: loss + _NaNGradient.apply(first))
+        elif (d := self.plan.due("hang-step", epoch, batch)) is not None:
+            self._watch(d)
+            stall(t.watchdog.deadline_s + 3 * t.watchdog.poll_s + 0.2)
 
-    def before_boundary(self, epoch: int) -> None:
+    def on_step_end(self, _trainer: object, step: int, loss: Any) -> None:
+        drill = self._lr_drill
+        if drill is None:
+            return
+        t = self._bound()
+        expected = t.lr_now()[HOST_GROUP]
+        found = next(g["lr"] for g in t.optimizer().param_groups if g.get("name") == HOST_GROUP)
+        if found == expected:
+            drill.outcome = f"detected at step {step - 1} and reverted to {expected:g}"
+            self._lr_drill = None
+
+    def on_boundary_begin(self, _trainer: object, epoch: int) -> None:
         if (d := self.plan.due("accuracy-collapse", epoch)) is not None:
-            from esper.tolaria.recovery.safety import scramble_weights
+            self._watch(d)
+            scramble_weights(self._bound().model)
 
-            self.t.active_drill = d
-            scramble_weights(self.t.model)
+    def on_boundary_check(self, _trainer: object, epoch: int, report: Any) -> None:
+        t = self._bound()
+        if (d := self.plan.active("slow-boundary", epoch, t.breaker_threshold)) is not None:
+            stall(t.stall_boundary_s)
+            d.outcome = "boundary overran its budget; see breakers.boundary_timing and conservative_mode"
+
+    def on_boundary_end(self, _trainer: object, epoch: int, report: Any) -> None:
+        t = self._bound()
+        self._update_watched()
+        if self._kasmina is not None and (d := self._kasmina.raised) is not None and t.log.apply_failures:
+            self._kasmina.raised = None
+            unchanged = t.log.apply_failures[-1].model_unchanged
+            d.outcome = f"recorded, breaker notified; model_unchanged={unchanged}"
+        if t.checkpoints.writes and (d := self.plan.due("corrupt-checkpoint", epoch)) is not None:
+            self._corrupt_newest(d, t)
+
+    def on_fit_end(self, _trainer: object) -> None:
+        self._update_watched()
+
+    # ---------------------------------------------------------------- internals
+    def _bound(self) -> DrillTargets:
+        if self.targets is None:
+            raise RuntimeError("DrillRig.callbacks(targets) must be called before the run starts")
+        return self.targets
+
+    def _arm(self, drill: Drill, perturb: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self._watch(drill)
+        if self._loss is not None:
+            self._loss.armed = perturb
+
+    def _watch(self, drill: Drill) -> None:
+        self._update_watched()
+        self._watched = [(drill, len(self._bound().log.emergencies()))]  # an earlier drill's outcome is final
+
+    def _update_watched(self) -> None:
+        """A watched drill's outcome: the last successful response since it fired."""
+        if not self._watched:
+            return
+        records = self._bound().log.emergencies()
+        for drill, start in self._watched:
+            answered = [r for r in records[start:] if r["ok"]]
+            if answered:
+                last = answered[-1]
+                detail = "no rollback succeeded; the run halted" if last["action"].endswith("halt") else last["detail"]
+                drill.outcome = f"{last['level']} {last['kind']}: {detail}"
+
+    def _corrupt_newest(self, drill: Drill, t: DrillTargets) -> None:
+        directory = t.checkpoints.directory
+        assert directory is not None  # guarded by the caller (checkpoints.writes)
+        t.checkpoints.flush()
+        victim = corrupt_latest(directory)
+        result = recover(directory, clean=False)
+        fell_back = result.checkpoint.name if result.checkpoint else "nothing"
+        t.log.recovery_events += result.events
+        drill.outcome = f"corrupted {victim.parent.name}/{victim.name}; recovery loads {fell_back}"
+        t.events("checkpoint_corruption_detected", TELEMETRY_LEVEL_ERROR, MESSAGE_PRIORITY_HIGH,
+                 file=f"{victim.parent.name}/{victim.name}", fell_back_to=fell_back)

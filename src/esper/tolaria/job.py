@@ -87,7 +87,7 @@ def _build(config: TolariaConfig, run_dir: Path, point: ResumePoint | None, *, f
         trainer.close()
         raise
     if world.is_leader:
-        for event in trainer.safety.recovery_events:
+        for event in trainer.log.recovery_events:
             print(f"tolaria resume: skipped {event}", file=sys.stderr)
     return trainer
 

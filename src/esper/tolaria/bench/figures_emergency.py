@@ -170,9 +170,9 @@ def _trainer_rollback_ratio(features: int, hidden: list[int], quick: bool) -> li
     from esper.tolaria.recovery.snapshot_cache import flatten_tensors
 
     t = _trainer(None, features, hidden, 3)
-    t._train_epoch(0)
-    t.safety.start()
-    target = t.safety.cache.last_healthy()
+    t._train_epoch()
+    t.safety.start(resumed=False)
+    target = t.safety.snapshots.last_healthy()
     live = {"model": t.model.state_dict(), "optimizer": t.optim.state_dict()["state"]}
     snap = {"model": target.state["model"], "optimizer": target.state["optimizer"]["state"]}
 

@@ -26,14 +26,12 @@ def full_rollback_ratio(quick: bool) -> list[float]:
     """A MAJOR's full rollback (WAL replay, checksum verification, load, prepare/commit/confirm of a
     ~1M-param MLP with Adam state) ÷ raw `torch.load` of the same two files + `load_state_dict`
     of model and optimizer. Alternating, median of each."""
-    from esper.tolaria.state.capture import take_snapshot
-
     ratios = []
     with tempfile.TemporaryDirectory(prefix="bench-full-") as tmp:
         t = _trainer(Path(tmp), 256, [1024, 768], 6, checkpoint={"enabled": True})
-        t._train_epoch(0)
-        assert t.safety.store is not None  # checkpoints are enabled above
-        info = t.safety.store.save(take_snapshot(t, "bench"))
+        t._train_epoch()
+        assert t.checkpoints.store is not None  # checkpoints are enabled above
+        info = t.checkpoints.store.save(t.registry.snapshot("bench", t.state.epoch, t.state.global_step))
         ours, raw = [], []
         for _ in range(9 if quick else 15):
             ours.append(_full_rollback_s(t))
@@ -45,7 +43,7 @@ def full_rollback_ratio(quick: bool) -> list[float]:
 
 def _full_rollback_s(t: Any) -> float:
     started = time.perf_counter()
-    loaded = recover(t.safety.checkpoint_dir, clean=False).checkpoint
+    loaded = recover(t.checkpoints.directory, clean=False).checkpoint
     if loaded is None:
         raise RuntimeError("the checkpoint written for the figure does not recover")
     outcome = t.safety.coordinator.rollback(loaded.snapshot(), "full")
@@ -77,14 +75,14 @@ def redis_publish_overhead(quick: bool) -> list[float]:
     redis_bus, null_bus = RedisBus(url, secret=secret), _NullBus()
     on: list[float] = []
     off: list[float] = []
-    t._train_epoch(0)  # warm-up
+    t._train_epoch()  # warm-up
     for r in range(7 if quick else 15):
         order = ((redis_bus, on), (null_bus, off))
         for bus, rates in order if r % 2 == 0 else order[::-1]:  # ABBA: no position bias
             t.telemetry.bus = bus
             started = time.perf_counter()
-            t._train_epoch(0)
-            rates.append(len(t.train_loader) / (time.perf_counter() - started))
+            t._train_epoch()
+            rates.append(len(t.batches) / (time.perf_counter() - started))
             t.telemetry.flush(10.0)
     published = t.telemetry.published
     require_no_incidents(t, "redis_publish_overhead")

@@ -28,6 +28,10 @@ from typing import Annotated, Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter
 
+from esper.contracts import EventSink
+from esper.leyline import TELEMETRY_LEVEL_ERROR
+from esper.tolaria.control.breakers import CircuitBreaker
+
 HOST_GROUP = "host"
 
 
@@ -356,14 +360,10 @@ class UnifiedLRController:
         self._written_for = weakref.ref(optimizer)
 
 
-def tamper_for_drill(optimizer: torch.optim.Optimizer, group_name: str, factor: float) -> float:
-    """FAULT DRILLS ONLY: multiply group `group_name`'s LR by `factor` behind the controller's back.
-
-    The only writer of `param_group["lr"]` besides `UnifiedLRController`; the next
-    `UnifiedLRController.step` must detect it, restore the value and record an `LRViolation`.
-    Returns the tampered value."""
-    for group in optimizer.param_groups:
-        if group.get("name") == group_name:
-            group["lr"] = float(group["lr"]) * factor
-            return float(group["lr"])
-    raise KeyError(f"no optimizer param group named {group_name!r} to tamper with")
+def record_lr_violations(controller: UnifiedLRController, breaker: CircuitBreaker, events: EventSink) -> None:
+    """Each out-of-band LR write the controller caught (and reverted) is a failure on its breaker."""
+    for v in controller.drain_violations():
+        what = f"group {v.group}: lr {v.found:g} written out of band (expected {v.expected:g})"
+        opened = breaker.record_failure(what)
+        events("lr_out_of_band_write", TELEMETRY_LEVEL_ERROR, group=v.group, expected=v.expected,
+               found=v.found, step=v.step, breaker_opened=opened)

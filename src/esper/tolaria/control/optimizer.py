@@ -112,6 +112,8 @@ class DynamicOptimizerManager:
         self._seed_policy_factory = seed_policy_factory
         self.rebuilds = 0
         self.failed_rebuilds = 0
+        self._trainable_for: object = None  # the optimizer `_trainable_cache` was read from
+        self._trainable_cache: dict[str, nn.Parameter] = {}
         groups = _collect_groups(model)
         optimizer = factory(_group_dicts(groups, {}))
         _check_partition(optimizer, groups)
@@ -132,6 +134,14 @@ class DynamicOptimizerManager:
     def named_parameters(self) -> dict[str, nn.Parameter]:
         """The parameters the optimizer holds (the trainable ones), by name."""
         return {n: p for g in self._optimizer.param_groups for n, p in zip(g["param_names"], g["params"], strict=True)}
+
+    def trainable(self) -> dict[str, nn.Parameter]:
+        """`named_parameters()`, re-read only when the optimizer was replaced (growth, fossilize,
+        cull, restore): the step asks every time, and building the dict costs microseconds."""
+        optimizer = self._optimizer
+        if self._trainable_for is not optimizer:
+            self._trainable_cache, self._trainable_for = self.named_parameters(), optimizer
+        return self._trainable_cache
 
     def rebuild(self, added: Sequence[str], removed: Sequence[str], reshaped: Sequence[str] = (),
                 frozen: Sequence[str] = ()) -> RebuildResult:

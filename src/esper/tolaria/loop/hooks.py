@@ -13,11 +13,14 @@ The loop, in pseudocode (`TolariaTrainer.fit`):
             LR controller step → optimizer step (skipped when non-finite)
             Kasmina.on_step        advance α ramps
             STEP_END               step telemetry (every N steps), step snapshots (every N steps)
-        BOUNDARY_BEGIN             validate (outside the 18 ms budget)
+        BOUNDARY_BEGIN             after the last snapshot's copy-behind settled: weights may be written
+            validate (outside the 18 ms budget)
             state assembly → Tamiyo (deadline, fallback) → verify + apply (optimizer rebuild)
+            → BOUNDARY_CHECK (inside the check phase and its budget)
             → check timings, breakers, conservative mode → snapshot cache + async checkpoint
         BOUNDARY_END               epoch telemetry, history, exporters
-    FIT_END                        flush telemetry, final checkpoint, summary.json, report
+    FIT_END                        then: checkpoints and telemetry flushed, the summary built, and
+                                   only then every component closed
 """
 
 from __future__ import annotations
@@ -31,5 +34,6 @@ class HookPoint(StrEnum):
     STEP_BEGIN = "on_step_begin"
     STEP_END = "on_step_end"
     BOUNDARY_BEGIN = "on_boundary_begin"
+    BOUNDARY_CHECK = "on_boundary_check"
     BOUNDARY_END = "on_boundary_end"
     FIT_END = "on_fit_end"

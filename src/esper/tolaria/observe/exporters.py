@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Mapping
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -223,9 +224,9 @@ class ExporterCallback:
             self.exporter.start()
 
     def on_boundary_end(self, trainer: Any, epoch: int, report: Any) -> None:
-        record = dict(trainer.history[-1])
-        record.update({"global_step": trainer.state.global_step, "rollbacks": len(trainer.rollbacks),
-                       "emergencies": len(trainer.safety.emergency_records()),
+        record = asdict(trainer.log.epochs[-1])
+        record.update({"global_step": trainer.state.global_step, "rollbacks": len(trainer.log.rollbacks),
+                       "emergencies": len(trainer.log.emergencies()),
                        "telemetry": trainer.telemetry.summary()})
         self.exporter.on_epoch(record)
 

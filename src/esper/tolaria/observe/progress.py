@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sized
 from typing import Any
 
 from rich.console import Console
@@ -22,7 +23,8 @@ class RichProgress:
         self.progress.start()
 
     def on_epoch_begin(self, trainer: Any, epoch: int) -> None:
-        total = len(trainer.train_loader) if hasattr(trainer.train_loader, "__len__") else None
+        loader = trainer.batches.loader
+        total = len(loader) if isinstance(loader, Sized) else None
         if self.task is not None:
             self.progress.remove_task(self.task)
         self.task = self.progress.add_task("train", total=total, epoch=epoch, loss="-")
@@ -32,12 +34,12 @@ class RichProgress:
             self.progress.advance(self.task)
 
     def on_boundary_end(self, trainer: Any, epoch: int, report: Any) -> None:
-        rec = trainer.history[-1]
-        flags = " [yellow]conservative[/]" if rec["conservative_mode"] else ""
-        command = rec["command"] or "-"
+        rec = trainer.log.epochs[-1]
+        flags = " [yellow]conservative[/]" if rec.conservative_mode else ""
+        command = rec.command or "-"
         self.console.print(
-            f"epoch {epoch:3d}  train {rec['train_loss']:.4f}  val {rec['val_loss']:.4f}  "
-            f"acc {rec['val_accuracy']:.4f}  params {rec['param_count']:,}  boundary {rec['boundary_ms']:.2f} ms"
+            f"epoch {epoch:3d}  train {rec.train_loss:.4f}  val {rec.val_loss:.4f}  "
+            f"acc {rec.val_accuracy:.4f}  params {rec.param_count:,}  boundary {rec.boundary_ms:.2f} ms"
             f"{flags}  [dim]{command}[/]", highlight=False)
 
     def on_fit_end(self, trainer: Any) -> None:

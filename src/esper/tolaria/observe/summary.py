@@ -4,69 +4,69 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from esper.contracts import ExecutionLayer, SpoolingBusLike
 from esper.tolaria.checkpoint.atomic import atomic_write_bytes
-from esper.tolaria.loop.boundary import OWN_PHASES
+from esper.tolaria.config import TolariaConfig
+from esper.tolaria.observe.runlog import RunLog
+from esper.tolaria.observe.timing import OWN_PHASES, MonotonicTimer
+from esper.tolaria.state.position import RunIdentity, TrainerState
 
-if TYPE_CHECKING:
-    from esper.tolaria.loop.trainer import TolariaTrainer
 
 def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def build_summary(t: TolariaTrainer) -> dict[str, Any]:
-    last = t.history[-1] if t.history else {}
-    timing = t.timer.summary()
-    seeds_now = {s.seed_id: s for s in t.kasmina.export_seed_states()}
-    manifest = t.kasmina.manifest()
-    seeds: dict[str, Any] = {}
-    for seed_id, history in t.seed_history.items():
-        info: dict[str, Any] = next((s for s in manifest.get("seeds", []) if s.get("seed_id") == seed_id), {})
-        seeds[seed_id] = {
-            "slot": info.get("slot", ""), "blueprint": info.get("blueprint", ""),
-            "stage": history[-1]["stage"] if history else "",
-            "stage_history": history, "live": seed_id in seeds_now,
-        }
+def build_summary(*, identity: RunIdentity, config: TolariaConfig, log: RunLog, position: TrainerState,
+                  kasmina: ExecutionLayer, final_state_sha256: str, timer: MonotonicTimer, bus: object,
+                  sections: Mapping[str, Any]) -> dict[str, Any]:
+    """The summary from the run log and each component's own summary (`sections`), read while the
+    components are still open."""
+    last = log.last_epoch
+    timing = timer.summary()
+    spool = dict(bus.summary()) if isinstance(bus, SpoolingBusLike) else {}
     return {
-        "run_id": t.run_id,
-        "experiment": t.config.run.name,
-        "morphogenesis": t.morphogenesis,
-        "epochs_completed": len(t.history),
-        "global_step": t.state.global_step,
-        "final_val_accuracy": last.get("val_accuracy", float("nan")),
-        "final_val_loss": last.get("val_loss", float("nan")),
-        "param_count": t.param_count(),
-        "final_state_sha256": t.final_state_sha256(),
-        "history": t.history,
-        "seeds": seeds,
+        "run_id": identity.run_id,
+        "experiment": identity.name,
+        "morphogenesis": config.run.morphogenesis,
+        "epochs_completed": len(log.epochs),
+        "global_step": position.global_step,
+        "final_val_accuracy": last.val_accuracy if last else float("nan"),
+        "final_val_loss": last.val_loss if last else float("nan"),
+        "param_count": sum(p.numel() for p in kasmina.model.parameters()),
+        "final_state_sha256": final_state_sha256,
+        "history": [asdict(r) for r in log.epochs],
+        "seeds": _seeds(log, kasmina),
         "boundary_ms": {
             "total": {k: timing.get("total", {}).get(k, 0.0) for k in ("p50", "p99", "max")},
             "phases": {p: timing[p] for p in ("validate", *OWN_PHASES, "snapshot") if p in timing},
-            "budget_total_ms": t.config.boundary.total_ms,
+            "budget_total_ms": config.boundary.total_ms,
         },
-        "conservative_mode": t.conservative.summary(),
-        "breakers": t.breakers.summary(),
-        "telemetry": {**t.telemetry.summary(), **_spool(t.bus)},
-        "tamiyo_fallbacks": t.fallbacks,
-        "apply_failures": t.apply_failures,
-        "rollbacks": t.rollbacks,
-        "emergencies": t.safety.emergency_records(),
-        "safety": t.safety.summary(),
-        "resumed_from": t.resumed_from,
-        "world_size": t.world.size,
-        "drills": t.faults.summary(),
-        "aggregation": {"mode": t.aggregator.config.mode, "nonfinite_steps": t.aggregator.nonfinite_steps},
-        "lr": {"current": t.lr.current()},
+        **sections,
+        "telemetry": {**sections.get("telemetry", {}), **spool},
+        "tamiyo_fallbacks": [asdict(r) for r in log.fallbacks],
+        "apply_failures": [asdict(r) for r in log.apply_failures],
+        "rollbacks": [asdict(r) for r in log.rollbacks],
+        "emergencies": log.emergencies(),
     }
 
 
-def _spool(bus: Any) -> dict[str, Any]:
-    """What a remote bus could not publish and kept locally (`oona.SpoolingBus`), if it spools."""
-    summary = getattr(bus, "summary", None) if hasattr(bus, "spooled") else None
-    return dict(summary()) if summary is not None else {}
+def _seeds(log: RunLog, kasmina: ExecutionLayer) -> dict[str, Any]:
+    live = {s.seed_id for s in kasmina.export_seed_states()}
+    manifest = kasmina.manifest()
+    seeds: dict[str, Any] = {}
+    for seed_id, history in log.seed_history.items():
+        info: dict[str, Any] = next((s for s in manifest.get("seeds", []) if s.get("seed_id") == seed_id), {})
+        seeds[seed_id] = {
+            "slot": info.get("slot", ""), "blueprint": info.get("blueprint", ""),
+            "stage": history[-1].stage if history else "",
+            "stage_history": [asdict(h) for h in history], "live": seed_id in live,
+        }
+    return seeds
 
 
 def write_summary(summary: dict[str, Any], run_dir: Path, *, name: str = "summary.json") -> Path:

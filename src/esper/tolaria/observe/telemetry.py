@@ -33,6 +33,7 @@ from esper.leyline import (
     new_id,
     now_timestamp,
 )
+from esper.tolaria.observe.runlog import EpochRecord
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,15 @@ class TelemetryCollector:
                        priority, packet.packet_id)
             return
         self.queue.put((packet, priority), priority)
+
+    def publish_epoch(self, record: EpochRecord) -> None:
+        """One NORMAL-priority packet of the epoch's figures."""
+        metrics: dict[str, float] = {
+            "tolaria.epoch.duration_ms": record.epoch_seconds * 1e3, "tolaria.boundary.latency_ms": record.boundary_ms,
+            "tolaria.train.loss": record.train_loss, "tolaria.val.loss": record.val_loss,
+            "tolaria.val.accuracy": record.val_accuracy, "tolaria.model.params": float(record.param_count)}
+        metrics.update({f"tolaria.lr_controller.lr.{k}": v for k, v in record.lr.items()})
+        self.publish(self.packet(metrics, attributes={"epoch": str(record.epoch)}), MESSAGE_PRIORITY_NORMAL)
 
     def emit_event(self, description: str, level: int = TELEMETRY_LEVEL_INFO,
                    priority: int = MESSAGE_PRIORITY_NORMAL, **attributes: object) -> None:

@@ -9,6 +9,8 @@ from contextlib import contextmanager
 
 import numpy as np
 
+# The boundary's own phases, each with a budget (validation is timed outside the budget).
+OWN_PHASES = ("state_assembly", "tamiyo", "apply", "check")
 
 class MonotonicTimer:
     """Times phases with `time.perf_counter_ns`; keeps the last `window` samples per phase."""

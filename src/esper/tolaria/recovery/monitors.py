@@ -233,3 +233,23 @@ class Watchdog:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.fired_total = int(state["fired_total"])
+
+
+class MonitorSet:
+    """The step and boundary monitors of one run, as one snapshot section ("monitors")."""
+
+    def __init__(self, *, spike_factor: float, accuracy_drop: float, budget_ms: float) -> None:
+        self.loss = LossMonitor(spike_factor=spike_factor)
+        self.grads = GradientMonitor()
+        self.accuracy = AccuracyMonitor(max_drop=accuracy_drop)
+        self.timing = TimingMonitor(budget_ms=budget_ms)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loss": self.loss.state_dict(), "grads": self.grads.state_dict(),
+                "accuracy": self.accuracy.state_dict(), "timing": self.timing.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.loss.load_state_dict(state["loss"])
+        self.grads.load_state_dict(state["grads"])
+        self.accuracy.load_state_dict(state["accuracy"])
+        self.timing.load_state_dict(state["timing"])

@@ -9,10 +9,14 @@ failed fast rollback is escalated by the emergency protocol to a full rollback f
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import torch
+from torch import nn
 
+from esper.contracts import ExecutionLayer, StatefulComponent
+from esper.tolaria.control.optimizer import DynamicOptimizerManager
 from esper.tolaria.recovery.restore_plan import RestorePlan
 from esper.tolaria.recovery.snapshot_cache import (
     RestoreError,
@@ -21,11 +25,9 @@ from esper.tolaria.recovery.snapshot_cache import (
     restore_tensors_,
     samples_equal,
 )
-from esper.tolaria.state.capture import restore_state
+from esper.tolaria.state.position import TrainerState
+from esper.tolaria.state.registry import StateRegistry
 from esper.tolaria.state.snapshot import Snapshot, SnapshotCopyError
-
-if TYPE_CHECKING:
-    from esper.tolaria.loop.trainer import TolariaTrainer
 
 
 def _manifest_json(manifest: Any) -> str:
@@ -35,13 +37,13 @@ def _manifest_json(manifest: Any) -> str:
 class KasminaParticipant:
     name = "kasmina"
 
-    def __init__(self, trainer: TolariaTrainer) -> None:
-        self.t = trainer
+    def __init__(self, kasmina: ExecutionLayer) -> None:
+        self.kasmina = kasmina
         self._prepared: Any = None  # the live manifest read by prepare (prepares change nothing)
 
     def prepare(self, target: Snapshot) -> bool:
         kasmina = target.state.get("kasmina") or {}
-        self._prepared = live = self.t.kasmina.manifest()
+        self._prepared = live = self.kasmina.manifest()
         return "manifest" in kasmina and kasmina["manifest"].get("slots") == list(live["slots"])
 
     def commit(self, target: Snapshot) -> None:
@@ -49,10 +51,10 @@ class KasminaParticipant:
         # nothing to rebuild (the common fast rollback, within one structure).
         live, self._prepared = self._prepared, None
         if live is None or live != target.state["kasmina"]["manifest"]:
-            self.t.kasmina.load_state_dict(target.state["kasmina"])
+            self.kasmina.load_state_dict(target.state["kasmina"])
 
     def confirm(self, target: Snapshot) -> bool:
-        live, saved = self.t.kasmina.manifest(), target.state["kasmina"]["manifest"]
+        live, saved = self.kasmina.manifest(), target.state["kasmina"]["manifest"]
         return live == saved or _manifest_json(live) == _manifest_json(saved)  # JSON: tuples vs lists
 
     def abort(self, target: Snapshot) -> None:
@@ -78,15 +80,16 @@ class TolariaParticipant:
 
     name = "tolaria"
 
-    def __init__(self, trainer: TolariaTrainer) -> None:
-        self.t = trainer
+    def __init__(self, *, registry: StateRegistry, model: nn.Module, optim: DynamicOptimizerManager,
+                 position: TrainerState, settle: Callable[[], None]) -> None:
+        self.registry, self.model, self.optim, self.position, self.settle = registry, model, optim, position, settle
         self._copied: tuple[list[torch.Tensor], list[torch.Tensor], list[int]] | None = None
         self.last_restore = ""  # how the last commit restored tensors: RESTORE_PATHS
 
     def prepare(self, target: Snapshot) -> bool:
         # Copy-behind: the last snapshot's job reads the live tensors this rollback is about to
         # write, and the target itself holds its values only once its own job has finished.
-        self.t.safety.settle()
+        self.settle()
         try:
             target.wait_ready()
         except SnapshotCopyError:
@@ -108,12 +111,11 @@ class TolariaParticipant:
     def _restore_rest(self, target: Snapshot, *, structure: bool) -> None:
         # Kasmina and Tamiyo restore their own sections as participants.
         skip = ("kasmina", "tamiyo") if structure else ("model", "optimizer", "kasmina", "tamiyo")
-        rest = {k: v for k, v in target.state.items() if k not in skip}
-        restore_state(self.t, rest, keep_records=True, structure=structure)
+        self.registry.restore(target.state, rewind=True, skip=skip)
 
     def _planned_pairs(self, target: Snapshot) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
         plan: RestorePlan | None = target.restore_plan
-        optimizer = self.t.optim.optimizer
+        optimizer = self.optim.optimizer
         saved_groups = target.state["optimizer"]["groups"]
         if plan is None or [g["name"] for g in optimizer.param_groups] != [g["name"] for g in saved_groups]:
             return None
@@ -121,32 +123,30 @@ class TolariaParticipant:
 
     def _copy_planned(self, target: Snapshot, dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
         versions = copy_in_place_(dst, src)
-        _restore_group_hyper(self.t.optim.optimizer, target.state["optimizer"]["groups"])
+        _restore_group_hyper(self.optim.optimizer, target.state["optimizer"]["groups"])
         self._copied = (dst, src, versions)
 
     def _copy_by_name(self, target: Snapshot) -> bool:
-        t = self.t
-        live = {"model": t.model.state_dict(), "optimizer": t.optim.state_dict()["state"]}
+        live = {"model": self.model.state_dict(), "optimizer": self.optim.state_dict()["state"]}
         snap = {"model": target.state["model"], "optimizer": target.state["optimizer"]["state"]}
         try:
             restore_tensors_(live, snap, verify=False)
         except RestoreError:
             return False
         saved_groups = target.state["optimizer"]["groups"]
-        if [g["param_names"] for g in t.optim.state_dict()["groups"]] != [g["param_names"] for g in saved_groups]:
+        if [g["param_names"] for g in self.optim.state_dict()["groups"]] != [g["param_names"] for g in saved_groups]:
             return False
-        _restore_group_hyper(t.optim.optimizer, saved_groups)
+        _restore_group_hyper(self.optim.optimizer, saved_groups)
         return True
 
     def confirm(self, target: Snapshot) -> bool:
-        t = self.t
-        if t.state.global_step != target.state["trainer"]["global_step"]:
+        if self.position.global_step != target.state["trainer"]["global_step"]:
             return False
         if self._copied is not None:  # the planned copy: every tensor written, sampled bits equal
             dst, src, versions = self._copied
             self._copied = None
             return confirm_restored(dst, src, versions) == ""
-        live = t.model.state_dict()
+        live = self.model.state_dict()
         saved = target.state["model"]
         if live.keys() != saved.keys():
             return False
@@ -163,22 +163,22 @@ class TolariaParticipant:
 class TamiyoParticipant:
     name = "tamiyo"
 
-    def __init__(self, trainer: TolariaTrainer) -> None:
-        self.t = trainer
+    def __init__(self, tamiyo: StatefulComponent | None) -> None:
+        self.tamiyo = tamiyo  # None: the controller keeps no state of its own
 
     def prepare(self, target: Snapshot) -> bool:
         return "tamiyo" in target.state
 
     def commit(self, target: Snapshot) -> None:
         state = target.state.get("tamiyo")
-        if state is not None and hasattr(self.t.tamiyo, "load_state_dict"):
-            self.t.tamiyo.load_state_dict(state)
+        if state is not None and self.tamiyo is not None:
+            self.tamiyo.load_state_dict(state)
 
     def confirm(self, target: Snapshot) -> bool:
         state = target.state.get("tamiyo")
-        if state is None or not hasattr(self.t.tamiyo, "state_dict"):
+        if state is None or self.tamiyo is None:
             return True
-        live = self.t.tamiyo.state_dict()
+        live = self.tamiyo.state_dict()
         return live == state or _manifest_json(live) == _manifest_json(state)
 
     def abort(self, target: Snapshot) -> None:
@@ -191,8 +191,3 @@ def _restore_group_hyper(optimizer: torch.optim.Optimizer, saved_groups: list[di
         for key, value in saved["hyper"].items():
             if group.get(key) != value:
                 group[key] = value
-
-
-def participants(trainer: TolariaTrainer) -> list[Any]:
-    """Kasmina first: the structure before the weights."""
-    return [KasminaParticipant(trainer), TolariaParticipant(trainer), TamiyoParticipant(trainer)]

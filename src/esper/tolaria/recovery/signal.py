@@ -143,6 +143,18 @@ def run_channel_key(run_dir: Path | None, run_id: str, rank: int) -> str:
     return f"id-{run_id}-r{rank}"
 
 
+def open_run_channel(run_dir: Path | None, run_id: str, rank: int) -> EmergencyChannel:
+    """Create this rank's channel, keyed by the run (its directory, else its id), never by the
+    config's name: a sweep of one config on one machine runs many trainers at once."""
+    key = run_channel_key(run_dir, run_id, rank)
+    try:
+        return EmergencyChannel.create(key)
+    except ChannelBusyError as exc:
+        where = f"run directory {run_dir}" if run_dir is not None else f"run {run_id}"
+        raise ValueError(f"{where} is in use by a live Tolaria process (pid {exc.owner_pid}, emergency "
+                         f"channel {key}); wait for it to finish or give this run its own --run-dir") from None
+
+
 def segment_size(n_slots: int) -> int:
     return _SLOTS_OFFSET + n_slots * _SLOT_SIZE
 

@@ -1,1 +1,1 @@
-"""esper.tolaria.state.capture"""
+"""esper.tolaria.state"""
