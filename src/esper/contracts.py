@@ -111,6 +111,13 @@ class ExecutionLayer(Protocol):
 
 
 @runtime_checkable
+class BatchPublisher(Protocol):
+    """A bus that publishes many envelopes in one round trip (Redis pipelining)."""
+
+    def publish_many(self, stream: str, envelopes: list[BusEnvelope]) -> list[str]: ...
+
+
+@runtime_checkable
 class SpoolingBusLike(Protocol):
     """A bus that keeps locally what it could not publish, and reports it (`oona.SpoolingBus`)."""
 

@@ -45,9 +45,9 @@ from esper.leyline import (
     noop_command,
     seed_command,
 )
-from esper.tolaria.build import configure_torch, default_slots
 from esper.tolaria.config import TolariaConfig, config_from_dict
 from esper.tolaria.data import ResumableBatchSampler
+from esper.tolaria.loop.build import configure_torch, default_slots
 from esper.tolaria.loop.trainer import TolariaTrainer
 from esper.tolaria.models import HostMLP
 

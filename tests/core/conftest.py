@@ -13,7 +13,7 @@ from esper.tolaria.config import TolariaConfig
 
 @pytest.fixture()
 def make_trainer() -> Callable[..., Any]:
-    from esper.tolaria.build import build_trainer
+    from esper.tolaria.loop.build import build_trainer
 
     def make(config: TolariaConfig | None = None, **kwargs: Any) -> Any:
         bus = MemoryBus()

@@ -11,10 +11,10 @@ import pytest
 import torch
 from trainer_fixtures import small_config  # type: ignore[import-not-found]
 
-from esper.tolaria.build import build_trainer
 from esper.tolaria.checkpoint import recover
 from esper.tolaria.config import ConfigError, TolariaConfig
 from esper.tolaria.data import ResumableBatchSampler
+from esper.tolaria.loop.build import build_trainer
 from esper.tolaria.models import HostMLP
 from esper.tolaria.state.rng import rng_state, set_rng_state
 

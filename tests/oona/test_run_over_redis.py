@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from esper.tolaria.build import build_trainer
 from esper.tolaria.config import config_from_dict
+from esper.tolaria.loop.build import build_trainer
 
 SECRET = "test-secret-for-oona-run"
 

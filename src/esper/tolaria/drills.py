@@ -215,6 +215,10 @@ class FaultyBus:
             raise BusUnavailable("drill redis-down: the bus is unreachable")
         return str(self.inner.publish(stream, envelope))
 
+    def publish_many(self, stream: str, envelopes: list[Any]) -> list[str]:
+        """Batches fail alike: the drill's bus is down for every way of publishing."""
+        return [self.publish(stream, e) for e in envelopes]
+
     def close(self) -> None:
         self.inner.close()
 

@@ -75,7 +75,7 @@ def _same_run(point: ResumePoint, run_dir: Path) -> bool:
 
 def _build(config: TolariaConfig, run_dir: Path, point: ResumePoint | None, *, faults: FaultPlan | None,
            progress: bool, world: World) -> Any:
-    from esper.tolaria.build import build_trainer
+    from esper.tolaria.loop.build import build_trainer
 
     trainer = build_trainer(config, run_dir=run_dir, faults=faults,
                             callbacks=_callbacks(config, run_dir, world, progress), world=world)

@@ -53,7 +53,7 @@ def bench_trainer(features: int, hidden: list[int], batches: list[Any], run_dir:
     from esper.kasmina import KasminaLayer
     from esper.tamiyo import HeuristicTamiyo
     from esper.tolaria.config import config_from_dict
-    from esper.tolaria.loop.trainer import TolariaTrainer
+    from esper.tolaria.loop.trainer import TolariaTrainer  # built as a user builds one: the timed subject
 
     model = _mlp(features, hidden)
     kasmina = KasminaLayer(model, ["stem", "body.1"], example_input=batches[0][0][:2])

@@ -1,4 +1,7 @@
-"""Durable checkpoints: atomic files, a write-ahead log, recovery, inspection.
+"""Durable checkpoints: atomic files, a write-ahead log, the command journal, recovery, inspection.
+
+Owns: what is on disk and whether it can be trusted. May import `state`, `esper.contracts` and
+`esper.leyline`; never `loop`, `recovery`, `control` or `observe`.
 
     store = CheckpointStore(run_dir / "checkpoints", keep_last=3)
     future = store.save_async(snapshot)        # training thread pays only for the snapshot clone

@@ -1,4 +1,4 @@
-"""Read-only views for `tolaria inspect`, and the `corrupt-checkpoint` drill's helper."""
+"""Read-only views for `tolaria inspect`, and the helper of the drill that corrupts the newest checkpoint."""
 
 from __future__ import annotations
 

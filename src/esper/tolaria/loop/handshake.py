@@ -33,6 +33,7 @@ from esper.leyline import (
     noop_command,
     validate_command,
 )
+from esper.oona.errors import CommandRejected
 
 
 class HandshakeError(Exception):
@@ -159,7 +160,7 @@ class TamiyoHandshake:
             command = self.verify(answer)
         except HandshakeError as exc:
             # A remote client that verified the reply itself raises a rejection with a reason code.
-            kind = "rejected" if hasattr(exc.__cause__, "reason_code") else exc.kind
+            kind = "rejected" if isinstance(exc.__cause__, CommandRejected) else exc.kind
             message = str(exc)
             if kind == "timeout" and deadline < self.timeout_s:
                 kind = "late"

@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
-from esper.contracts import OonaBus
+from esper.contracts import BatchPublisher, OonaBus
 from esper.leyline import (
     BUS_MESSAGE_TYPE_EMERGENCY_SIGNAL,
     BUS_MESSAGE_TYPE_TELEMETRY,
@@ -98,7 +98,7 @@ class TelemetryCollector:
 
     def __init__(self, bus: OonaBus, *, queue_size: int = 10_000, source: str = "tolaria",
                  telemetry_stream: str = TELEMETRY_STREAM, emergency_stream: str = EMERGENCY_STREAM) -> None:
-        self.bus = bus
+        self.bus = bus  # its batching capability is checked once here (and when the bus is replaced)
         self.source = source
         self.telemetry_stream = telemetry_stream
         self.emergency_stream = emergency_stream
@@ -171,15 +171,23 @@ class TelemetryCollector:
                                     "source_subsystem": self.source})
         return envelope
 
+    @property
+    def bus(self) -> OonaBus:
+        return self._bus
+
+    @bus.setter
+    def bus(self, bus: OonaBus) -> None:
+        self._bus, self._batches = bus, isinstance(bus, BatchPublisher)
+
     def _send(self, stream: str, message_type: int, payload: bytes, priority: int, event_id: str) -> bool:
         return self._send_batch(stream, [self._envelope(message_type, payload, priority, event_id)])
 
     def _send_batch(self, stream: str, envelopes: list[BusEnvelope]) -> bool:
         """One round trip for the batch where the bus can pipeline (Redis), else one publish each."""
-        many = getattr(self.bus, "publish_many", None)
+        bus = self.bus
         try:
-            if many is not None and len(envelopes) > 1:
-                many(stream, envelopes)
+            if self._batches and len(envelopes) > 1:
+                bus.publish_many(stream, envelopes)  # type: ignore[attr-defined]
             else:
                 for envelope in envelopes:
                     self.bus.publish(stream, envelope)
