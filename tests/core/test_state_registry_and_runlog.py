@@ -126,3 +126,23 @@ def test_the_summary_is_built_before_the_components_close(make_trainer: Any) -> 
     result = trainer.fit()
     assert order == ["fit_end", "summary", "close"]
     assert result.summary["epochs_completed"] == 2
+
+
+def test_a_new_runs_starting_checkpoint_is_committed_before_the_first_step(make_trainer: Any,
+                                                                            tmp_path: Path) -> None:
+    from esper.tolaria.checkpoint import recover
+
+    trainer, _ = make_trainer(small_config(checkpoint={"enabled": True}), run_dir=tmp_path)
+
+    class AtFirstStep:
+        committed: list[str] = []
+
+        def on_step_begin(self, t: Any, step: int) -> None:
+            if step == 0:  # a crash here must find the starting state on disk
+                found = recover(tmp_path / "checkpoints", clean=False).checkpoint
+                self.committed.append(found.name if found is not None else "")
+
+    probe = AtFirstStep()
+    trainer.callbacks.append(probe)
+    trainer.fit()
+    assert probe.committed and probe.committed[0].startswith("ckpt-")

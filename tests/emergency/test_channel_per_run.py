@@ -16,7 +16,8 @@ from emergency_workers import is_consistent, numbered_signal
 from trainer_fixtures import MemoryBus, small_config  # type: ignore[import-not-found]
 
 from esper.tolaria.loop.build import build_trainer
-from esper.tolaria.recovery.signal import EmergencyChannel, run_channel_key
+from esper.tolaria.recovery.run_channel import run_channel_key
+from esper.tolaria.recovery.signal import EmergencyChannel
 
 
 @pytest.fixture()

@@ -38,8 +38,8 @@ from esper.tolaria.recovery.monitors import MonitorSet
 from esper.tolaria.recovery.participants import KasminaParticipant, TamiyoParticipant, TolariaParticipant
 from esper.tolaria.recovery.responses import Responses
 from esper.tolaria.recovery.rollback import RollbackCoordinator
+from esper.tolaria.recovery.run_channel import open_run_channel
 from esper.tolaria.recovery.safety import Safety
-from esper.tolaria.recovery.signal import open_run_channel
 from esper.tolaria.recovery.snapshots import Snapshots
 from esper.tolaria.state.position import RunIdentity, StopRequest, TrainerState
 from esper.tolaria.state.registry import StateRegistry

@@ -49,7 +49,8 @@ class Checkpoints:
         """A synchronous checkpoint (e.g. on SIGTERM), after the async writes still in flight."""
         if self.store is None:
             return
-        self.flush()  # earlier async writes first, so the list stays in order
+        if self._pending:
+            self.flush()  # earlier async writes first, so the list stays in order
         try:
             info = self.store.save(snapshot)
         except CheckpointWriteError as exc:

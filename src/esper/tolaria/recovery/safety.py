@@ -69,11 +69,14 @@ class Safety:
     # ---------------------------------------------------------------- the run's ends
     def start(self, *, resumed: bool) -> None:
         """Before the first step: the starting state is the first (healthy) rollback target, and a
-        new run's first checkpoint, so a crash in epoch 0 can be resumed (with its journal) too."""
+        new run's first checkpoint, so a crash in epoch 0 can be resumed (with its journal) too. That
+        checkpoint is written before training starts: a command journaled at the first boundary is
+        tied to it, and a crash before an async write finished would leave the journal nothing to
+        replay onto."""
         snapshot = self.snapshots.take()
         self.snapshots.mark_healthy(snapshot)
         if not resumed and self.position.global_step == 0:
-            self.checkpoints.save_async(snapshot)
+            self.checkpoints.save_now(snapshot, "the starting state")
         self.watchdog.start()
 
     def close(self) -> None:

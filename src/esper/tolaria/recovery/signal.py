@@ -45,19 +45,17 @@ import os
 import re
 import select
 import struct
-import sys
 import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
-from pathlib import Path
 from types import TracebackType
 
 from esper.leyline import EmergencySignal, LeylineDecodeError, parse, serialize
+from esper.tolaria.recovery.shm import open_segment, pid_alive, unlink_segment
 
 MAGIC = b"ESPEREMG"
 LAYOUT_VERSION = 1
@@ -131,30 +129,6 @@ def segment_name(run_name: str) -> str:
     return f"esper-emg-{safe}"
 
 
-def run_channel_key(run_dir: Path | None, run_id: str, rank: int) -> str:
-    """The channel key of one rank of one run: a hash of the run directory's resolved path (so two
-    runs of the same config in different directories never collide, and a supervisor can derive
-    the key from the directory), or the run id where the run has no directory."""
-    if run_dir is not None:
-        digest = hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:16]
-        return f"run-{digest}-r{rank}"
-    if not run_id:
-        raise ValueError("a run without a run directory needs a run_id to key its emergency channel")
-    return f"id-{run_id}-r{rank}"
-
-
-def open_run_channel(run_dir: Path | None, run_id: str, rank: int) -> EmergencyChannel:
-    """Create this rank's channel, keyed by the run (its directory, else its id), never by the
-    config's name: a sweep of one config on one machine runs many trainers at once."""
-    key = run_channel_key(run_dir, run_id, rank)
-    try:
-        return EmergencyChannel.create(key)
-    except ChannelBusyError as exc:
-        where = f"run directory {run_dir}" if run_dir is not None else f"run {run_id}"
-        raise ValueError(f"{where} is in use by a live Tolaria process (pid {exc.owner_pid}, emergency "
-                         f"channel {key}); wait for it to finish or give this run its own --run-dir") from None
-
-
 def segment_size(n_slots: int) -> int:
     return _SLOTS_OFFSET + n_slots * _SLOT_SIZE
 
@@ -165,54 +139,6 @@ def signal_checksum(signal: EmergencySignal) -> bytes:
     copy.CopyFrom(signal)
     copy.ClearField("payload_checksum")
     return hashlib.blake2b(copy.SerializeToString(deterministic=True), digest_size=16).digest()
-
-
-def pid_alive(pid: int) -> bool:
-    """True if a process with `pid` exists (ours or another user's)."""
-    if not 0 < pid < 2**31:
-        return False  # not a pid any kernel hands out: a zeroed or corrupted slot
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-_TRACKER_LOCK = threading.Lock()
-
-
-@contextmanager
-def _untracked() -> Iterator[None]:
-    """Keep SharedMemory from talking to the resource tracker (Python < 3.13 has no track=False)."""
-    with _TRACKER_LOCK:
-        register, unregister = resource_tracker.register, resource_tracker.unregister
-        resource_tracker.register = _ignore  # type: ignore[assignment]
-        resource_tracker.unregister = _ignore  # type: ignore[assignment]
-        try:
-            yield
-        finally:
-            resource_tracker.register, resource_tracker.unregister = register, unregister
-
-
-def _ignore(name: str, rtype: str) -> None:
-    return None
-
-
-def _open_segment(name: str, create: bool, size: int = 0) -> SharedMemory:
-    if sys.version_info >= (3, 13):
-        return SharedMemory(name=name, create=create, size=size, track=False)  # type: ignore[call-arg,unused-ignore]
-    with _untracked():
-        return SharedMemory(name=name, create=create, size=size)
-
-
-def _unlink_segment(shm: SharedMemory) -> None:
-    with _untracked():
-        try:
-            shm.unlink()
-        except FileNotFoundError:
-            pass  # already reclaimed by a later create(): nothing left to remove
 
 
 def _buf_of(shm: SharedMemory) -> memoryview:
@@ -261,16 +187,16 @@ class EmergencyChannel:
         name = segment_name(run_name)
         stale = False
         try:
-            shm = _open_segment(name, create=True, size=segment_size(n_slots))
+            shm = open_segment(name, create=True, size=segment_size(n_slots))
         except FileExistsError:
             cls._reclaim_stale(name, run_name)
             stale = True
-            shm = _open_segment(name, create=True, size=segment_size(n_slots))
+            shm = open_segment(name, create=True, size=segment_size(n_slots))
         try:
             _HEADER.pack_into(_buf_of(shm), 0, MAGIC, LAYOUT_VERSION, n_slots, os.getpid(), time.time_ns(), 0)
             channel = cls(shm, run_name, owner=True, max_sleep_s=max_sleep_s)
         except BaseException:
-            _unlink_segment(shm)  # a failed start leaves no segment behind
+            unlink_segment(shm)  # a failed start leaves no segment behind
             shm.close()
             raise
         channel.stale_cleaned = stale
@@ -283,7 +209,7 @@ class EmergencyChannel:
         """Attach to the channel the run's owner created; `ChannelError` if there is none."""
         name = segment_name(run_name)
         try:
-            shm = _open_segment(name, create=False)
+            shm = open_segment(name, create=False)
         except FileNotFoundError as exc:
             raise ChannelError(
                 f"no emergency channel for run {run_name!r} (/dev/shm/{name}): start the run's trainer first"
@@ -311,7 +237,7 @@ class EmergencyChannel:
     @classmethod
     def _reclaim_stale(cls, name: str, run_name: str) -> None:
         try:
-            shm = _open_segment(name, create=False)
+            shm = open_segment(name, create=False)
         except FileNotFoundError:
             return  # it vanished between our attempts: nothing to reclaim
         try:
@@ -328,7 +254,7 @@ class EmergencyChannel:
                     f"run {run_name!r} is already active in pid {owner_pid}; stop it or choose another run name",
                     owner_pid,
                 )
-            _unlink_segment(shm)  # the owner died without unlinking: a stale segment
+            unlink_segment(shm)  # the owner died without unlinking: a stale segment
             _remove_bells(name)
         finally:
             shm.close()
@@ -346,13 +272,13 @@ class EmergencyChannel:
         os.close(self._lock_fd)
         self._buf.release()
         if self.owner:
-            _unlink_segment(self._shm)
+            unlink_segment(self._shm)
             _remove_bells(self.name)
         self._shm.close()
 
     def unlink(self) -> None:
         """Remove the segment now (any process may, e.g. a supervisor cleaning up a crashed run)."""
-        _unlink_segment(self._shm)
+        unlink_segment(self._shm)
 
     def __enter__(self) -> EmergencyChannel:
         return self
