@@ -146,3 +146,40 @@ def test_a_new_runs_starting_checkpoint_is_committed_before_the_first_step(make_
     trainer.callbacks.append(probe)
     trainer.fit()
     assert probe.committed and probe.committed[0].startswith("ckpt-")
+
+
+def test_a_rollback_keeps_skipped_batches_for_any_positioned_sampler() -> None:
+    """The rewind rule (batches skipped since the target stay skipped) is the loop's, not a feature
+    each sampler must implement: a user's sampler with only the protocol gets it too."""
+    from esper.tolaria.loop.batches import EpochBatches
+    from esper.tolaria.state.position import TrainerState
+
+    class UserSampler:  # the PositionedSampler protocol, nothing more
+        def __init__(self) -> None:
+            self.skipped: set[tuple[int, int]] = set()
+            self.position = (0, 0)
+
+        def set_position(self, epoch: int, batch: int) -> None:
+            self.position = (epoch, batch)
+
+        def consume(self) -> int:
+            return self.position[1]
+
+        def state_dict(self) -> dict[str, Any]:
+            return {"position": self.position, "skipped": sorted(self.skipped)}
+
+        def load_state_dict(self, state: Any) -> None:
+            self.position, self.skipped = tuple(state["position"]), {tuple(s) for s in state["skipped"]}
+
+    class Loader(list):  # type: ignore[type-arg]
+        batch_sampler = UserSampler()
+
+    batches = EpochBatches(Loader(), TrainerState())
+    registry = StateRegistry()
+    batches.register(registry)
+    saved = registry.capture()
+    batches.skip((2, 5))  # a rollback's offending batch, after the target was taken
+    registry.restore(saved, rewind=True)
+    assert Loader.batch_sampler.skipped == {(2, 5)}
+    registry.restore(saved, rewind=False)  # a resume restores exactly what was saved
+    assert Loader.batch_sampler.skipped == set()

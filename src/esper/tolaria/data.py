@@ -90,12 +90,6 @@ class ResumableBatchSampler(Sampler[list[int]]):
         self.epoch, self.start_batch, self.seed = state["epoch"], state["start_batch"], state["seed"]
         self.skipped = {tuple(x) for x in state["skipped"]}  # type: ignore[misc]
 
-    def rewind_to(self, state: Mapping[str, Any]) -> None:
-        """A rollback: back to the saved position; batches skipped since stay skipped."""
-        skipped = set(self.skipped)
-        self.load_state_dict(state)
-        self.skipped |= skipped
-
 
 def load_arrays(config: DataConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """(x_train, y_train, x_val, y_val, n_classes) for the configured bundled data set."""

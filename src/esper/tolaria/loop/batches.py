@@ -54,7 +54,7 @@ class EpochBatches:
     def register(self, registry: StateRegistry) -> None:
         registry.register("rng", _RngSection(self))
         registry.register("iterator_rng", _IteratorRngSection(self))
-        registry.register("data", self.sampler)
+        registry.register("data", _DataSection(self.sampler) if self.sampler is not None else None)
 
     def __iter__(self) -> Iterator[Any]:
         epoch, batch = self.position.epoch, self.position.batch_in_epoch
@@ -96,6 +96,25 @@ class _RngSection:
 
     def load_state_dict(self, state: Any) -> None:
         set_rng_state(state, self.batches.generator)
+
+
+class _DataSection:
+    """The "data" section: the sampler's position. A rollback goes back to the saved position, and
+    the batches skipped since (the rollbacks' offending ones) stay skipped, whatever the target knew."""
+
+    def __init__(self, sampler: PositionedSampler) -> None:
+        self.sampler = sampler
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: Any) -> None:
+        self.sampler.load_state_dict(state)
+
+    def rewind_to(self, state: Any) -> None:
+        skipped = set(self.sampler.skipped)
+        self.sampler.load_state_dict(state)
+        self.sampler.skipped |= skipped
 
 
 class _IteratorRngSection:
