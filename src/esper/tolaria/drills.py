@@ -358,7 +358,6 @@ class DrillRig:
     # ---------------------------------------------------------------- hook points
     def on_step_begin(self, _trainer: object, step: int) -> None:
         t = self._bound()
-        self._update_watched()
         epoch, batch = t.position.epoch, t.position.batch_in_epoch
         if (d := self.plan.due("lr-tamper", epoch, batch)) is not None:
             self._lr_drill = d

@@ -65,7 +65,9 @@ class TolariaTrainer:
         tamiyo, kasmina, self.bus, verifier = self.drills.wrap(tamiyo=tamiyo, kasmina=kasmina, bus=bus,
                                                                verifier=verifier, epoch_of=lambda: self.state.epoch)
         self.kasmina, self.tamiyo, self.model = kasmina, tamiyo, kasmina.model
+        tamiyo_state = wiring.stateful_or_none(tamiyo)  # a controller may keep state of its own, or not
         self.val_loader, self.loss_fn = val_loader, loss_fn
+        self._morphogenesis, self._step_interval = cfg.run.morphogenesis, cfg.telemetry.step_interval  # read per step
         self._drilled_loss = self.drills.wrap_loss(lambda out, y: self.loss_fn(out, y))
         self.batches = EpochBatches(train_loader, self.state)
         c = wiring.build_control(cfg, self.model, wiring.optimizer_factory(optimizer), train_loader)
@@ -82,11 +84,11 @@ class TolariaTrainer:
             kasmina=kasmina, optim=self.optim, lr=self.lr, monitors=self.monitors, batches=self.batches,
             trainer=TrainerSection(self.state, self.log, self.identity),
             others={"aggregator": self.aggregator, "breakers": self.breakers, "conservative": self.conservative,
-                    "tamiyo": wiring.stateful_or_none(tamiyo)})
+                    "tamiyo": tamiyo_state})
         r = wiring.build_recovery(
             cfg, run_dir=self.run_dir, store_fault=self.drills.disk_fault(lambda: self.state.epoch),
             identity=self.identity, position=self.state, world=self.world, registry=self.registry,
-            kasmina=kasmina, tamiyo=wiring.stateful_or_none(tamiyo), control=c, monitors=self.monitors, log=self.log,
+            kasmina=kasmina, tamiyo=tamiyo_state, control=c, monitors=self.monitors, log=self.log,
             events=self.events, publish_emergency=self.telemetry.publish_emergency, timer=self.timer,
             profiler=self.profiler, skip_batch=self.batches.skip if self.batches.sampler else None, stop=self.stop)
         self.journal, self.checkpoints, self.safety = r.journal, r.checkpoints, r.safety
@@ -98,7 +100,12 @@ class TolariaTrainer:
             journal=self.journal, validate=self.validate, timer=self.timer, profiler=self.profiler, log=self.log,
             events=self.events, world=self.world,
             on_check=lambda epoch, report: self._fire(HookPoint.BOUNDARY_CHECK, epoch=epoch, report=report))
-        self.callbacks = [*callbacks, *self.drills.callbacks(self._drill_targets())]
+        targets = DrillTargets(
+            position=self.state, model=self.model, optimizer=lambda: self.optim.optimizer, lr_now=self.lr.current,
+            loss_baseline=lambda: self.monitors.loss.baseline, watchdog=self.safety.watchdog,
+            checkpoints=self.checkpoints, log=self.log, events=self.events,
+            stall_boundary_s=cfg.boundary.total_ms * 2 / 1000, breaker_threshold=cfg.breakers.failure_threshold)
+        self.callbacks = [*callbacks, *self.drills.callbacks(targets)]
         self.resumed_from, self._closed = "", False  # the snapshot id a resume started from
 
     # ---------------------------------------------------------------- the loop
@@ -178,7 +185,7 @@ class TolariaTrainer:
         with prof.span("step.forward"):
             host_loss = self.host_loss(self.model(x), y)
         with prof.span("step.seed_losses"):
-            terms = self.kasmina.seed_loss_terms(x, y, self.loss_fn) if self.config.run.morphogenesis else []
+            terms = self.kasmina.seed_loss_terms(x, y, self.loss_fn) if self._morphogenesis else []
         with prof.span("step.backward"):
             params = self.optim.trainable()
             stats = self.aggregator.backward(host_loss, terms, params, host_batch_size=len(y),
@@ -206,7 +213,7 @@ class TolariaTrainer:
                 record_lr_violations(self.lr, self.breakers["lr_controller"], self.events)
         with prof.span("step.kasmina"):
             self.kasmina.on_step()
-        interval = self.config.telemetry.step_interval
+        interval = self._step_interval
         if interval and step % interval == 0:
             with prof.span("step.telemetry"):
                 self.telemetry.publish(self.telemetry.packet(
@@ -228,15 +235,6 @@ class TolariaTrainer:
             fn = getattr(cb, hook.value, None)  # a callback implements the hooks it wants
             if fn is not None:
                 fn(self, **kwargs)
-
-    # ---------------------------------------------------------------- wiring
-    def _drill_targets(self) -> DrillTargets:
-        return DrillTargets(
-            position=self.state, model=self.model, optimizer=lambda: self.optim.optimizer, lr_now=self.lr.current,
-            loss_baseline=lambda: self.monitors.loss.baseline, watchdog=self.safety.watchdog,
-            checkpoints=self.checkpoints, log=self.log, events=self.events,
-            stall_boundary_s=self.config.boundary.total_ms * 2 / 1000,
-            breaker_threshold=self.config.breakers.failure_threshold)
 
     # ---------------------------------------------------------------- the run's ends and reports
     def validate(self) -> tuple[float, float]:
@@ -268,7 +266,8 @@ class TolariaTrainer:
     def summary(self) -> dict[str, Any]:
         return build_summary(
             identity=self.identity, config=self.config, log=self.log, position=self.state, kasmina=self.kasmina,
-            final_state_sha256=self.final_state_sha256(), timer=self.timer, bus=self.bus, sections={
+            param_count=self.param_count(), final_state_sha256=self.final_state_sha256(), timer=self.timer,
+            bus=self.bus, sections={
                 "conservative_mode": self.conservative.summary(), "breakers": self.breakers.summary(),
                 "telemetry": self.telemetry.summary(), "safety": self.safety.summary(),
                 "resumed_from": self.resumed_from, "world_size": self.world.size,

@@ -22,8 +22,8 @@ def _finite(value: float) -> float | None:
 
 
 def build_summary(*, identity: RunIdentity, config: TolariaConfig, log: RunLog, position: TrainerState,
-                  kasmina: ExecutionLayer, final_state_sha256: str, timer: MonotonicTimer, bus: object,
-                  sections: Mapping[str, Any]) -> dict[str, Any]:
+                  kasmina: ExecutionLayer, param_count: int, final_state_sha256: str, timer: MonotonicTimer,
+                  bus: object, sections: Mapping[str, Any]) -> dict[str, Any]:
     """The summary from the run log and each component's own summary (`sections`), read while the
     components are still open."""
     last = log.last_epoch
@@ -37,7 +37,7 @@ def build_summary(*, identity: RunIdentity, config: TolariaConfig, log: RunLog, 
         "global_step": position.global_step,
         "final_val_accuracy": last.val_accuracy if last else float("nan"),
         "final_val_loss": last.val_loss if last else float("nan"),
-        "param_count": sum(p.numel() for p in kasmina.model.parameters()),
+        "param_count": param_count,
         "final_state_sha256": final_state_sha256,
         "history": [asdict(r) for r in log.epochs],
         "seeds": _seeds(log, kasmina),
