@@ -87,3 +87,14 @@ def test_packets_carry_metrics_units_and_events() -> None:
     assert stream == "oona.telemetry" and envelope.attributes["event_id"] == packet.packet_id
     assert packet.metrics[0].unit == "ms" and packet.events[0].description == "conservative_mode_entered"
     assert packet.events[0].attributes["breakers"] == "tamiyo"
+
+
+def test_flush_waits_for_the_batch_in_flight_not_only_for_an_empty_queue() -> None:
+    bus = SlowBus(delay=0.3)  # the publisher has taken the packet off the queue and is still sending it
+    collector = TelemetryCollector(bus, queue_size=10)
+    try:
+        collector.publish(TelemetryPacket(packet_id="p1"), MESSAGE_PRIORITY_NORMAL)
+        assert collector.flush(timeout_s=5.0)
+        assert collector.published == 1 and len(bus.messages) == 1  # sent, and counted, by the time flush returns
+    finally:
+        collector.close()

@@ -50,6 +50,7 @@ class PriorityDropQueue:
         self.capacity = capacity
         self._queues: dict[int, deque[Any]] = {p: deque() for p in _PRIORITIES}
         self._size = 0
+        self._taken = 0  # items a consumer took and has not reported `done` yet (being sent)
         self.dropped: dict[int, int] = {p: 0 for p in _PRIORITIES}
         self._cond = threading.Condition()
 
@@ -81,8 +82,19 @@ class PriorityDropQueue:
             for p in reversed(_PRIORITIES):
                 if self._queues[p]:
                     self._size -= 1
+                    self._taken += 1
                     return self._queues[p].popleft()
         return None
+
+    def done(self, count: int) -> None:
+        """The consumer finished with `count` items it took (sent, or failed and counted)."""
+        with self._cond:
+            self._taken -= count
+
+    @property
+    def drained(self) -> bool:
+        """Nothing queued and nothing taken but unfinished: every item put has been handled."""
+        return self._size == 0 and self._taken == 0
 
     def wake(self) -> None:
         """Wake a waiting `get` (used to stop the publisher without waiting for its timeout)."""
@@ -208,17 +220,23 @@ class TelemetryCollector:
             batch = [item]
             while len(batch) < _BATCH and (more := self.queue.get(timeout=0.0)) is not None:
                 batch.append(more)  # whatever else is already queued goes in the same round trip
-            envelopes = [self._envelope(BUS_MESSAGE_TYPE_TELEMETRY, packet.SerializeToString(), priority,
-                                        packet.packet_id) for packet, priority in batch]
-            if not self._send_batch(self.telemetry_stream, envelopes):
+            try:
+                envelopes = [self._envelope(BUS_MESSAGE_TYPE_TELEMETRY, packet.SerializeToString(), priority,
+                                            packet.packet_id) for packet, priority in batch]
+                sent = self._send_batch(self.telemetry_stream, envelopes)
+            finally:
+                self.queue.done(len(batch))
+            if not sent:
                 # Bus down: back off briefly so a dead Redis does not spin this thread.
                 time.sleep(0.05)
 
     def flush(self, timeout_s: float = 5.0) -> bool:
+        """Wait until every queued packet was handed to the bus (or counted as failed), the batch in
+        flight included; False if that took longer than `timeout_s`."""
         deadline = time.monotonic() + timeout_s
-        while len(self.queue) and time.monotonic() < deadline:
+        while not self.queue.drained and time.monotonic() < deadline:
             time.sleep(0.005)
-        return not len(self.queue)
+        return self.queue.drained
 
     def close(self, timeout_s: float = 5.0) -> None:
         self.flush(timeout_s)
