@@ -30,10 +30,20 @@ class RunConfig(Section):
     deterministic: bool = Field(True, description="Use deterministic torch algorithms (bit-exact resume).")
     morphogenesis: bool = Field(True, description="Let Tamiyo grow the model; false trains the host alone.")
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default.")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$",
+                        description="Where the model, seeds and batches live: auto (cuda when available, else cpu), "
+                        "cpu, cuda or cuda:N.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="fp32; bf16 (autocast, no loss scaling); fp16 (autocast and a GradScaler: a step whose "
+        "scaled gradients overflow is skipped and the scale lowered, not an incident).")
 
 
 class DataConfig(Section):
-    dataset: Literal["digits", "synthetic"] = Field("digits", description="Bundled data set.")
+    factory: str = Field("", description="`package.module:function` returning the user's data: (train, val) "
+                         "DataLoaders or Datasets (datasets get Tolaria's resumable sampler with batch_size and "
+                         "num_workers), or a dict with `train` and `val`. Empty: the bundled `dataset`.")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of data.factory.")
+    dataset: Literal["digits", "synthetic"] = Field("digits", description="Bundled data set (no data.factory).")
     batch_size: int = Field(32, ge=1, description="Training batch size.")
     val_fraction: float = Field(0.3, gt=0, lt=1, description="Fraction held out for validation.")
     split_seed: int = Field(0, ge=0, description="Seed of the train/validation split.")
@@ -44,7 +54,10 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    kind: Literal["mlp"] = Field("mlp", description="Host architecture.")
+    factory: str = Field("", description="`package.module:function` returning the host nn.Module, called with "
+                         "[model.kwargs]. Empty: the bundled MLP (`kind`, `hidden`, `dropout`).")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of model.factory.")
+    kind: Literal["mlp"] = Field("mlp", description="Bundled host architecture (no model.factory).")
     hidden: list[int] = Field(default_factory=lambda: [16], description="Hidden layer widths of the host MLP.")
     slots: list[str] = Field(default_factory=list, description="Module names where Kasmina attaches seed slots.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout probability after each hidden activation of "
@@ -62,6 +75,8 @@ class OptimizerConfig(Section):
     lr: float = Field(3e-3, gt=0, description="Base learning rate of the host group.")
     momentum: float = Field(0.9, ge=0, lt=1, description="Momentum (sgd, rmsprop).")
     weight_decay: float = Field(0.0, ge=0, description="Weight decay.")
+    accumulate_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step (gradient accumulation); "
+                                  "steps, LR schedules, monitors and snapshots count optimizer steps.")
 
 
 class LRConfig(Section):
@@ -168,6 +183,9 @@ class ProfileConfig(Section):
 
 
 class TolariaConfig(Section):
+    task: str = Field("classification", description="What a step computes: classification, regression, "
+                      "language_model, or `package.module:Class` implementing esper.tolaria.tasks.Task.")
+    task_options: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of the task.")
     run: RunConfig = Field(default_factory=RunConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
