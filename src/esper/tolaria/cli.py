@@ -29,6 +29,12 @@ def _parser() -> argparse.ArgumentParser:
                           help="RUN_DIR holds a run: continue it, as `tolaria resume`")
     existing.add_argument("--overwrite", action="store_true",
                           help="RUN_DIR holds a run: replace it (deleted only once the new run has been built)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override one config value (repeatable), typed by the schema: --set optimizer.lr=0.01 "
+                     "--set model.hidden=[32,16] --set model.kwargs.width=64 --set run.precision=bf16; values are "
+                     "TOML literals, a bare word is a string (quote a string that looks like a number: '\"7\"')")
+    run.add_argument("--name", default=None, help="override run.name")
+    run.add_argument("--seed", type=int, default=None, help="override run.seed")
     run.add_argument("--epochs", type=int, default=None, help="override run.epochs")
     run.add_argument("--no-morphogenesis", action="store_true", help="train the host alone (no growth)")
     run.add_argument("--inject", action="append", default=[], metavar="KIND@epoch=N[,step=M]",
@@ -92,26 +98,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from esper.tolaria.config import load_config
     from esper.tolaria.distributed import World
     from esper.tolaria.drills import FaultPlan
+    from esper.tolaria.imports import on_sys_path, user_import_roots
     from esper.tolaria.job import run_job
 
-    overrides: dict[str, dict[str, Any]] = {}
-    if args.epochs is not None:
-        overrides.setdefault("run", {})["epochs"] = args.epochs
-    if args.no_morphogenesis:
-        overrides.setdefault("run", {})["morphogenesis"] = False
-    if args.oona:
-        overrides.setdefault("oona", {})["url"] = args.oona
-    if args.remote_tamiyo:
-        overrides.setdefault("oona", {})["remote_tamiyo"] = True
-    if args.profile:
-        overrides.setdefault("profile", {})["enabled"] = True
-    config = load_config(args.config, overrides)
+    config = load_config(args.config, _run_overrides(args))
     run_dir = args.run_dir or Path("runs") / config.run.name
     world = World.from_env()
     faults = FaultPlan.parse(args.inject, rank=world.rank)
     try:
-        summary = run_job(config, run_dir, faults=faults, progress=not args.quiet, report=not args.no_report,
-                          resume=args.resume, overwrite=args.overwrite, world=world)
+        # user code named in the config (model.factory, task, ...) lives next to it or in the cwd
+        with on_sys_path(user_import_roots(args.config)):
+            summary = run_job(config, run_dir, faults=faults, progress=not args.quiet, report=not args.no_report,
+                              resume=args.resume, overwrite=args.overwrite, world=world)
     finally:
         world.close()
     if world.is_leader:
@@ -119,14 +117,32 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """`--set` items, then the named flags over them (an explicit `--epochs 3` wins over `--set run.epochs=5`)."""
+    from esper.tolaria.config import merge_overrides, parse_set_overrides
+
+    flags: dict[str, dict[str, Any]] = {}
+    named = {("run", "name"): args.name, ("run", "seed"): args.seed, ("run", "epochs"): args.epochs,
+             ("run", "morphogenesis"): False if args.no_morphogenesis else None, ("oona", "url"): args.oona or None,
+             ("oona", "remote_tamiyo"): True if args.remote_tamiyo else None,
+             ("profile", "enabled"): True if args.profile else None}
+    for (section, key), value in named.items():
+        if value is not None:
+            flags.setdefault(section, {})[key] = value
+    return merge_overrides(parse_set_overrides(args.overrides), flags)
+
+
 def _cmd_resume(args: argparse.Namespace) -> int:
     from esper.tolaria.distributed import World
+    from esper.tolaria.imports import on_sys_path, user_import_roots
     from esper.tolaria.job import resume_job
 
     world = World.from_env()
     try:
-        summary = resume_job(args.run_dir, epochs=args.epochs, progress=not args.quiet, report=not args.no_report,
-                             world=world, checkpoint=args.checkpoint, into=args.into, overwrite=args.overwrite)
+        with on_sys_path(user_import_roots(None)):  # the run's config.json names user code relative to the cwd
+            summary = resume_job(args.run_dir, epochs=args.epochs, progress=not args.quiet,
+                                 report=not args.no_report, world=world, checkpoint=args.checkpoint, into=args.into,
+                                 overwrite=args.overwrite)
     finally:
         world.close()
     if world.is_leader:

@@ -6,13 +6,17 @@ the fix (`ConfigError`). TOML sections map one to one onto the fields of `Tolari
 
 from __future__ import annotations
 
+import copy
+import difflib
 import hashlib
 import json
 import tomllib
+import types
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -268,6 +272,136 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> To
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    for section, values in (overrides or {}).items():
-        data.setdefault(section, {}).update(values)
-    return config_from_dict(data, source=str(path))
+    if overrides:
+        merge_overrides(data, overrides)
+    source = f"{path} with the command-line overrides" if overrides else str(path)
+    return config_from_dict(data, source=source)
+
+
+# ---------------------------------------------------------------- command-line overrides (`--set key=value`)
+
+
+def merge_overrides(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge `overrides` into `base` in place, table by table: `{"model": {"kwargs": {"width": 64}}}`
+    changes one keyword and keeps the file's others; anything that is not a table replaces."""
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
+            merge_overrides(base[key], value)
+        else:
+            base[key] = copy.deepcopy(dict(value) if isinstance(value, Mapping) else value)
+    return base
+
+
+def parse_set_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """`["run.epochs=3", "model.kwargs.width=64"]` -> `{"run": {"epochs": 3}, "model": {"kwargs": {"width": 64}}}`,
+    each value typed by the schema (see `parse_set_item`); a later item wins over an earlier one."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        merge_overrides(overrides, parse_set_item(item))
+    return overrides
+
+
+def parse_set_item(item: str) -> dict[str, Any]:
+    """One `key.path=value` as a nested dict. The value is a TOML literal (`3`, `0.01`, `true`,
+    `[32, 16]`, `{width = 64}`, `"text"`); a field that takes a string also takes it bare
+    (`run.precision=bf16`). Inside free-form tables (model.kwargs, kasmina, ...) a value that is not
+    TOML is a string; their own models check them at load."""
+    key, sep, raw = item.partition("=")
+    key, raw = key.strip(), raw.strip()
+    if not sep:
+        raise ConfigError(f"--set {item}: expected KEY=VALUE (no '=' found), e.g. --set run.epochs=3")
+    parts = key.split(".")
+    if not all(part.strip() for part in parts):
+        raise ConfigError(f"--set {item}: {key!r} is not a dotted key; expected e.g. --set optimizer.lr=0.01")
+    value = _typed_value(parts, raw, item)
+    for part in reversed(parts):
+        value = {part: value}
+    return value
+
+
+def _typed_value(parts: list[str], raw: str, item: str) -> Any:
+    """Walk the schema along `parts` and type `raw` by the field it ends at."""
+    model: type[BaseModel] = TolariaConfig
+    for depth, part in enumerate(parts):
+        key, last = ".".join(parts[: depth + 1]), depth == len(parts) - 1
+        field = model.model_fields.get(part)
+        if field is None:
+            raise ConfigError(f"--set {item}: unknown key {key!r}{_did_you_mean(model, part)}; valid keys "
+                              f"{_level(parts[:depth])}: {_valid_keys(TolariaConfig, tuple(parts[:depth]))}")
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            if last:
+                raise ConfigError(f"--set {item}: {key} is a section, not a value; set one of its keys, e.g. "
+                                  f"--set {key}.{next(iter(annotation.model_fields))}=... "
+                                  f"(keys: {', '.join(annotation.model_fields)})")
+            model = annotation
+        elif get_origin(annotation) is dict and not last:
+            return _toml_or_string(raw)  # a free-form table: its keys are the user's or a component's
+        elif not last:
+            raise ConfigError(f"--set {item}: {key} is a value, not a section; use --set {key}=VALUE")
+        else:
+            return _schema_value(annotation, raw, key, item)
+    raise AssertionError("unreachable: the loop returns or raises at the last part")
+
+
+def _level(parts: list[str]) -> str:
+    return f"in [{'.'.join(parts)}]" if parts else "at the top level"
+
+
+def _did_you_mean(model: type[BaseModel], part: str) -> str:
+    close = difflib.get_close_matches(part, list(model.model_fields), n=1)
+    if close:
+        return f" (did you mean {close[0]!r}?)"
+    owners = [name for name, f in model.model_fields.items() if isinstance(f.annotation, type)
+              and issubclass(f.annotation, BaseModel) and part in f.annotation.model_fields]
+    return f" (did you mean {owners[0]}.{part}?)" if owners else ""
+
+
+_NOT_TOML = object()
+
+
+def _toml(raw: str) -> Any:
+    try:
+        parsed = tomllib.loads(f"v = {raw}")
+    except tomllib.TOMLDecodeError:
+        return _NOT_TOML
+    return parsed["v"] if parsed.keys() == {"v"} else _NOT_TOML  # `1\nx = 2` is not one value
+
+
+def _toml_or_string(raw: str) -> Any:
+    parsed = _toml(raw)
+    return raw if parsed is _NOT_TOML else parsed
+
+
+def _schema_value(annotation: Any, raw: str, key: str, item: str) -> Any:
+    """The TOML reading of `raw` if the field takes it, else `raw` as the field reads a string
+    (bare words for string and choice fields), else an error naming the expected type."""
+    adapter: TypeAdapter[Any] = TypeAdapter(annotation)
+    parsed = _toml(raw)
+    candidates = ([parsed] if parsed is not _NOT_TOML else []) + [raw]
+    for candidate in candidates:
+        try:
+            value = adapter.validate_python(candidate)
+        except ValidationError:
+            continue
+        return candidate if candidate is parsed else value
+    raise ConfigError(f"--set {item}: {key} expects {_expected(annotation)} (got {raw!r})")
+
+
+_TYPE_WORDS = {int: ("an integer", "integers"), float: ("a number", "numbers"), bool: ("true or false", "booleans"),
+               str: ("a string", "strings")}
+
+
+def _expected(annotation: Any) -> str:
+    """The type of a field in words, for an override error."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_expected(a) for a in args if a is not type(None))
+    if origin is list:
+        sample = '["stem", "body.1"]' if args == (str,) else "[32, 16]"
+        return f"a list of {_TYPE_WORDS.get(args[0], ('', 'values'))[1]} (TOML, e.g. {sample})"
+    if origin is dict:
+        return "a table (TOML, e.g. {width = 64})"
+    return _TYPE_WORDS.get(annotation, (str(annotation), ""))[0]
