@@ -52,9 +52,9 @@ def apply_ok(layer: KasminaLayer, op: int, target: str, blueprint: str = "") -> 
 
 
 # Each stage's path from the previous one: the op to apply and what makes its gate pass first.
-def drive_to(layer: KasminaLayer, stage: int, slot: str = "1") -> str:
-    """Germinate in `slot` and advance to `stage` by legal ops; leaves the next gate satisfied."""
-    seed_id = apply_ok(layer, SEED_OP_GERMINATE, slot)
+def drive_to(layer: KasminaLayer, stage: int, slot: str = "1", blueprint: str = "") -> str:
+    """Germinate `blueprint` in `slot` and advance to `stage` by legal ops; leaves the next gate satisfied."""
+    seed_id = apply_ok(layer, SEED_OP_GERMINATE, slot, blueprint)
     if stage == SEED_STAGE_CULLED:
         apply_ok(layer, SEED_OP_CULL, seed_id)
         return seed_id

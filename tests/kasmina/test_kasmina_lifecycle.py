@@ -159,7 +159,9 @@ def test_evaluate_opens_a_window_of_evaluation_steps_and_cannot_be_reopened(laye
         ("nope", "", "unknown slot 'nope'"),
         ("seed1", "", "unknown slot 'seed1'"),
         ("1", "no_such_blueprint", "unknown blueprint 'no_such_blueprint'"),
-        ("1", "conv_residual", "conv_residual needs 4-D activations"),
+        ("1", "conv_residual", "conv_residual does not fit per-sample shape (8,): it needs (C, H, W) conv maps; "
+                               "blueprints that fit (8,): bottleneck_adapter, lowrank_adapter, residual_mlp"),
+        ("1", "attention_head", "attention_head does not fit per-sample shape (8,): it needs (T, C) token"),
     ],
 )
 def test_germinate_errors_name_the_problem_and_change_nothing(

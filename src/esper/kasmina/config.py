@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from esper.kasmina.blueprints import BLUEPRINTS
+from esper.kasmina.blueprints import AUTO, BLUEPRINTS
 
 
 class KasminaConfig(BaseModel):
@@ -27,8 +27,9 @@ class KasminaConfig(BaseModel):
     fossilize_tolerance: float = Field(default=0.01, ge=0.0)
     """FOSSILIZE needs val loss now <= val loss when blending began * (1 + tolerance)."""
 
-    default_blueprint: str = "residual_mlp"
-    """Blueprint used when a GERMINATE command leaves `blueprint_id` empty."""
+    default_blueprint: str = AUTO
+    """Blueprint used when a GERMINATE command leaves `blueprint_id` empty; "auto" picks by the slot's
+    activation shape ((F,) and (T, C) -> residual_mlp, (C, H, W) -> conv_residual)."""
 
     seed_hidden: int = Field(default=64, ge=1)
     """Hidden width of `residual_mlp` and channel width of `conv_residual` seeds."""
@@ -36,9 +37,21 @@ class KasminaConfig(BaseModel):
     adapter_dim: int = Field(default=16, ge=1)
     """Bottleneck width of `bottleneck_adapter` seeds."""
 
+    lowrank_rank: int = Field(default=8, ge=1)
+    """Rank of `lowrank_adapter` seeds."""
+
+    attention_head_dim: int = Field(default=16, ge=1)
+    """Query/key/value width of `attention_head` seeds."""
+
+    attention_causal: bool = True
+    """`attention_head` seeds attend to earlier positions only (never let a causal LM see the future)."""
+
     @field_validator("default_blueprint")
     @classmethod
     def _known_blueprint(cls, value: str) -> str:
-        if value not in BLUEPRINTS:
-            raise ValueError(f"kasmina.default_blueprint {value!r} is unknown; use one of {sorted(BLUEPRINTS)}")
+        if value != AUTO and value not in BLUEPRINTS:
+            raise ValueError(
+                f"kasmina.default_blueprint {value!r} is unknown; "
+                f"use {AUTO!r} (pick by shape) or one of {sorted(BLUEPRINTS)}"
+            )
         return value

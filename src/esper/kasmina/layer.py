@@ -20,7 +20,7 @@ from torch.utils.hooks import RemovableHandle
 
 from esper.contracts import ApplyResult, SeedLossTerm
 from esper.kasmina.alpha import alpha_at
-from esper.kasmina.blueprints import BlueprintError, BlueprintSpec, build_blueprint
+from esper.kasmina.blueprints import BlueprintError, BlueprintSpec, build_blueprint, resolve_blueprint
 from esper.kasmina.config import KasminaConfig
 from esper.kasmina.export import seed_states
 from esper.kasmina.lifecycle import (
@@ -216,26 +216,35 @@ class KasminaLayer:
         if shape is None:
             why = self._shape_errors.get(slot, f"no activation shape observed at slot {slot!r}")
             return _fail(f"GERMINATE: {why}; run one forward pass first or pass example_input to KasminaLayer")
-        blueprint = blueprint or self._config.default_blueprint
-        spec = BlueprintSpec(hidden=self._config.seed_hidden, adapter_dim=self._config.adapter_dim)
+        requested = blueprint or self._config.default_blueprint
+        spec = self._spec()
         seed_id = f"seed{self._seed_counter + 1}"
         try:
+            blueprint = resolve_blueprint(requested, shape)  # the record keeps the resolved name
             module = self._build(seed_id, slot, blueprint, shape, spec)
         except BlueprintError as exc:
-            return _fail(f"GERMINATE: {exc}")
+            return _fail(f"GERMINATE in slot {slot!r}: {exc}")
         self._seed_counter += 1
         record = SeedRecord(
             seed_id=seed_id, slot=slot, blueprint=blueprint, shape=shape, stage=SEED_STAGE_GERMINATED,
-            created_epoch=self._epoch, hidden=spec.hidden, adapter_dim=spec.adapter_dim,
-            val_loss_at_germination=self._last_val_loss,
+            created_epoch=self._epoch, hidden=spec.hidden, adapter_dim=spec.adapter_dim, rank=spec.rank,
+            head_dim=spec.head_dim, causal=spec.causal, val_loss_at_germination=self._last_val_loss,
         )
         record.enter(SEED_STAGE_GERMINATED, self._epoch, self._last_val_loss)
         self._records[seed_id] = record
         self._container[seed_id] = module
         self._refresh_slot(slot)
+        picked = f"{blueprint}, picked by {requested} for shape {shape}" if requested != blueprint else blueprint
         return ApplyResult(
-            ok=True, reason=f"germinated {seed_id} ({blueprint}) in slot {slot}", seed_id=seed_id,
+            ok=True, reason=f"germinated {seed_id} ({picked}) in slot {slot}", seed_id=seed_id,
             added_params=self.param_names(seed_id),
+        )
+
+    def _spec(self) -> BlueprintSpec:
+        cfg = self._config
+        return BlueprintSpec(
+            hidden=cfg.seed_hidden, adapter_dim=cfg.adapter_dim, rank=cfg.lowrank_rank,
+            head_dim=cfg.attention_head_dim, causal=cfg.attention_causal,
         )
 
     def _build(
@@ -450,8 +459,7 @@ class KasminaLayer:
         keep, build = self._plan_rebuild(parsed.records)
         try:
             built = {
-                r.seed_id: self._build(r.seed_id, r.slot, r.blueprint, r.shape, BlueprintSpec(r.hidden, r.adapter_dim))
-                for r in build
+                r.seed_id: self._build(r.seed_id, r.slot, r.blueprint, r.shape, r.spec()) for r in build
             }
         except BlueprintError as exc:
             return _fail(f"load_manifest: {exc}")
@@ -488,8 +496,8 @@ class KasminaLayer:
                 continue
             current = self._records.get(record.seed_id)
             same = current is not None and record.seed_id in self._container and (
-                (current.slot, current.blueprint, current.shape, current.hidden, current.adapter_dim)
-                == (record.slot, record.blueprint, record.shape, record.hidden, record.adapter_dim)
+                (current.slot, current.blueprint, current.shape, current.spec())
+                == (record.slot, record.blueprint, record.shape, record.spec())
             )
             if same:
                 keep.add(record.seed_id)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from esper.kasmina.blueprints import BlueprintSpec
 from esper.kasmina.config import KasminaConfig
 from esper.leyline import (
     SEED_OP_CANCEL,
@@ -65,6 +66,9 @@ class SeedRecord:
     created_epoch: int
     hidden: int
     adapter_dim: int
+    rank: int = 8
+    head_dim: int = 16
+    causal: bool = True
     history: list[tuple[int, int]] = field(default_factory=list)  # (epoch, stage entered)
     steps_in_stage: int = 0
     epochs_in_stage: int = 0
@@ -84,6 +88,10 @@ class SeedRecord:
     @property
     def in_evaluation(self) -> bool:
         return self.eval_steps_left > 0
+
+    def spec(self) -> BlueprintSpec:
+        """The widths this seed was built with (a rebuild from them gives the same architecture)."""
+        return BlueprintSpec(self.hidden, self.adapter_dim, self.rank, self.head_dim, self.causal)
 
     def reference_val_loss(self) -> float | None:
         """The val loss the seed's effect is judged against: at blend start once blending began."""

@@ -1,9 +1,11 @@
 """Kasmina's structure manifest: JSON form of the seed records, and its strict parser.
 
-Format (version 1): {"version", "layer_seed", "slots", "seed_counter", "epoch", "last_val_loss",
+Format (version 2): {"version", "layer_seed", "slots", "seed_counter", "epoch", "last_val_loss",
 "shapes": {slot: [per-sample dims]}, "seeds": [record, ...]} where a record holds the SeedRecord
 fields with stages written as Leyline enum names (e.g. "SEED_STAGE_BLENDING") and history as
 [[epoch, stage name], ...]. Weights are not in the manifest; they are in the model state_dict.
+Version 1 records (before `lowrank_adapter` and `attention_head`) lack `rank`, `head_dim` and
+`causal`; they still load, with the defaults, which their blueprints never read.
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+from esper.kasmina.blueprints import AUTO
 from esper.kasmina.lifecycle import SeedRecord, stage_name
 from esper.leyline import SeedLifecycleStage
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+_ADDED_IN_V2 = {"rank": 8, "head_dim": 16, "causal": True}  # record fields a version 1 manifest lacks
 
 
 class ManifestError(ValueError):
@@ -70,12 +75,14 @@ def _stage(name: Any) -> int:
         raise ManifestError(f"unknown stage {name!r}") from exc
 
 
-def _record_from_json(data: Mapping[str, Any]) -> SeedRecord:
+def _record_from_json(data: Mapping[str, Any], version: int) -> SeedRecord:
+    values = {**_ADDED_IN_V2, **data} if version == 1 else dict(data)
     names = {f.name for f in fields(SeedRecord)}
-    missing, extra = names - set(data), set(data) - names
+    missing, extra = names - set(values), set(values) - names
     if missing or extra:
         raise ManifestError(f"seed record has missing fields {sorted(missing)} and unknown fields {sorted(extra)}")
-    values = dict(data)
+    if not isinstance(values["causal"], bool):
+        raise ManifestError(f"seed record field causal must be true or false, got {values['causal']!r}")
     values["shape"] = tuple(int(d) for d in data["shape"])
     values["stage"] = _stage(data["stage"])
     values["history"] = [(int(e), _stage(s)) for e, s in data["history"]]
@@ -84,10 +91,11 @@ def _record_from_json(data: Mapping[str, Any]) -> SeedRecord:
 
 def parse_manifest(manifest: Mapping[str, Any]) -> ParsedManifest:
     """Validate and convert a manifest; raises ManifestError naming the first problem."""
-    if manifest.get("version") != MANIFEST_VERSION:
-        raise ManifestError(f"manifest version {manifest.get('version')!r} is not {MANIFEST_VERSION}")
+    version = manifest.get("version")
+    if version not in READABLE_VERSIONS:
+        raise ManifestError(f"manifest version {version!r} is not one of {list(READABLE_VERSIONS)}")
     try:
-        records = [_record_from_json(r) for r in manifest["seeds"]]
+        records = [_record_from_json(r, version) for r in manifest["seeds"]]
         last = manifest["last_val_loss"]
         parsed = ParsedManifest(
             layer_seed=int(manifest["layer_seed"]),
@@ -102,6 +110,9 @@ def parse_manifest(manifest: Mapping[str, Any]) -> ParsedManifest:
         if isinstance(exc, ManifestError):
             raise
         raise ManifestError(f"malformed manifest: {exc!r}") from exc
+    unresolved = [r.seed_id for r in records if r.blueprint == AUTO]
+    if unresolved:
+        raise ManifestError(f"seeds {unresolved} record blueprint 'auto'; a manifest records the blueprint it picked")
     ids = [r.seed_id for r in records]
     if len(set(ids)) != len(ids):
         raise ManifestError(f"manifest repeats seed ids: {ids}")
