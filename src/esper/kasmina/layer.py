@@ -32,6 +32,7 @@ from esper.kasmina.lifecycle import (
     stage_name,
 )
 from esper.kasmina.manifest import ManifestError, manifest_to_json, parse_manifest
+from esper.kasmina.running_stats import running_stat_modules, scratch_running_stats
 from esper.leyline import (
     COMMAND_SEED,
     SEED_OP_GERMINATE,
@@ -105,6 +106,7 @@ class KasminaLayer:
         self._slot_modules = self._resolve_slots(model, self._slots)
         if hasattr(model, SEED_CONTAINER):
             raise ValueError(f"model already has a `{SEED_CONTAINER}` attribute: attach one KasminaLayer per model")
+        self._running_stats = running_stat_modules(model)  # the host's BatchNorm-like modules, found once
         self._container = SeedContainer()
         model.add_module(SEED_CONTAINER, self._container)
         self._records: dict[str, SeedRecord] = {}
@@ -384,27 +386,39 @@ class KasminaLayer:
             if record.live:
                 record.epochs_in_stage += 1
 
+    def own_loss_terms(self, compute_loss: Callable[[], torch.Tensor], batch_size: int) -> list[SeedLossTerm]:
+        """One own-loss term per live seed: `compute_loss()` run with that seed at full strength on detached `h`.
+
+        `compute_loss` is the caller's closure: the model's forward on the batch and the task's loss,
+        whatever their form (tuples, masks, several inputs). Costs one call per live seed; other slots
+        behave as in the main forward. The host's running statistics (BatchNorm) are left exactly as
+        the main forward left them (see running_stats.py).
+        """
+        live = [r for r in self._records.values() if r.live]
+        if not live:
+            return []
+        terms: list[SeedLossTerm] = []
+        with scratch_running_stats(self._running_stats):
+            for record in live:
+                self._own_loss = record
+                try:
+                    loss = compute_loss()
+                finally:
+                    self._own_loss = None
+                terms.append(
+                    SeedLossTerm(
+                        seed_id=record.seed_id, stage=record.stage, alpha=record.alpha,
+                        in_evaluation=record.in_evaluation, loss=loss, batch_size=batch_size,
+                        param_names=self.param_names(record.seed_id),
+                    )
+                )
+        return terms
+
     def seed_loss_terms(
         self, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     ) -> list[SeedLossTerm]:
-        """One own-loss term per live seed: a forward with that seed at full strength on detached `h`.
-
-        Costs one extra forward pass per live seed. Other slots behave as in the main forward.
-        """
-        terms: list[SeedLossTerm] = []
-        for record in [r for r in self._records.values() if r.live]:
-            self._own_loss = record
-            try:
-                loss = loss_fn(self._model(inputs), targets)
-            finally:
-                self._own_loss = None
-            terms.append(
-                SeedLossTerm(
-                    seed_id=record.seed_id, stage=record.stage, alpha=record.alpha, in_evaluation=record.in_evaluation,
-                    loss=loss, batch_size=int(inputs.shape[0]), param_names=self.param_names(record.seed_id),
-                )
-            )
-        return terms
+        """`own_loss_terms` for a model called as `model(inputs)` and a loss `loss_fn(outputs, targets)`."""
+        return self.own_loss_terms(lambda: loss_fn(self._model(inputs), targets), int(inputs.shape[0]))
 
     # ------------------------------------------------------------------ export and summaries
 
