@@ -66,11 +66,17 @@ def _op(command: AdaptationCommand) -> tuple[int, str]:
     return command.seed_operation.operation, command.target_seed_id
 
 
-def test_plateau_germinates_the_shallowest_free_slot_with_the_default_blueprint() -> None:
+def test_plateau_germinates_the_shallowest_free_slot_leaving_the_blueprint_to_kasmina() -> None:
     command = _run(HeuristicTamiyo(CONFIG), [1.0, 0.999, 0.998], [_free("3", 1), _free("1", 0)])
     assert _op(command) == (SEED_OP_GERMINATE, "1")
-    assert command.seed_operation.blueprint_id == "residual_mlp"
+    assert TamiyoConfig().default_blueprint == "" and command.seed_operation.blueprint_id == ""
     assert "plateau" in command.annotations["reason"]
+
+
+def test_a_configured_blueprint_is_sent_with_germinate() -> None:
+    tamiyo = HeuristicTamiyo(CONFIG.model_copy(update={"default_blueprint": "lowrank_adapter"}))
+    command = _run(tamiyo, [1.0, 1.0, 1.0], [_free("1", 0)])
+    assert command.seed_operation.blueprint_id == "lowrank_adapter"
 
 
 def test_an_improving_loss_does_not_germinate() -> None:
@@ -157,7 +163,14 @@ def test_history_round_trips_through_state_dict_and_decisions_match() -> None:
     ca, cb = (t.evaluate_epoch(_packet(2, 1.0, slots)) for t in (a, b))
     assert _op(ca) == _op(cb) == (SEED_OP_GERMINATE, "1")
     assert a.state_dict() == b.state_dict()
+    assert a.state_dict()["phase_start_loss"] == 1.0
     HeuristicTamiyo().load_state_dict({})  # defaults work
+
+
+def test_a_state_saved_before_phase_start_loss_existed_starts_the_phase_at_its_oldest_loss() -> None:
+    tamiyo = HeuristicTamiyo(CONFIG)
+    tamiyo.load_state_dict({"val_losses": [0.5, 0.4], "last_germination_epoch": None})
+    assert tamiyo.state_dict()["phase_start_loss"] == 0.5
 
 
 def test_config_rejects_unknown_keys() -> None:

@@ -12,13 +12,19 @@ priority order (the first that fires wins; seeds are considered oldest first, ti
    SHADOWING -> FINE_TUNE once `epochs_in_stage >= shadow_epochs`;
    PROBATIONARY -> FOSSILIZE once `epochs_in_stage >= probation_epochs` and
    `val_loss_delta <= fossilize_tolerance` (no harm).
-3. Germinate: if validation loss has plateaued (relative improvement of the best of the last
-   `plateau_window` epochs over the epoch before them is below `plateau_threshold`), fewer than
-   `max_live_seeds` seeds are live, `cooldown_epochs` have passed since the last germination,
-   the packet is not in conservative mode, and a slot is free (a DORMANT SeedState, whose
-   seed_id is the slot name): GERMINATE the free slot with the lowest layer_depth, using
-   `default_blueprint`.
-4. Otherwise a no-op command.
+3. Germinate: if validation loss has plateaued, fewer than `max_live_seeds` seeds are live,
+   `cooldown_epochs` have passed since the last germination, the packet is not in conservative
+   mode, and a slot is free (a DORMANT SeedState, whose seed_id is the slot name): GERMINATE the
+   free slot with the lowest layer_depth, with `default_blueprint` (empty: Kasmina picks by the
+   slot's activation shape). Plateaued means either, with `gain` = the loss of the epoch before
+   the last `plateau_window` epochs minus the best loss of those epochs:
+   - `gain / that loss < plateau_threshold` (the loss has stalled), or
+   - `gain < progress_threshold * (phase start loss - best of the window)`: returns have
+     diminished, judged against the progress made since the growth phase began (the run's first
+     epoch, then each germination). Why both: a loss falling towards 0 (a CNN fitting digits)
+     keeps improving a few percent relative to its own size for hundreds of epochs, so the first
+     test alone never fires on it, while the second is blind to the loss's scale.
+4. Otherwise a no-op command whose reason names what blocked germination, with the numbers.
 
 Conservative mode only blocks germination; culling and advancing still happen, since they
 reduce or settle risk. Output depends only on the packets seen (history is `state_dict()`).
@@ -78,8 +84,12 @@ class TamiyoConfig(BaseModel):
     cooldown_epochs: int = Field(default=3, ge=0)
     """Epochs that must pass after a germination before the next one."""
 
-    default_blueprint: str = "residual_mlp"
-    """Blueprint id sent with GERMINATE."""
+    default_blueprint: str = ""
+    """Blueprint id sent with GERMINATE; empty lets Kasmina pick by the slot's activation shape."""
+
+    progress_threshold: float = Field(default=0.01, ge=0.0)
+    """Plateau also when the window's gain is below this fraction of the gain since the growth phase
+    began (run start or the last germination); 0 turns this test off."""
 
     min_training_epochs: int = Field(default=2, ge=0)
     """Epochs a seed spends in TRAINING before START_GRAFTING is requested."""
@@ -112,6 +122,7 @@ class HeuristicTamiyo:
         self._config = config or TamiyoConfig()
         self._val_losses: list[float] = []
         self._last_germination_epoch: int | None = None
+        self._phase_start_loss: float | None = None  # val loss when the current growth phase began
 
     @property
     def config(self) -> TamiyoConfig:
@@ -121,13 +132,18 @@ class HeuristicTamiyo:
         """One command for this epoch's packet (records the packet's val loss in the history)."""
         self._record(packet.validation_loss)
         seeds = sorted((s for s in packet.seed_states if s.stage in _LIVE), key=lambda s: (-s.age_epochs, s.seed_id))
-        command = self._cull(seeds) or self._advance(seeds) or self._germinate(packet, seeds)
+        command = self._cull(seeds) or self._advance(seeds)
         if command is not None:
             return command
-        return noop_command(issued_by=ISSUER, reason=self._idle_reason(packet, seeds))
+        blocker = self._germination_blocker(packet, seeds)
+        if blocker is None:
+            return self._germinate(packet)
+        return noop_command(issued_by=ISSUER, reason=f"noop: {blocker}")
 
     def _record(self, val_loss: float) -> None:
         self._val_losses.append(float(val_loss))
+        if self._phase_start_loss is None:
+            self._phase_start_loss = float(val_loss)
         # Only the last window (+1 reference epoch) is ever read.
         del self._val_losses[: -(self._config.plateau_window + 1)]
 
@@ -163,48 +179,68 @@ class HeuristicTamiyo:
                 return self._seed_op(op, seed.seed_id, f"advance: {stage} after {epochs:.0f} epochs in stage")
         return None
 
-    def _germinate(self, packet: SystemStatePacket, seeds: Sequence[SeedState]) -> AdaptationCommand | None:
-        cfg = self._config
+    def _germination_blocker(self, packet: SystemStatePacket, seeds: Sequence[SeedState]) -> str | None:
+        """Why germination may not happen this epoch (None: it may), with the numbers that decided."""
+        cfg, last = self._config, self._last_germination_epoch
+        if packet.conservative_mode:
+            return "conservative mode blocks germination"
+        if len(seeds) >= cfg.max_live_seeds:
+            return f"{len(seeds)} live seed(s) (max_live_seeds {cfg.max_live_seeds}) waiting for their next gate"
+        if not any(s.stage == SEED_STAGE_DORMANT for s in packet.seed_states):
+            return "no free slot (no DORMANT seed state in the packet)"
+        if last is not None and packet.current_epoch - last < cfg.cooldown_epochs:
+            return f"cooling down: last germination at epoch {last}, cooldown_epochs {cfg.cooldown_epochs}"
+        return self._plateau_blocker()
+
+    def _plateau_blocker(self) -> str | None:
+        """None once the loss has plateaued by either test of the module docstring, else why not."""
+        cfg, window = self._config, self._config.plateau_window
+        if len(self._val_losses) < window + 1:
+            return f"{len(self._val_losses)} of the {window + 1} epochs of val loss the plateau test needs"
+        reference, best = self._val_losses[-(window + 1)], min(self._val_losses[-window:])
+        gain = reference - best
+        relative = gain / max(abs(reference), 1e-12)
+        if relative < cfg.plateau_threshold:
+            return None
+        phase = (self._phase_start_loss if self._phase_start_loss is not None else reference) - best
+        if phase > 0 and gain < cfg.progress_threshold * phase:
+            return None
+        share = f"{gain / phase:.4f}" if phase > 0 else "n/a"
+        return (
+            f"val loss still improving: {relative:.4f} relative over {window} epochs >= plateau_threshold "
+            f"{cfg.plateau_threshold}, and {share} of the progress since the growth phase began >= "
+            f"progress_threshold {cfg.progress_threshold}"
+        )
+
+    def _germinate(self, packet: SystemStatePacket) -> AdaptationCommand:
+        cfg, window = self._config, self._config.plateau_window
         free = sorted((s for s in packet.seed_states if s.stage == SEED_STAGE_DORMANT), key=lambda s: s.layer_depth)
-        if packet.conservative_mode or not free or len(seeds) >= cfg.max_live_seeds or not self._cooled(packet):
-            return None
-        improvement = self._plateau_improvement()
-        if improvement is None or improvement >= cfg.plateau_threshold:
-            return None
+        reference, best = self._val_losses[-(window + 1)], min(self._val_losses[-window:])
+        reason = (
+            f"germinate: val loss plateaued (best of the last {window} epochs {best:.6g}, "
+            f"epoch before them {reference:.6g}, growth phase began at {self._phase_start_loss:.6g})"
+        )
         self._last_germination_epoch = packet.current_epoch
-        reason = f"germinate: val loss improved {improvement:.4f} < plateau_threshold {cfg.plateau_threshold}"
+        self._phase_start_loss = float(packet.validation_loss)  # the next phase is judged from here
         return seed_command(
             SEED_OP_GERMINATE, issued_by=ISSUER, target_seed_id=free[0].seed_id,
             blueprint_id=cfg.default_blueprint, reason=reason,
         )
 
-    def _cooled(self, packet: SystemStatePacket) -> bool:
-        last = self._last_germination_epoch
-        return last is None or packet.current_epoch - last >= self._config.cooldown_epochs
-
-    def _plateau_improvement(self) -> float | None:
-        """Relative improvement of the best recent loss over the epoch before the window."""
-        window = self._config.plateau_window
-        if len(self._val_losses) < window + 1:
-            return None
-        reference = self._val_losses[-(window + 1)]
-        best = min(self._val_losses[-window:])
-        return (reference - best) / max(abs(reference), 1e-12)
-
-    def _idle_reason(self, packet: SystemStatePacket, seeds: Sequence[SeedState]) -> str:
-        if packet.conservative_mode:
-            return "noop: conservative mode blocks germination"
-        if seeds:
-            return f"noop: {len(seeds)} live seed(s) waiting for their next gate"
-        return "noop: no plateau, no free slot, or cooling down"
-
     def _seed_op(self, op: int, seed_id: str, reason: str) -> AdaptationCommand:
         return seed_command(op, issued_by=ISSUER, target_seed_id=seed_id, reason=f"{_name(op)} {seed_id}: {reason}")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"val_losses": list(self._val_losses), "last_germination_epoch": self._last_germination_epoch}
+        return {
+            "val_losses": list(self._val_losses), "last_germination_epoch": self._last_germination_epoch,
+            "phase_start_loss": self._phase_start_loss,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore `state_dict()` output; a state saved before `phase_start_loss` existed starts the
+        phase at its oldest recorded loss."""
         self._val_losses = [float(v) for v in state.get("val_losses", [])]
         last = state.get("last_germination_epoch")
         self._last_germination_epoch = None if last is None else int(last)
+        start = state.get("phase_start_loss", self._val_losses[0] if self._val_losses else None)
+        self._phase_start_loss = None if start is None else float(start)
