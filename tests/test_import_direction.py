@@ -142,10 +142,11 @@ def imported_names(path: Path) -> set[str]:
 
 
 # What each Tolaria package may import of the others (the package docstrings say why).
-LEAVES = {"config", "distributed", "data", "models", "run_dir"}
+LEAVES = {"config", "distributed", "data", "models", "run_dir", "imports", "zoo"}
 ALLOWED = {
     "state": set(),
     "control": set(),
+    "tasks": set(),  # torch only: the loop, the evaluation and the bench build on it
     "checkpoint": {"state"},
     "observe": {"state", "checkpoint", "config"},
     "recovery": {"state", "checkpoint", "control", "observe", *LEAVES},
