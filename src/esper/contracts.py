@@ -97,9 +97,10 @@ class ExecutionLayer(Protocol):
 
     def export_seed_states(self) -> list[SeedState]: ...
 
-    def seed_loss_terms(
-        self, inputs: torch.Tensor, targets: torch.Tensor, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    ) -> list[SeedLossTerm]: ...
+    def own_loss_terms(self, compute_loss: Callable[[], torch.Tensor], batch_size: int) -> list[SeedLossTerm]:
+        """One term per live seed: `compute_loss()` (the task's forward and loss on this batch) run with
+        that seed in its own-loss mode."""
+        ...
 
     def manifest(self) -> dict[str, Any]: ...
 

@@ -22,7 +22,8 @@ def test_validation_of_a_sequence_model_counts_every_token(tmp_path: Path) -> No
     try:
         batches = list(trainer.val_loader)
         assert batches[0][1].dim() == 2, "the LM's targets are [B, T]"
-        val_loss, val_accuracy = trainer.validate()
+        validation = trainer.validate()
+        val_loss, val_accuracy = validation.loss, validation.score
         expected_loss, expected_accuracy = _by_hand(trainer.model, batches)
     finally:
         trainer.close()
@@ -33,7 +34,8 @@ def test_validation_of_a_sequence_model_counts_every_token(tmp_path: Path) -> No
 def test_validation_of_a_classifier_is_unchanged(tmp_path: Path) -> None:
     trainer = build_trainer("mlp", tmp_path / "run")
     try:
-        val_loss, val_accuracy = trainer.validate()
+        validation = trainer.validate()
+        val_loss, val_accuracy = validation.loss, validation.score
         trainer.model.eval()
         with torch.no_grad():
             pairs = [(trainer.model(x), y) for x, y in trainer.val_loader]

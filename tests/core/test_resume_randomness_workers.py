@@ -85,14 +85,14 @@ def test_with_workers_the_batch_skipped_after_a_nan_is_the_offending_one(workers
     sampler = trainer.batches.sampler
     targets = trainer.batches.loader.dataset.tensors[1]  # type: ignore[attr-defined]
     bad_y = targets[sampler.batches_for_epoch(bad[0])[bad[1]]]
-    plain_loss = trainer.loss_fn
+    plain_loss = trainer.task.criterion  # the task's cross-entropy on (prediction, target)
 
     def poisoned(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # by content, not by index
         loss = plain_loss(out, y)
         hit = trainer.model.training and y.shape == bad_y.shape and torch.equal(y, bad_y)
         return loss * float("nan") if hit else loss
 
-    trainer.loss_fn = poisoned
+    trainer.task.loss_fn = poisoned
     summary = trainer.fit().summary
     assert [e["kind"] for e in summary["emergencies"]] == ["loss_nonfinite"]
     assert sampler.skipped == {bad}

@@ -83,7 +83,7 @@ def test_a_batch_whose_gradient_is_always_nan_is_found_on_the_replay_and_skipped
     cfg = {**CALM, "run": {"epochs": 5}, "telemetry": {"step_interval": 0},
            "emergency": {"spike_lr_factor": 1.0, "watchdog_s": 30.0, "grad_check_every": 1000}}
     trainer, _ = make_trainer(small_config(**cfg))
-    plain_loss = trainer.loss_fn
+    plain_loss = trainer.task.criterion  # the task's cross-entropy on (prediction, target)
 
     def poisoned(out: Any, y: Any) -> Any:
         loss = plain_loss(out, y)
@@ -91,7 +91,7 @@ def test_a_batch_whose_gradient_is_always_nan_is_found_on_the_replay_and_skipped
             return loss + _NaNGradient.apply(next(trainer.model.parameters()))
         return loss
 
-    trainer.loss_fn = poisoned
+    trainer.task.loss_fn = poisoned
     recovered = trainer.fit().summary
     kinds = [e["kind"] for e in recovered["emergencies"]]
     assert kinds == ["loss_nonfinite", "grad_nonfinite"], recovered["emergencies"]
@@ -106,13 +106,13 @@ def test_a_batch_whose_gradient_is_always_nan_is_found_on_the_replay_and_skipped
 def test_a_fault_that_recurs_after_every_rollback_escalates_instead_of_looping(make_trainer: Any) -> None:
     cfg = {**CALM, "run": {"epochs": 5}, "emergency": {"watchdog_s": 30.0, "max_rollbacks_without_progress": 3}}
     trainer, _ = make_trainer(small_config(**cfg))
-    plain_loss = trainer.loss_fn
+    plain_loss = trainer.task.criterion  # the task's cross-entropy on (prediction, target)
 
     def broken_from_epoch_2(out: Any, y: Any) -> Any:  # every batch, whatever is skipped or restored
         loss = plain_loss(out, y)
         return loss * float("nan") if trainer.model.training and trainer.state.epoch >= 2 else loss
 
-    trainer.loss_fn = broken_from_epoch_2
+    trainer.task.loss_fn = broken_from_epoch_2
     s = trainer.fit().summary
     assert len(s["rollbacks"]) == 3 and all(r["succeeded"] for r in s["rollbacks"])
     levels = [(e["level"], e["ok"]) for e in s["emergencies"]]

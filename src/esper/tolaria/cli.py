@@ -102,6 +102,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from esper.tolaria.job import run_job
 
     config = load_config(args.config, _run_overrides(args))
+    names_user_code = config.model.factory or config.data.factory or ":" in config.task
+    if names_user_code and not config.run.import_paths:  # in config.json: `tolaria resume` finds the code too
+        config.run.import_paths = [str(args.config.resolve().parent)]
     run_dir = args.run_dir or Path("runs") / config.run.name
     world = World.from_env()
     faults = FaultPlan.parse(args.inject, rank=world.rank)

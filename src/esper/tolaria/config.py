@@ -34,6 +34,9 @@ class RunConfig(Section):
     deterministic: bool = Field(True, description="Use deterministic torch algorithms (bit-exact resume).")
     morphogenesis: bool = Field(True, description="Let Tamiyo grow the model; false trains the host alone.")
     threads: int = Field(0, ge=0, description="torch intra-op threads; 0 keeps torch's default.")
+    import_paths: list[str] = Field(default_factory=list, description="Directories searched first for the "
+                                    "model.factory, data.factory and task import paths, then the current "
+                                    "directory; `tolaria run` adds the config file's directory.")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:\d+)$",
                         description="Where the model, seeds and batches live: auto (cuda when available, else cpu), "
                         "cpu, cuda or cuda:N.")
@@ -48,7 +51,10 @@ class DataConfig(Section):
                          "num_workers), or a dict with `train` and `val`. Empty: the bundled `dataset`.")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments of data.factory.")
     dataset: Literal["digits", "synthetic"] = Field("digits", description="Bundled data set (no data.factory).")
-    batch_size: int = Field(32, ge=1, description="Training batch size.")
+    batch_size: int = Field(32, ge=1, description="Training batch size (micro-batch size with "
+                            "optimizer.accumulate_steps > 1).")
+    val_batch_size: int = Field(512, ge=1, description="Validation batch size of the loader Tolaria builds for a "
+                                "validation Dataset.")
     val_fraction: float = Field(0.3, gt=0, lt=1, description="Fraction held out for validation.")
     split_seed: int = Field(0, ge=0, description="Seed of the train/validation split.")
     synthetic_samples: int = Field(2048, ge=64, description="Samples for the synthetic data set.")

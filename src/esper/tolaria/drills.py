@@ -229,12 +229,12 @@ class FaultyBus:
 class DrillLoss:
     """The host loss function, perturbed once when a step drill arms it (NaN, spike, NaN gradient)."""
 
-    def __init__(self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+    def __init__(self, loss_fn: Callable[[Any, Any], torch.Tensor]) -> None:
         self.loss_fn = loss_fn
         self.armed: Callable[[torch.Tensor], torch.Tensor] | None = None
 
-    def __call__(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        loss = self.loss_fn(output, target)
+    def __call__(self, output: Any, batch: Any) -> torch.Tensor:
+        loss = self.loss_fn(output, batch)
         perturb, self.armed = self.armed, None
         return perturb(loss) if perturb is not None else loss
 
@@ -244,12 +244,12 @@ class _NaNGradient(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
-        ctx.shape = x.shape
+        ctx.shape, ctx.dtype, ctx.device = x.shape, x.dtype, x.device
         return x.new_zeros(())
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        return torch.full(ctx.shape, float("nan"), dtype=grad.dtype)
+        return torch.full(ctx.shape, float("nan"), dtype=ctx.dtype, device=ctx.device)
 
 
 def stall(seconds: float) -> None:
@@ -328,7 +328,7 @@ class DrillRig:
         self._kasmina = FaultyKasmina(kasmina, self.plan, epoch_of)
         return FaultyTamiyo(tamiyo, self.plan), self._kasmina, bus, verifier
 
-    def wrap_loss(self, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> DrillLoss | None:
+    def wrap_loss(self, loss_fn: Callable[[Any, Any], torch.Tensor]) -> DrillLoss | None:
         """The host loss the step drills perturb; None (nothing to wrap) for a plan without drills."""
         if not self.active:
             return None

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from esper.tolaria.checkpoint.atomic import atomic_write_bytes
 from esper.tolaria.checkpoint.layout import CKPT_RE
 from esper.tolaria.config import TolariaConfig, config_from_dict
 from esper.tolaria.distributed import World
@@ -54,8 +53,7 @@ def run_job(config: TolariaConfig, run_dir: Path, *, faults: FaultPlan | None = 
             claim.abort()
         raise
     if claim is not None:
-        claim.commit()
-        atomic_write_bytes(run_dir / "config.json", json.dumps(config.model_dump(mode="json"), indent=2).encode())
+        claim.commit()  # the trainer writes config.json as fit() starts, and summary.json at its end
     result = trainer.fit()
     summary = result.summary
     summary["ranks_final_state_match"] = _ranks_agree(world, summary["final_state_sha256"])

@@ -99,7 +99,7 @@ def step_overhead(features: int, hidden: list[int], steps: int, rounds: int) -> 
     total = torch.zeros(())
     for x, y in warm_up:  # warm-up both: allocator pools, caches, lazily built state
         _plain_step(model, opt, x, y, total)
-        trainer._run_batch(x, y)
+        trainer._run_batch([(x, y)], [0])
     out = []
     for r in range(rounds):
         ratios = []
@@ -108,9 +108,9 @@ def step_overhead(features: int, hidden: list[int], steps: int, rounds: int) -> 
         for i, (x, y) in enumerate(_batches(features, steps, 64, seed=r + 1)):
             if i % 2 == 0:
                 plain = _seconds(_plain_step, model, opt, x, y, total)
-                ours = _seconds(trainer._run_batch, x, y)
+                ours = _seconds(trainer._run_batch, [(x, y)], [i])
             else:
-                ours = _seconds(trainer._run_batch, x, y)
+                ours = _seconds(trainer._run_batch, [(x, y)], [i])
                 plain = _seconds(_plain_step, model, opt, x, y, total)
             ratios.append(ours / plain)
         out.append(statistics.median(ratios) - 1.0)

@@ -34,7 +34,7 @@ before and are never copied.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -125,6 +125,11 @@ class AggregationStats:
     seeds: dict[str, dict[str, float]] = field(default_factory=dict)
     grad_checked: bool = True
 
+    @property
+    def grad_overflow(self) -> bool:
+        """The loss is finite but the gradient is not: what a GradScaler's too-high scale looks like."""
+        return not self.finite and math.isfinite(self.total_loss)
+
 
 @dataclass
 class _SeedGrads:
@@ -158,46 +163,62 @@ class GradientAggregator:
         params: Mapping[str, nn.Parameter],
         host_batch_size: int | None = None,
         check_grads: bool = True,
+        *,
+        transform: Callable[[Tensor], Tensor] | None = None,
+        final: bool = True,
+        before_read: Callable[[], None] | None = None,
     ) -> AggregationStats:
         """Backpropagate `L_host + Σ w_i (b_i/b_host) L_i` per the configured mode.
 
         `params` are the trainable parameters by name. `host_batch_size` is b_host; None means
         every term used the host's batch (ratio 1). `check_grads=False` skips the read pass over
         every gradient (its norm and non-finite check) unless clipping needs the norm anyway.
+
+        Micro-batches and loss scaling: `transform` maps each loss before its backward (a
+        micro-batch's share, a GradScaler's scale); the reported losses are untransformed.
+        `final=False` is a micro-batch before the step's last: its gradients only accumulate (no
+        read, no clipping). `before_read` runs after the final backward, before any gradient is
+        read (a GradScaler's `unscale_`), so norms and clipping see true gradients.
         """
         weighted = [(t, w * _ratio(t, host_batch_size)) for t in terms if (w := seed_weight(t)) > 0]
-        checked = check_grads or self.config.max_grad_norm is not None
+        checked = final and (check_grads or self.config.max_grad_norm is not None)
         if not weighted and not checked:
-            return self._plain_step(host_loss, params)
+            return self._plain_step(host_loss, params, transform, before_read if final else None)
         names = [n for n, p in params.items() if p.requires_grad]
         plist = [params[n] for n in names]
         if self.config.mode == "none" or not weighted:
-            extras = self._backward_fused(host_loss, weighted)
+            extras = self._backward_fused(host_loss, weighted, transform)
         else:
-            extras = self._backward_split(host_loss, weighted, names, plist)
+            extras = self._backward_split(host_loss, weighted, names, plist, transform)
+        if final and before_read is not None:
+            before_read()
         return self._finish(host_loss, terms, weighted, plist, extras, checked)
 
     # -- fast paths ------------------------------------------------------------------------
-    def _plain_step(self, host_loss: Tensor, params: Mapping[str, nn.Parameter]) -> AggregationStats:
+    def _plain_step(self, host_loss: Tensor, params: Mapping[str, nn.Parameter],
+                    transform: Callable[[Tensor], Tensor] | None,
+                    before_read: Callable[[], None] | None) -> AggregationStats:
         """No weighted seed term, no gradient read, no clipping: backward, and the loss is all there is.
 
         The most common step, kept to a few Python operations: right after a large kernel the
         interpreter runs cache-cold, and each extra call there costs microseconds."""
-        host_loss.backward()
+        (host_loss if transform is None else transform(host_loss)).backward()
+        if before_read is not None:
+            before_read()
         self.steps += 1
         loss = float(host_loss.detach())  # the one sync
         if math.isfinite(loss):
             return AggregationStats(total_loss=loss, finite=True, grad_norm=math.nan, seeds={}, grad_checked=False)
         return self._stats(loss, False, math.nan, [p for p in params.values() if p.requires_grad], (), [], [], False)
 
-    def _backward_fused(self, host_loss: Tensor, weighted: list[tuple[SeedLossTerm, float]]) -> list[Tensor]:
-        if not weighted:
-            host_loss.backward()
-            return []
+    def _backward_fused(self, host_loss: Tensor, weighted: list[tuple[SeedLossTerm, float]],
+                        transform: Callable[[Tensor], Tensor] | None) -> list[Tensor]:
         total = host_loss
         for term, scale in weighted:
             total = total + scale * term.loss
-        total.backward()
+        (total if transform is None else transform(total)).backward()
+        if not weighted:
+            return []
         nan = torch.full((len(weighted),), math.nan, device=host_loss.device)
         # grad_norm, cosine, projected per seed: not measured on the fused path.
         return [nan, nan, torch.zeros_like(nan)]
@@ -209,13 +230,18 @@ class GradientAggregator:
         weighted: list[tuple[SeedLossTerm, float]],
         names: list[str],
         plist: list[nn.Parameter],
+        transform: Callable[[Tensor], Tensor] | None,
     ) -> list[Tensor]:
+        def prepared(loss: Tensor) -> Tensor:
+            return loss if transform is None else transform(loss)
+
         # Graphs may share nodes (a seed's output feeds both losses), so keep them until the last call.
-        gh: list[Tensor | None] = list(torch.autograd.grad(host_loss, plist, retain_graph=True, allow_unused=True))
+        gh: list[Tensor | None] = list(torch.autograd.grad(prepared(host_loss), plist, retain_graph=True,
+                                                           allow_unused=True))
         seeds: list[_SeedGrads] = []
         for k, (term, scale) in enumerate(weighted):
             last = k == len(weighted) - 1
-            grads = torch.autograd.grad(scale * term.loss, plist, retain_graph=not last, allow_unused=True)
+            grads = torch.autograd.grad(prepared(scale * term.loss), plist, retain_graph=not last, allow_unused=True)
             gi: list[Tensor | None] = list(grads)
             seeds.append(_split_positions(term, scale, gi, gh, names))
         dev = host_loss.device

@@ -40,8 +40,12 @@ class PositionedSampler(Protocol):
 
 
 class EpochBatches:
-    def __init__(self, loader: Iterable[Any], position: TrainerState) -> None:
-        self.loader, self.position = loader, position
+    """The epoch's batches from the run's position, grouped into optimizer steps of `accumulate`
+    micro-batches (the epoch's last step takes what is left)."""
+
+    def __init__(self, loader: Iterable[Any], position: TrainerState, *, accumulate: int = 1) -> None:
+        self.loader, self.position, self.accumulate = loader, position, accumulate
+        self._next = 0  # the next batch's index, for a loader without a positioned sampler
         sampler = getattr(loader, "batch_sampler", None)  # a DataLoader's; any iterable may have none
         self.sampler = sampler if isinstance(sampler, PositionedSampler) else None  # checked once
         self.iterator_rng: torch.Tensor | None = None  # what this epoch's iterator was built from
@@ -56,8 +60,27 @@ class EpochBatches:
         registry.register("iterator_rng", _IteratorRngSection(self))
         registry.register("data", _DataSection(self.sampler) if self.sampler is not None else None)
 
+    def steps(self) -> Iterator[tuple[list[Any], list[int]]]:
+        """(micro-batches, their indices in the epoch) per optimizer step."""
+        k = self.accumulate
+        if k == 1:  # the common case, without the grouping's bookkeeping
+            for batch in self:
+                yield [batch], [self.consume()]
+            return
+        micro: list[Any] = []
+        indices: list[int] = []
+        for batch in self:
+            micro.append(batch)
+            indices.append(self.consume())
+            if len(micro) == k:
+                yield micro, indices
+                micro, indices = [], []
+        if micro:
+            yield micro, indices
+
     def __iter__(self) -> Iterator[Any]:
         epoch, batch = self.position.epoch, self.position.batch_in_epoch
+        self._next = batch
         if self.sampler is not None:
             self.sampler.set_position(epoch, batch)
         generator = self.generator
@@ -74,7 +97,10 @@ class EpochBatches:
     def consume(self) -> int:
         """The index in the epoch of the batch just received. The sampler's consumed one, not its
         latest: DataLoader workers fetch batches ahead of the loop."""
-        return self.sampler.consume() if self.sampler is not None else self.position.batch_in_epoch
+        if self.sampler is not None:
+            return self.sampler.consume()
+        self._next += 1
+        return self._next - 1
 
     def skip(self, batch: tuple[int, int]) -> None:
         """Never train (epoch, batch) again (a rollback's offending batch)."""

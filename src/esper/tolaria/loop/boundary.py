@@ -45,6 +45,7 @@ from esper.tolaria.control.conservative import ConservativeMode
 from esper.tolaria.control.lr import UnifiedLRController
 from esper.tolaria.distributed import World
 from esper.tolaria.loop.apply import CommandApplier
+from esper.tolaria.loop.evaluate import Validation
 from esper.tolaria.loop.handshake import HandshakeOutcome, TamiyoHandshake, is_germination
 from esper.tolaria.observe.profiling import Profiler
 from esper.tolaria.observe.runlog import Fallback, RunLog
@@ -56,7 +57,8 @@ from esper.tolaria.state.position import RunIdentity, TrainerState
 class BoundaryReport:
     epoch: int
     val_loss: float
-    val_accuracy: float
+    val_accuracy: float  # the task's score: its primary metric, higher is better
+    val_metrics: dict[str, float] = field(default_factory=dict)
     command: AdaptationCommand | None = None
     fallback: str = ""
     applied: bool = False
@@ -84,7 +86,7 @@ class EpochBoundary:
     """Runs one boundary; every component it uses is given, none is reached through another."""
 
     def __init__(self, *, config: TolariaConfig, position: TrainerState, identity: RunIdentity,
-                 validate: Callable[[], tuple[float, float]], kasmina: ExecutionLayer, consult: TamiyoConsult,
+                 validate: Callable[[], Validation], kasmina: ExecutionLayer, consult: TamiyoConsult,
                  applier: CommandApplier, journal: CommandJournal, breakers: BreakerBoard,
                  conservative: ConservativeMode, lr: UnifiedLRController, nonfinite_steps: Callable[[], int],
                  world: World, timer: MonotonicTimer, profiler: Profiler, log: RunLog, events: EventSink,
@@ -100,12 +102,13 @@ class EpochBoundary:
     def run(self, epoch: int, train_loss: float) -> BoundaryReport:
         span, phase = self.profiler.span, self.timer.phase
         with span("boundary.validate"), phase("validate"):
-            val_loss, val_acc = self.validate()
+            validation = self.validate()
+            val_loss, val_acc = validation.loss, validation.score
             self.lr.report_validation(val_loss)
         self.kasmina.on_epoch_end(epoch, val_loss, val_acc)
-        report = BoundaryReport(epoch, val_loss, val_acc)
+        report = BoundaryReport(epoch, val_loss, val_acc, validation.metrics)
         with span("boundary.state_assembly"), phase("state_assembly"):
-            packet = self.assemble(epoch, train_loss, val_loss, val_acc)
+            packet = self.assemble(epoch, train_loss, validation)
         with span("boundary.tamiyo"), phase("tamiyo"):
             outcome = self.consult.ask(packet)
         with span("boundary.apply"), phase("apply"):
@@ -119,9 +122,11 @@ class EpochBoundary:
         return report
 
     # ---------------------------------------------------------------- phases
-    def assemble(self, epoch: int, train_loss: float, val_loss: float, val_acc: float) -> SystemStatePacket:
+    def assemble(self, epoch: int, train_loss: float, validation: Validation) -> SystemStatePacket:
+        """The packet: validation_loss is the task's mean loss, validation_accuracy its score, and
+        training_metrics every validation metric as `val.<name>` (tasks.protocol)."""
         seeds = self.kasmina.export_seed_states()
-        metrics = {
+        metrics = {**{f"val.{k}": v for k, v in validation.metrics.items()},
             "boundary_ms_last": self.timer.last.get("total", 0.0),
             "lr_host": self.lr.current().get("host", 0.0),
             "param_count": float(param_count(self.kasmina.model)),
@@ -133,7 +138,7 @@ class EpochBoundary:
             seeds = [s for s in seeds if s.stage != SEED_STAGE_FOSSILIZED]
         return system_state_packet(
             epoch=epoch, global_step=self.position.global_step, training_loss=train_loss,
-            validation_loss=val_loss, validation_accuracy=val_acc, seed_states=seeds,
+            validation_loss=validation.loss, validation_accuracy=validation.score, seed_states=seeds,
             training_metrics=metrics, hardware=self.hardware, run_id=self.identity.run_id,
             experiment_name=self.identity.name, conservative_mode=conservative,
         )

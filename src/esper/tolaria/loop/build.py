@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
-from esper.tolaria.config import TolariaConfig
-from esper.tolaria.data import make_loaders
+from esper.tolaria.config import ConfigError, TolariaConfig
+from esper.tolaria.data import ResumableBatchSampler, make_loaders
 from esper.tolaria.drills import FaultPlan
+from esper.tolaria.imports import call_factory, load_class
 from esper.tolaria.loop.trainer import TolariaTrainer
 from esper.tolaria.models import HostMLP
+from esper.tolaria.tasks import BUILTIN, Task
 
 _OPTIMIZERS: dict[str, Any] = {
     "sgd": lambda c: (torch.optim.SGD, {"lr": c.lr, "momentum": c.momentum, "weight_decay": c.weight_decay}),
@@ -28,7 +32,13 @@ def optimizer_factory(config: TolariaConfig) -> Any:
 
 
 def default_slots(model: nn.Module) -> list[str]:
-    """The input stem and every hidden activation of the host MLP (`stem`, `body.1`, `body.3`, ...)."""
+    """The input stem and every hidden activation of the host MLP (`stem`, `body.1`, `body.3`, ...).
+    Another model names its slots in model.slots: where seeds may grow is the user's decision."""
+    if not isinstance(model, HostMLP):
+        names = [n for n, _ in model.named_modules() if n][:12]
+        raise ConfigError(f"model.slots is empty: name the modules of your {type(model).__name__} where seeds may "
+                          f"grow (their output is blended with the seed's), e.g. slots = {names[:3]}; its modules "
+                          f"include {names}")
     hidden = [n for n, m in model.named_modules() if n.startswith("body.") and isinstance(m, nn.ReLU)]
     return ["stem", *hidden]
 
@@ -41,19 +51,91 @@ def build_trainer(config: TolariaConfig, *, run_dir: Path | None = None, faults:
 
     configure_torch(config)
     rank, replicas = (world.rank, world.size) if world is not None else (0, 1)
-    train, val, features, classes = make_loaders(config.data, seed=config.run.seed, num_replicas=replicas, rank=rank)
-    torch.manual_seed(config.run.seed)
-    model = HostMLP(features, config.model.hidden, classes, dropout=config.model.dropout)
+    roots = [Path(p) for p in config.run.import_paths]
+    task = build_task(config, roots)
+    if config.data.factory:
+        train, val = user_loaders(config, roots, num_replicas=replicas, rank=rank)
+        sizes = None
+    else:
+        train, val, *size = make_loaders(config.data, seed=config.run.seed, num_replicas=replicas, rank=rank)
+        sizes = (size[0], size[1])
+    torch.manual_seed(config.run.seed)  # the host's initial weights: a function of the run's seed
+    model = host_model(config, roots, sizes)
+    # The bundled MLP's slot shapes are known before training (a resumed run may germinate at once).
+    example = next(iter(val))[0][:2] if sizes is not None and not config.model.factory else None
     slots = config.model.slots or default_slots(model)
     kasmina = KasminaLayer(model, slots, config=KasminaConfig.model_validate(config.kasmina), seed=config.run.seed,
-                           example_input=next(iter(val))[0][:2])
+                           example_input=example)
     if tamiyo is None and config.oona.remote_tamiyo:
         tamiyo, verifier = remote_tamiyo(config, verifier)
     controller = tamiyo if tamiyo is not None else HeuristicTamiyo(TamiyoConfig.model_validate(config.tamiyo))
     return TolariaTrainer(kasmina=kasmina, tamiyo=controller, optimizer=optimizer_factory(config),
-                          train_loader=train, val_loader=val, loss_fn=nn.functional.cross_entropy, config=config,
+                          train_loader=train, val_loader=val, task=task, config=config,
                           run_dir=run_dir, faults=faults, verifier=verifier, callbacks=callbacks, bus=bus,
                           world=world)
+
+
+def host_model(config: TolariaConfig, roots: list[Path], sizes: tuple[int, int] | None) -> nn.Module:
+    """model.factory's module, or the bundled MLP sized by the bundled data (features, classes)."""
+    if config.model.factory:
+        return call_factory(config.model.factory, config.model.kwargs, what="model.factory",  # type: ignore[no-any-return]
+                            expect=nn.Module, expect_text="a torch.nn.Module (the host model)", roots=roots)
+    if sizes is None:
+        raise ConfigError("data.factory is set but model.factory is not: the bundled MLP is sized by the bundled "
+                          "data sets only; set model.factory = \"package.module:function\" returning your nn.Module")
+    return HostMLP(sizes[0], config.model.hidden, sizes[1], dropout=config.model.dropout)
+
+
+def build_task(config: TolariaConfig, roots: list[Path]) -> Task:
+    """The task named by `task`: a built-in name, or `package.module:Class` called with [task_options]."""
+    name, options = config.task, dict(config.task_options)
+    if name in BUILTIN:
+        cls: Any = BUILTIN[name]
+    elif ":" in name:
+        cls = load_class(name, what="task", expect_text="implementing esper.tolaria.tasks.Task", roots=roots)
+    else:
+        raise ConfigError(f"task = {name!r}: expected one of {sorted(BUILTIN)} or \"package.module:Class\"")
+    try:
+        task = cls(**options)
+    except TypeError as exc:
+        raise ConfigError(f"task = {name!r}: [task_options] do not fit {cls.__name__}: {exc}") from None
+    if not isinstance(task, Task):
+        missing = [a for a in ("name", "primary_metric", "higher_is_better", "forward", "loss", "batch_size",
+                               "metric_sums", "metrics") if not hasattr(task, a)]
+        raise ConfigError(f"task = {name!r}: {cls.__name__} lacks {', '.join(missing)} of the "
+                          "esper.tolaria.tasks.Task protocol")
+    return task
+
+
+def user_loaders(config: TolariaConfig, roots: list[Path], *, num_replicas: int, rank: int) -> tuple[Any, Any]:
+    """(train, val) from data.factory: loaders are used as they are; datasets get Tolaria's loaders
+    (the resumable sampler for training, so resume and skipping stay exact)."""
+    data = call_factory(config.data.factory, config.data.kwargs, what="data.factory", roots=roots)
+    if isinstance(data, Mapping) and {"train", "val"} <= set(data):
+        train, val = data["train"], data["val"]
+    elif isinstance(data, (tuple, list)) and len(data) == 2:
+        train, val = data
+    else:
+        raise ConfigError(f"data.factory = {config.data.factory!r} returned {type(data).__name__}; expected "
+                          "(train, val) or {\"train\": ..., \"val\": ...} of DataLoaders or Datasets")
+    return (_train_loader(train, config, num_replicas, rank), _val_loader(val, config))
+
+
+def _is_dataset(data: Any) -> bool:
+    return isinstance(data, Dataset) and not isinstance(data, DataLoader) and hasattr(data, "__len__")
+
+
+def _train_loader(data: Any, config: TolariaConfig, num_replicas: int, rank: int) -> Any:
+    if not _is_dataset(data):
+        return data
+    c = config.data
+    sampler = ResumableBatchSampler(len(data), c.batch_size, seed=config.run.seed, num_replicas=num_replicas,
+                                    rank=rank)
+    return DataLoader(data, batch_sampler=sampler, num_workers=c.num_workers, persistent_workers=False)
+
+
+def _val_loader(data: Any, config: TolariaConfig) -> Any:
+    return DataLoader(data, batch_size=config.data.val_batch_size, shuffle=False) if _is_dataset(data) else data
 
 
 def remote_tamiyo(config: TolariaConfig, verifier: Any) -> tuple[Any, Any]:

@@ -1,4 +1,4 @@
-"""Which components a snapshot holds, under which key, in which (restore) order.
+"""Which components a snapshot holds, under which key, in which (restore) order; and a resume.
 
 Structure first (Kasmina, so a grown model has its seed modules), then weights, then the
 optimizer (rebuilt for that structure, state loaded by parameter name), then the LR controller
@@ -7,14 +7,17 @@ optimizer (rebuilt for that structure, state loaded by parameter name), then the
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
-from esper.contracts import ExecutionLayer, StatefulComponent
+from esper.contracts import EventSink, ExecutionLayer, StatefulComponent
+from esper.leyline import TELEMETRY_LEVEL_WARNING
 from esper.tolaria.control.lr import UnifiedLRController
 from esper.tolaria.control.optimizer import DynamicOptimizerManager
 from esper.tolaria.loop.batches import EpochBatches
 from esper.tolaria.observe.runlog import RunLog
+from esper.tolaria.recovery.checkpoints import Checkpoints
 from esper.tolaria.recovery.monitors import MonitorSet
 from esper.tolaria.state.position import RunIdentity, TrainerState
 from esper.tolaria.state.registry import StateRegistry
@@ -73,3 +76,19 @@ class TrainerSection:
     def _position(self, saved: Mapping[str, Any]) -> None:
         p = self.position
         p.epoch, p.batch_in_epoch, p.global_step = saved["epoch"], saved["batch_in_epoch"], saved["global_step"]
+
+
+def resume_run(directory: Path, name: str | None, *, checkpoints: Checkpoints, registry: StateRegistry,
+               identity: RunIdentity, adopt_run_id: Callable[[str], None], events: EventSink) -> str:
+    """Restore the newest valid committed checkpoint in `directory` (or exactly `name`); returns its id."""
+    snapshot = checkpoints.resume_from(directory, name=name)
+    saved = snapshot.state["trainer"]
+    if saved.get("config_sha256") != identity.config_sha256:
+        events("resume_config_changed", TELEMETRY_LEVEL_WARNING, checkpoint=snapshot.snapshot_id)
+    registry.restore(snapshot.state, rewind=False)
+    # A run resumed from its own checkpoints keeps its id (a remote Tamiyo keeps its controller;
+    # manifests and signals name one run); a branch into another run directory is a new run.
+    if saved.get("run_id") and (checkpoints.directory is None or checkpoints.owns(directory)):
+        identity.run_id = saved["run_id"]
+        adopt_run_id(saved["run_id"])
+    return snapshot.snapshot_id

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from esper.contracts import ExecutionLayer, OonaBus, TamiyoClient
-from esper.leyline import MESSAGE_PRIORITY_LOW, TELEMETRY_LEVEL_WARNING, AdaptationCommand, new_id
+from esper.leyline import TELEMETRY_LEVEL_WARNING, AdaptationCommand, new_id
 from esper.tolaria.config import TolariaConfig
 from esper.tolaria.control.lr import record_lr_violations
 from esper.tolaria.distributed import World
@@ -20,22 +20,23 @@ from esper.tolaria.drills import DrillRig, DrillTargets, FaultPlan
 from esper.tolaria.loop import wiring
 from esper.tolaria.loop.batches import EpochBatches
 from esper.tolaria.loop.boundary import BoundaryReport, param_count, seed_stages
-from esper.tolaria.loop.evaluate import evaluate
+from esper.tolaria.loop.evaluate import Validation, evaluate
 from esper.tolaria.loop.handshake import TamiyoHandshake
 from esper.tolaria.loop.hooks import HookPoint
-from esper.tolaria.loop.run_state import TrainerSection, register_state
+from esper.tolaria.loop.precision import Precision, resolve_device
+from esper.tolaria.loop.run_state import TrainerSection, register_state, resume_run
 from esper.tolaria.loop.signals import stop_on_signals
+from esper.tolaria.loop.step import StepCompute
 from esper.tolaria.observe.profiling import Profiler
 from esper.tolaria.observe.runlog import EpochRecord, RunLog
-from esper.tolaria.observe.summary import build_summary
+from esper.tolaria.observe.summary import build_summary, write_config, write_summary
 from esper.tolaria.observe.telemetry import TelemetryCollector
 from esper.tolaria.recovery.monitors import MonitorSet
 from esper.tolaria.recovery.safety import RolledBack
 from esper.tolaria.state.position import RunIdentity, StopRequest, TrainerState
 from esper.tolaria.state.rng import seed_everything
 from esper.tolaria.state.snapshot import state_checksum
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+from esper.tolaria.tasks import ClassificationTask, Criterion, Task
 
 
 @dataclass
@@ -47,12 +48,14 @@ class RunResult:
 
 
 class TolariaTrainer:
-    """Trains `kasmina.model` with the morphogenetic control loop; `fit()` runs the epochs."""
+    """Trains `kasmina.model` with the morphogenetic control loop; `fit()` runs the epochs. `task` says what
+    a step computes (default: classification with `loss_fn`, cross-entropy unless given)."""
 
     def __init__(self, *, kasmina: ExecutionLayer, tamiyo: TamiyoClient,
                  optimizer: wiring.OptimizerFactory | torch.optim.Optimizer, train_loader: Iterable[Any],
-                 val_loader: Iterable[Any], loss_fn: LossFn, config: TolariaConfig | None = None,
-                 bus: OonaBus | None = None, run_dir: str | Path | None = None, faults: FaultPlan | None = None,
+                 val_loader: Iterable[Any], task: Task | None = None, loss_fn: Criterion | None = None,
+                 config: TolariaConfig | None = None, bus: OonaBus | None = None,
+                 run_dir: str | Path | None = None, faults: FaultPlan | None = None,
                  verifier: Callable[[AdaptationCommand], None] | None = None, callbacks: Sequence[Any] = (),
                  world: World | None = None) -> None:
         self.config = cfg = config or TolariaConfig()
@@ -66,10 +69,15 @@ class TolariaTrainer:
                                                                verifier=verifier, epoch_of=lambda: self.state.epoch)
         self.kasmina, self.tamiyo, self.model = kasmina, tamiyo, kasmina.model
         tamiyo_state = wiring.stateful_or_none(tamiyo)  # a controller may keep state of its own, or not
-        self.val_loader, self.loss_fn = val_loader, loss_fn
-        self._morphogenesis, self._step_interval = cfg.run.morphogenesis, cfg.telemetry.step_interval  # read per step
-        self._drilled_loss = self.drills.wrap_loss(lambda out, y: self.loss_fn(out, y))
-        self.batches = EpochBatches(train_loader, self.state)
+        self.task = task if task is not None else ClassificationTask(loss_fn=loss_fn)
+        self.device = resolve_device(cfg.run.device)
+        self.model.to(self.device)  # parameters stay the same objects: an optimizer built over them still holds them
+        self.precision = Precision(cfg.run.precision, self.device)
+        self.place = wiring.batch_placer(self.device, train_loader)
+        self.val_loader = val_loader
+        self._step_interval = cfg.telemetry.step_interval  # read per step
+        self._drilled_loss = self.drills.wrap_loss(lambda out, batch: self.task.loss(out, batch))
+        self.batches = EpochBatches(train_loader, self.state, accumulate=cfg.optimizer.accumulate_steps)
         c = wiring.build_control(cfg, self.model, wiring.optimizer_factory(optimizer), train_loader)
         self.lr, self.optim, self.aggregator, self.breakers, self.conservative = \
             c.lr, c.optim, c.aggregator, c.breakers, c.conservative
@@ -84,7 +92,7 @@ class TolariaTrainer:
             kasmina=kasmina, optim=self.optim, lr=self.lr, monitors=self.monitors, batches=self.batches,
             trainer=TrainerSection(self.state, self.log, self.identity),
             others={"aggregator": self.aggregator, "breakers": self.breakers, "conservative": self.conservative,
-                    "tamiyo": tamiyo_state})
+                    "tamiyo": tamiyo_state, "precision": self.precision if self.precision.scaler else None})
         r = wiring.build_recovery(
             cfg, run_dir=self.run_dir, store_fault=self.drills.disk_fault(lambda: self.state.epoch),
             identity=self.identity, position=self.state, world=self.world, registry=self.registry,
@@ -106,12 +114,19 @@ class TolariaTrainer:
             checkpoints=self.checkpoints, log=self.log, events=self.events,
             stall_boundary_s=cfg.boundary.total_ms * 2 / 1000, breaker_threshold=cfg.breakers.failure_threshold)
         self.callbacks = [*callbacks, *self.drills.callbacks(targets)]
+        self.compute = StepCompute(model=self.model, task=self.task, kasmina=kasmina, aggregator=self.aggregator,
+                                   precision=self.precision, morphogenesis=cfg.run.morphogenesis,
+                                   profiler=self.profiler, optimizer=lambda: self.optim.optimizer,
+                                   accumulate=cfg.optimizer.accumulate_steps)
         self.resumed_from, self._closed = "", False  # the snapshot id a resume started from
 
     # ---------------------------------------------------------------- the loop
     def fit(self) -> RunResult:
         if not (self.state.global_step or self.resumed_from):  # resumed: RNG states come from the snapshot
             seed_everything(self.config.run.seed)
+        records = self.run_dir if self.world.is_leader else None  # where config.json and summary.json go
+        if records is not None:
+            write_config(self.config, records)  # `tolaria report/inspect/resume` read the directory alike
         try:
             self._fire(HookPoint.FIT_BEGIN)
             with stop_on_signals(self.stop):
@@ -125,6 +140,8 @@ class TolariaTrainer:
         self.telemetry.flush()
         summary = {**self.summary(), "stopped": self.stop.reason or ""}  # before close: components still open
         self.close()
+        if records is not None:
+            write_summary(summary, records)
         return RunResult(summary["epochs_completed"], summary["final_val_accuracy"], summary["final_val_loss"],
                          summary)
 
@@ -151,9 +168,9 @@ class TolariaTrainer:
 
     def _train_epoch(self) -> float:
         self.model.train()
-        total, count = torch.zeros(()), 0
-        for x, y in self.batches:
-            loss = self._run_batch(x, y)
+        total, count = torch.zeros((), device=self.device), 0
+        for micro, indices in self.batches.steps():
+            loss = self._run_batch(micro if self.place is None else [self.place(b) for b in micro], indices)
             if loss is not None:
                 total += loss
                 count += 1
@@ -161,20 +178,20 @@ class TolariaTrainer:
                 break
         return float(total) / max(count, 1)
 
-    def _run_batch(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
-        """One batch of the epoch: hooks, the step, the position counters, the after-step checks."""
-        self.state.batch_in_epoch = batch = self.batches.consume()  # the batch being trained
+    def _run_batch(self, micro: list[Any], indices: list[int]) -> torch.Tensor | None:
+        """One optimizer step's batches: hooks, the step, the position counters, the after-step checks."""
+        self.state.batch_in_epoch = indices[0]  # the step being trained
         if self.callbacks:
             self._fire(HookPoint.STEP_BEGIN, step=self.state.global_step)
-        loss = self._train_step(x, y, batch)
-        self.state.batch_in_epoch = batch + 1
+        loss = self._train_step(micro, indices)
+        self.state.batch_in_epoch = indices[-1] + 1
         self.state.global_step += 1
         if self.callbacks:
             self._fire(HookPoint.STEP_END, step=self.state.global_step, loss=loss)
         self.safety.after_step()
         return loss
 
-    def _train_step(self, x: torch.Tensor, y: torch.Tensor, batch: int) -> torch.Tensor | None:
+    def _train_step(self, micro: list[Any], indices: list[int]) -> torch.Tensor | None:
         """One step; returns the detached host loss, or None when the step was skipped.
 
         Work that has nothing to do is skipped at the call (no callbacks, one process, no LR
@@ -182,33 +199,28 @@ class TolariaTrainer:
         call made here costs microseconds, measured at about 1 % of a 1M-parameter CPU step."""
         prof, safety, world, step = self.profiler, self.safety, self.world, self.state.global_step
         safety.watchdog.heartbeat(self.state.epoch, step)
-        with prof.span("step.forward"):
-            host_loss = self.host_loss(self.model(x), y)
-        with prof.span("step.seed_losses"):
-            terms = self.kasmina.seed_loss_terms(x, y, self.loss_fn) if self._morphogenesis else []
-        with prof.span("step.backward"):
-            params = self.optim.trainable()
-            stats = self.aggregator.backward(host_loss, terms, params, host_batch_size=len(y),
-                                             check_grads=safety.grad_check_due(step))
+        params = self.optim.trainable()
+        result = self.compute.run(micro, params, self.host_loss, safety.grad_check_due(step))
+        stats, local_rows = result.stats, result.rows
+        scaler = self.precision.scaler
+        overflow = scaler is not None and stats.grad_overflow  # the scaler's business: skipped, scale lowered
         with prof.span("step.monitors"):
-            incident = safety.step_incident(stats)
-            finite, level, rows = stats.finite, incident.level if incident else 0, len(y)
+            incident = safety.step_incident(stats, overflow_ok=scaler is not None)
+            finite, level, rows = stats.finite, incident.level if incident else 0, local_rows
             if world.distributed:
                 finite, level, rows = world.agree_step(finite, level, rows)
             if level:
                 self.optim.optimizer.zero_grad(set_to_none=True)
-                safety.respond_to_step(incident, level, batch)  # raises RolledBack after a rollback
+                safety.respond_to_step(incident, level, indices)  # raises RolledBack after a rollback
         with prof.span("step.optimizer"):
             safety.settle()  # the last snapshot's copy-behind must finish before the optimizer writes
-            optimizer = self.optim.optimizer
             if finite:
                 if world.distributed:
-                    world.average_gradients(params.values(), len(y), rows)
+                    world.average_gradients(params.values(), local_rows, rows)
                 self.lr.step(step)
-                optimizer.step()
-            else:
+            elif not overflow:
                 self.events("nonfinite_step_skipped", TELEMETRY_LEVEL_WARNING, step=step, loss=stats.total_loss)
-            optimizer.zero_grad(set_to_none=True)
+            self.precision.step(self.optim.optimizer, finite=finite, overflow=overflow)
             if self.lr.violations:
                 record_lr_violations(self.lr, self.breakers["lr_controller"], self.events)
         with prof.span("step.kasmina"):
@@ -216,17 +228,15 @@ class TolariaTrainer:
         interval = self._step_interval
         if interval and step % interval == 0:
             with prof.span("step.telemetry"):
-                self.telemetry.publish(self.telemetry.packet(
-                    {"tolaria.step.loss": stats.total_loss, "tolaria.step.grad_norm": stats.grad_norm},
-                    attributes={"step": str(step)}), MESSAGE_PRIORITY_LOW)
-        return host_loss.detach() if finite else None
+                self.telemetry.publish_step(step, stats.total_loss, stats.grad_norm)
+        return result.host_loss if finite else None
 
     def _end_epoch(self, epoch: int, train_loss: float, report: BoundaryReport, seconds: float) -> None:
         self.log.add_stage_changes(epoch, seed_stages(self.kasmina.export_seed_states(), self.log.seed_stage))
         command = report.command.annotations.get("reason", "") if report.command is not None else ""
         record = EpochRecord(epoch, self.state.global_step, train_loss, report.val_loss, report.val_accuracy,
                              self.lr.current(), param_count(self.model), self.conservative.active, seconds,
-                             report.own_ms, command)
+                             report.own_ms, command, report.val_metrics)
         self.log.add_epoch(record)
         self.telemetry.publish_epoch(record)
 
@@ -237,23 +247,15 @@ class TolariaTrainer:
                 fn(self, **kwargs)
 
     # ---------------------------------------------------------------- the run's ends and reports
-    def validate(self) -> tuple[float, float]:
-        return evaluate(self.model, self.val_loader, self.loss_fn)
+    def validate(self) -> Validation:
+        return evaluate(self.model, self.val_loader, self.task, place=self.place, autocast=self.precision.autocast)
 
     def resume_from(self, directory: Path, *, name: str | None = None) -> None:
         """Restore the newest valid committed checkpoint in `directory` (or exactly the committed
         checkpoint `name`) before `fit()`."""
-        snapshot = self.checkpoints.resume_from(directory, name=name)
-        saved = snapshot.state["trainer"]
-        if saved.get("config_sha256") != self.identity.config_sha256:
-            self.events("resume_config_changed", TELEMETRY_LEVEL_WARNING, checkpoint=snapshot.snapshot_id)
-        self.registry.restore(snapshot.state, rewind=False)
-        # A run resumed from its own checkpoints keeps its id (a remote Tamiyo keeps its controller;
-        # manifests and signals name one run); a branch into another run directory is a new run.
-        if saved.get("run_id") and (self.checkpoints.directory is None or self.checkpoints.owns(directory)):
-            self.identity.run_id = saved["run_id"]
-            self.safety.adopt_run_id(saved["run_id"])
-        self.resumed_from = snapshot.snapshot_id
+        self.resumed_from = resume_run(directory, name, checkpoints=self.checkpoints, registry=self.registry,
+                                       identity=self.identity, adopt_run_id=self.safety.adopt_run_id,
+                                       events=self.events)
 
     @property
     def run_id(self) -> str:
@@ -273,12 +275,12 @@ class TolariaTrainer:
                 "resumed_from": self.resumed_from, "world_size": self.world.size,
                 "drills": self.drills.plan.summary(), "lr": {"current": self.lr.current()},
                 "aggregation": {"mode": self.aggregator.config.mode,
-                                "nonfinite_steps": self.aggregator.nonfinite_steps}})
+                                "nonfinite_steps": self.aggregator.nonfinite_steps}, **self.compute.summary()})
 
     @property
-    def host_loss(self) -> LossFn:
-        """The loss of the host's forward: `loss_fn` (read each step: it may be replaced), as drills perturb it."""
-        return self._drilled_loss or self.loss_fn
+    def host_loss(self) -> Callable[[Any, Any], torch.Tensor]:
+        """The loss of the host's forward, (output, batch) -> loss: the task's, as drills perturb it."""
+        return self._drilled_loss or self.task.loss
 
     def param_count(self) -> int:
         return param_count(self.model)

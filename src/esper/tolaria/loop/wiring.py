@@ -29,6 +29,7 @@ from esper.tolaria.control.optimizer import DynamicOptimizerManager
 from esper.tolaria.distributed import World
 from esper.tolaria.loop.apply import CommandApplier
 from esper.tolaria.loop.boundary import BoundaryReport, EpochBoundary, TamiyoConsult
+from esper.tolaria.loop.evaluate import Validation
 from esper.tolaria.loop.handshake import TamiyoHandshake
 from esper.tolaria.observe.profiling import Profiler
 from esper.tolaria.observe.runlog import RunLog
@@ -43,6 +44,7 @@ from esper.tolaria.recovery.safety import Safety
 from esper.tolaria.recovery.snapshots import Snapshots
 from esper.tolaria.state.position import RunIdentity, StopRequest, TrainerState
 from esper.tolaria.state.registry import StateRegistry
+from esper.tolaria.tasks import move_batch
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 
@@ -140,7 +142,7 @@ def build_recovery(config: TolariaConfig, *, run_dir: Path | None, store_fault: 
 
 def build_boundary(config: TolariaConfig, *, position: TrainerState, identity: RunIdentity, kasmina: ExecutionLayer,
                    handshake: TamiyoHandshake, control: Control, journal: CommandJournal,
-                   validate: Callable[[], tuple[float, float]], timer: MonotonicTimer, profiler: Profiler, log: RunLog,
+                   validate: Callable[[], Validation], timer: MonotonicTimer, profiler: Profiler, log: RunLog,
                    events: EventSink, world: World, on_check: Callable[[int, BoundaryReport], None]) -> EpochBoundary:
     breakers, conservative = control.breakers, control.conservative
     consult = TamiyoConsult(handshake=handshake, breaker=breakers["tamiyo"], conservative=conservative, world=world,
@@ -169,7 +171,8 @@ def host_policy_spec(config: TolariaConfig, loader: Iterable[Any]) -> dict[str, 
 
 
 def _schedule_steps(config: TolariaConfig, loader: Iterable[Any]) -> int:
-    """`lr.total_steps` when set, else epochs × len(loader); a loader without len() must set it."""
+    """`lr.total_steps` when set, else epochs × optimizer steps per epoch (len(loader) over
+    `optimizer.accumulate_steps`, rounded up); a loader without len() must set it."""
     if config.lr.total_steps is not None:
         return config.lr.total_steps
     try:
@@ -178,7 +181,17 @@ def _schedule_steps(config: TolariaConfig, loader: Iterable[Any]) -> int:
         raise ConfigError(
             f"lr.host_policy = {config.lr.host_policy!r} needs the schedule length, but the training loader "
             "has no len(); set lr.total_steps to the number of optimizer steps of the whole run") from None
-    return max(1, config.run.epochs * per_epoch)
+    k = config.optimizer.accumulate_steps
+    return max(1, config.run.epochs * -(-per_epoch // k))
+
+
+def batch_placer(device: torch.device, loader: Iterable[Any]) -> Callable[[Any], Any] | None:
+    """What moves a batch onto `device` (non-blocking when the loader pins memory); None on the CPU,
+    where batches already are."""
+    if device.type == "cpu":
+        return None
+    non_blocking = bool(getattr(loader, "pin_memory", False))
+    return lambda batch: move_batch(batch, device, non_blocking=non_blocking)
 
 
 def open_bus(run_dir: Path | None, config: TolariaConfig) -> OonaBus:

@@ -26,6 +26,7 @@ class EpochRecord:
     epoch_seconds: float
     boundary_ms: float
     command: str
+    val_metrics: dict[str, float] = field(default_factory=dict)  # every metric of the task, by name
 
 
 @dataclass

@@ -37,6 +37,7 @@ def build_summary(*, identity: RunIdentity, config: TolariaConfig, log: RunLog, 
         "global_step": position.global_step,
         "final_val_accuracy": last.val_accuracy if last else float("nan"),
         "final_val_loss": last.val_loss if last else float("nan"),
+        "final_val_metrics": dict(last.val_metrics) if last else {},
         "param_count": param_count,
         "final_state_sha256": final_state_sha256,
         "history": [asdict(r) for r in log.epochs],
@@ -67,6 +68,14 @@ def _seeds(log: RunLog, kasmina: ExecutionLayer) -> dict[str, Any]:
             "stage_history": [asdict(h) for h in history], "live": seed_id in live,
         }
     return seeds
+
+
+def write_config(config: TolariaConfig, run_dir: Path) -> Path:
+    """RUN_DIR/config.json: the effective config, from which `tolaria resume` rebuilds the job."""
+    path = run_dir / "config.json"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, json.dumps(config.model_dump(mode="json"), indent=2).encode())
+    return path
 
 
 def write_summary(summary: dict[str, Any], run_dir: Path, *, name: str = "summary.json") -> Path:

@@ -158,12 +158,18 @@ class TelemetryCollector:
             return
         self.queue.put((packet, priority), priority)
 
+    def publish_step(self, step: int, loss: float, grad_norm: float) -> None:
+        """One LOW-priority packet of a step's loss and gradient norm (every telemetry.step_interval steps)."""
+        self.publish(self.packet({"tolaria.step.loss": loss, "tolaria.step.grad_norm": grad_norm},
+                                 attributes={"step": str(step)}), MESSAGE_PRIORITY_LOW)
+
     def publish_epoch(self, record: EpochRecord) -> None:
         """One NORMAL-priority packet of the epoch's figures."""
         metrics: dict[str, float] = {
             "tolaria.epoch.duration_ms": record.epoch_seconds * 1e3, "tolaria.boundary.latency_ms": record.boundary_ms,
             "tolaria.train.loss": record.train_loss, "tolaria.val.loss": record.val_loss,
-            "tolaria.val.accuracy": record.val_accuracy, "tolaria.model.params": float(record.param_count)}
+            "tolaria.val.accuracy": record.val_accuracy, "tolaria.model.params": float(record.param_count),
+            **{f"tolaria.val.{k}": v for k, v in record.val_metrics.items()}}
         metrics.update({f"tolaria.lr_controller.lr.{k}": v for k, v in record.lr.items()})
         self.publish(self.packet(metrics, attributes={"epoch": str(record.epoch)}), MESSAGE_PRIORITY_NORMAL)
 

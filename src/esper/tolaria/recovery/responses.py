@@ -38,7 +38,7 @@ class Responses:
         self.frozen, self.lower_lr, self.skip_batch, self.stop = frozen, lower_lr, skip_batch, stop
         self.spike_lr_factor = config.emergency.spike_lr_factor
         self.max_stalled = config.emergency.max_rollbacks_without_progress
-        self.offending: tuple[int, int] | None = None  # (epoch, batch) of the step that raised the incident
+        self.offending: list[tuple[int, int]] = []  # (epoch, batch) of the step that raised the incident
         self.rolled_back = False
         self._stalled_rollbacks = 0  # successful rollbacks since a snapshot was last proven healthy
 
@@ -63,9 +63,11 @@ class Responses:
         if not outcome.succeeded:
             return ActionResult(False, "fast rollback", outcome.reason)
         detail = f"restored {target.snapshot_id}{_late_note(outcome.overruns)}"
-        if self.offending is not None and self.skip_batch is not None and incident.kind != "resume_after_freeze":
-            self.skip_batch(self.offending)
-            detail += f"; skipping batch {self.offending[1]} of epoch {self.offending[0]}"
+        if self.offending and self.skip_batch is not None and incident.kind != "resume_after_freeze":
+            for batch in self.offending:
+                self.skip_batch(batch)
+            listed = ", ".join(str(b) for _, b in self.offending)
+            detail += f"; skipping batch {listed} of epoch {self.offending[0][0]}"
         factor = self.spike_lr_factor
         if incident.kind == "loss_spike" and factor < 1.0:
             self.lower_lr(factor, f"spike recovery at step {incident.step}")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import nn
@@ -108,28 +108,29 @@ class Safety:
         return (step % self._grad_check_every == 0 or step <= self._careful_until
                 or bool(interval and step % interval == 0))
 
-    def step_incident(self, stats: AggregationStats) -> Incident | None:
-        """Monitors of this rank's step (the loss is already synced by the aggregator)."""
+    def step_incident(self, stats: AggregationStats, *, overflow_ok: bool = False) -> Incident | None:
+        """Monitors of this rank's step (the loss is already synced by the aggregator). `overflow_ok`:
+        a loss scaler is on, so non-finite gradients under a finite loss are its overflow, not an incident."""
         epoch, step = self.position.epoch, self.position.global_step
         incident = self.monitors.loss.observe(stats.total_loss, epoch, step)
-        if stats.grad_checked:
+        if stats.grad_checked and not (overflow_ok and stats.grad_overflow):
             self._last_grad_check = step
             incident = incident or self.monitors.grads.observe(stats.finite, stats.grad_norm, epoch, step)
         return incident
 
-    def respond_to_step(self, local: Incident | None, agreed_level: int, batch_index: int) -> None:
+    def respond_to_step(self, local: Incident | None, agreed_level: int, batches: Sequence[int]) -> None:
         """Run the agreed response (every rank does the same); raises RolledBack after a rollback."""
         if agreed_level == 0:
             return
         p = self.position
         incident = local if local is not None and local.level == agreed_level else Incident(
             agreed_level, "peer_incident", "another rank saw an incident at this step", p.epoch, p.global_step)
-        self.responses.offending = (p.epoch, batch_index)
+        self.responses.offending = [(p.epoch, b) for b in batches]  # every micro-batch of the step
         if incident.kind == "loss_nonfinite" and self._last_grad_check < p.global_step - 1 \
                 and not weights_finite(self.model):
             # An unchecked earlier gradient broke the weights; this batch is innocent. The replay
             # after the rollback checks every step up to here and skips the batch that did it.
-            self.responses.offending = None
+            self.responses.offending = []
             self._careful_until = p.global_step
             incident = dataclasses.replace(incident, reason=f"{incident.reason}; the weights are non-finite "
                                            "after unchecked steps: replaying them with gradient checks")
