@@ -9,10 +9,15 @@ first iterator was built from (`iterator_rng`, in every snapshot) and then puts 
 state back: the draw, and the stream that dropout and augmentation read after it, are those of
 the uninterrupted run. Randomness drawn inside worker processes restarts with the workers
 (seeded from the base seed): exact across a restart at an epoch boundary, not mid-epoch.
+
+A loader without a positioned sampler (a user's shuffled DataLoader) cannot jump: a mid-epoch
+restart rebuilds the iterator from the epoch's first generator state and draws the batches
+already trained (the sampler's shuffle, the loading), then puts the restored state back.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol, runtime_checkable
 
@@ -90,7 +95,11 @@ class EpochBatches:
         restored = generator.get_state()
         generator.set_state(self.iterator_rng)
         try:
-            return iter(self.loader)
+            iterator = iter(self.loader)
+            if self.sampler is None:  # no position to jump to: replay the epoch's draws up to the batch
+                for _ in itertools.islice(iterator, batch):
+                    pass
+            return iterator
         finally:
             generator.set_state(restored)
 
