@@ -190,3 +190,21 @@ def test_a_python_api_run_writes_the_run_directory(tmp_path: Path) -> None:
     assert (run / "telemetry.jsonl").stat().st_size > 0 and list((run / "checkpoints").glob("ckpt-*"))
     generate_report(run)
     assert (run / "report" / "index.html").is_file()
+
+
+def test_the_report_and_console_name_the_tasks_primary_metric(tmp_path: Path) -> None:
+    from esper.tolaria.cli import _primary
+    from esper.tolaria.observe.report import generate_report
+
+    train, val = regression_data()
+    run = tmp_path / "run"
+    trainer_for(regressor(), ["1"], loader(train, 32), DataLoader(val, batch_size=64), RegressionTask(),
+                config(run={"epochs": 2}), run).fit()
+    generate_report(run)
+    html = (run / "report" / "index.html").read_text()
+    assert "final validation r2" in html and "final validation accuracy" not in html
+    summary = json.loads((run / "summary.json").read_text())
+    assert _primary(summary).startswith("r2 ")
+    assert _primary({**summary, "task": {"primary_metric": "token_accuracy"},
+                     "final_val_metrics": {"token_accuracy": 0.5, "perplexity": 5.0}}) == \
+        "token_accuracy 0.5000 (perplexity 5.00)"

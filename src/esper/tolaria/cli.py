@@ -153,11 +153,19 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def _primary(summary: dict[str, Any]) -> str:
+    """`accuracy 0.9481` for a classifier, `token_accuracy 0.5012 (perplexity 5.31)` for a language model."""
+    name = summary.get("task", {}).get("primary_metric", "accuracy")
+    metrics = summary.get("final_val_metrics") or {}
+    text = f"{name} {metrics.get(name, summary['final_val_accuracy']):.4f}"
+    return f"{text} (perplexity {metrics['perplexity']:.2f})" if "perplexity" in metrics else text
+
+
 def _print_result(summary: dict[str, Any], run_dir: Path) -> None:
     seeds = summary.get("seeds", {})
     fossilized = sum(1 for s in seeds.values() if s.get("stage") == "FOSSILIZED")
     print(f"run {summary['run_id']}: {summary['epochs_completed']} epochs, "
-          f"final val accuracy {summary['final_val_accuracy']:.4f}, params {summary['param_count']:,}, "
+          f"final val {_primary(summary)}, params {summary['param_count']:,}, "
           f"seeds {len(seeds)} ({fossilized} fossilized), rollbacks {len(summary['rollbacks'])}, "
           f"emergencies {len(summary['emergencies'])}")
     telemetry = summary.get("telemetry", {})

@@ -37,10 +37,16 @@ class RichProgress:
         rec = trainer.log.epochs[-1]
         flags = " [yellow]conservative[/]" if rec.conservative_mode else ""
         command = rec.command or "-"
+        metric = trainer.task.primary_metric  # accuracy, r2, token_accuracy, ...
         self.console.print(
             f"epoch {epoch:3d}  train {rec.train_loss:.4f}  val {rec.val_loss:.4f}  "
-            f"acc {rec.val_accuracy:.4f}  params {rec.param_count:,}  boundary {rec.boundary_ms:.2f} ms"
+            f"{_short(metric)} {rec.val_metrics.get(metric, rec.val_accuracy):.4f}"
+            f"  params {rec.param_count:,}  boundary {rec.boundary_ms:.2f} ms"
             f"{flags}  [dim]{command}[/]", highlight=False)
 
     def on_fit_end(self, trainer: Any) -> None:
         self.progress.stop()
+
+
+def _short(metric: str) -> str:
+    return {"accuracy": "acc", "token_accuracy": "tok_acc"}.get(metric, metric)

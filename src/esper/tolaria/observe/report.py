@@ -169,6 +169,12 @@ class RunView:
         return cls(summary, history, _dicts(summary.get("rollbacks")), _dicts(summary.get("emergencies")),
                    sorted(epochs))
 
+    def metric_series(self, name: str) -> tuple[list[float], list[float]]:
+        """(epochs, values) of one validation metric; runs from before tasks carry only val_accuracy."""
+        rows = [{"epoch": h.get("epoch"), name: (h.get("val_metrics") or {}).get(name, h.get("val_accuracy"))}
+                for h in self.history]
+        return RunView(self.summary, rows, [], [], []).series(name)
+
     def series(self, key: str) -> tuple[list[float], list[float]]:
         """(epochs, values) of a numeric history key, skipping epochs where it is missing."""
         xs, ys = [], []
@@ -246,15 +252,22 @@ def plot_loss(run: RunView, path: Path) -> Path:
 
 
 def plot_accuracy(run: RunView, path: Path) -> Path:
-    fig, ax = _new_axes("Validation accuracy per epoch", "epoch", "accuracy")
-    xs, ys = run.series("val_accuracy")
+    """The task's primary metric per epoch (accuracy for classifiers, R², token accuracy, ...)."""
+    name = primary_metric(run.summary)
+    fig, ax = _new_axes(f"Validation {name} per epoch", "epoch", name)
+    xs, ys = run.metric_series(name)
     if not xs:
-        _no_data(ax, "validation accuracy")
+        _no_data(ax, f"validation {name}")
         return _save(fig, path)
-    ax.plot(xs, ys, "-o", ms=3, color="#2ca02c", label="validation accuracy")
+    ax.plot(xs, ys, "-o", ms=3, color="#2ca02c", label=f"validation {name}")
     _mark_events(ax, run)
     ax.legend(loc="best")
     return _save(fig, path)
+
+
+def primary_metric(summary: dict[str, Any]) -> str:
+    task = summary.get("task") if isinstance(summary.get("task"), dict) else {}
+    return str((task or {}).get("primary_metric") or "accuracy")
 
 
 def plot_lr(run: RunView, path: Path) -> Path:
@@ -474,7 +487,8 @@ def _header_rows(run: RunView, telemetry: TelemetryStats) -> list[tuple[str, Any
         ("run id", s.get("run_id", "?")),
         ("config", s.get("config_path", s.get("experiment", ""))),
         ("epochs completed", s.get("epochs_completed", len(run.history))),
-        ("final validation accuracy", _num(s.get("final_val_accuracy"))),
+        (f"final validation {primary_metric(s)}", _num((s.get("final_val_metrics") or {}).get(
+            primary_metric(s), s.get("final_val_accuracy")))),
         ("final validation loss", _num(s.get("final_val_loss"))),
         ("parameters", s.get("param_count", "?")),
         ("morphogenesis", s.get("morphogenesis", "?")),
