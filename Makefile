@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 DEV_STAMP := $(STAMP)-dev
 RUN_DIR ?= runs/demo
 
-.PHONY: demo test test-slow bench bench-quick lint proto redis-installed clean
+.PHONY: demo demo-cnn demo-lm test test-slow bench bench-quick lint proto redis-installed clean
 
 $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,13 @@ $(DEV_STAMP): $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/tolaria run examples/digits.toml --run-dir $(RUN_DIR) --overwrite
+
+# The shipped examples of esper.tolaria.zoo: a CNN on the digits images, a transformer on Python's source.
+demo-cnn: $(STAMP)
+	$(VENV)/bin/tolaria run examples/digits_cnn.toml --run-dir runs/demo-cnn --overwrite
+
+demo-lm: $(STAMP)
+	$(VENV)/bin/tolaria run examples/text_lm.toml --run-dir runs/demo-lm --overwrite
 
 redis-installed:
 	@command -v redis-server >/dev/null || { \
