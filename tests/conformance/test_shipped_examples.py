@@ -81,12 +81,11 @@ def references(tmp_path_factory: pytest.TempPathFactory) -> Any:
     return get
 
 
-def _examples() -> list[object]:  # minutes each on two cores: the slow suite
-    return [pytest.param(e, marks=pytest.mark.slow) for e in EXAMPLES]
+def _examples() -> list[object]:  # whole runs, minutes each on two cores: the slow suite, a longer timeout
+    return [pytest.param(e, marks=[pytest.mark.slow, pytest.mark.timeout(3600)]) for e in EXAMPLES]
 
 
-def _slow_examples() -> list[object]:
-    return [pytest.param(e, marks=pytest.mark.slow) for e in EXAMPLES]
+_slow_examples = _examples
 
 
 @pytest.mark.parametrize("example", _examples())
