@@ -193,7 +193,7 @@ def step_overhead_grown(quick: bool) -> list[float]:
     step: the task dispatch, the aggregator's weighted path (stage weights, per-seed stats, its
     one sync), the monitors, the LR controller's per-group writes (a seed warm-up group besides
     the host's), the gradient check cadence. Goal <= 2 %."""
-    return measure_grown(*((60, 5) if quick else (120, 11)))
+    return measure_grown(*((60, 7) if quick else (120, 11)))
 
 
 def measure_grown(steps: int, rounds: int) -> list[float]:
@@ -291,7 +291,7 @@ def step_overhead_bf16(quick: bool) -> list[float]:
     Baseline: `with torch.autocast("cpu", dtype=torch.bfloat16):` forward and cross-entropy (as
     Tolaria computes the loss inside the autocast too), backward outside it, step, `zero_grad`.
     No loss scaling on either side (bf16 needs none). Goal <= 3 %."""
-    return measure_bf16(*((80, 5) if quick else (120, 11)))
+    return measure_bf16(*((80, 7) if quick else (120, 11)))
 
 
 def measure_bf16(steps: int, rounds: int) -> list[float]:
@@ -332,7 +332,7 @@ def accumulate_overhead(quick: bool) -> list[float]:
     Baseline: for each micro-batch forward, `(cross_entropy / 4).backward()`; then one optimizer
     step and `zero_grad` (Tolaria weighs each micro-batch by its share of the step's samples:
     1/4 here, the same gradient). Goal <= 2 %."""
-    return measure_accumulate(*((30, 5) if quick else (60, 11)))
+    return measure_accumulate(*((30, 7) if quick else (60, 11)))
 
 
 def measure_accumulate(steps: int, rounds: int) -> list[float]:
