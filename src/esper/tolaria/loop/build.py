@@ -17,6 +17,7 @@ from esper.tolaria.imports import call_factory, load_class
 from esper.tolaria.loop.trainer import TolariaTrainer
 from esper.tolaria.models import HostMLP
 from esper.tolaria.tasks import BUILTIN, Task
+from esper.tolaria.tasks.protocol import missing_members
 
 _OPTIMIZERS: dict[str, Any] = {
     "sgd": lambda c: (torch.optim.SGD, {"lr": c.lr, "momentum": c.momentum, "weight_decay": c.weight_decay}),
@@ -99,9 +100,8 @@ def build_task(config: TolariaConfig, roots: list[Path]) -> Task:
         task = cls(**options)
     except TypeError as exc:
         raise ConfigError(f"task = {name!r}: [task_options] do not fit {cls.__name__}: {exc}") from None
-    if not isinstance(task, Task):
-        missing = [a for a in ("name", "primary_metric", "higher_is_better", "forward", "loss", "batch_size",
-                               "metric_sums", "metrics") if not hasattr(task, a)]
+    missing = missing_members(task)
+    if missing:
         raise ConfigError(f"task = {name!r}: {cls.__name__} lacks {', '.join(missing)} of the "
                           "esper.tolaria.tasks.Task protocol")
     return task

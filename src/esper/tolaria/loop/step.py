@@ -59,13 +59,15 @@ class StepCompute:
             stats, loss = self._micro(micro[0], rows, 1.0, True, params, host_loss, check_grads)
             return StepResult(stats, rows, loss)
         sizes = [self.task.batch_size(b) for b in micro]
-        total_rows, total, host = sum(sizes), 0.0, torch.zeros(())
+        total_rows, total, host = sum(sizes), 0.0, None
         for i, (batch, rows) in enumerate(zip(micro, sizes, strict=True)):
             share = rows / total_rows
             stats, loss = self._micro(batch, rows, share, i == len(micro) - 1, params, host_loss, check_grads)
-            total, host = total + share * stats.total_loss, host + share * loss.to(host.device)
+            total = total + share * stats.total_loss
+            host = share * loss if host is None else host + share * loss  # on the loss's device: no copy
             if not stats.finite:
                 break
+        assert host is not None  # micro holds at least one batch
         return StepResult(dataclasses.replace(stats, total_loss=total), total_rows, host)
 
     def _micro(self, batch: Any, rows: int, share: float, final: bool, params: Mapping[str, nn.Parameter],

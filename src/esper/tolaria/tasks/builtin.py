@@ -44,11 +44,15 @@ class SupervisedTask:
         own = model_loss(output) if self.use_model_loss else None
         if own is not None:
             return own
+        return self.compute_loss(*self.scored(output, batch))
+
+    def scored(self, output: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prediction, target) that the criterion and the metrics compare."""
         target = self.split(batch).target
         if target is None:
             raise BatchError(f"the {self.name} task found no target in the batch and the model returned no `.loss`: "
                              "give (inputs, target) tuples, a dict with `labels`, or set task_options.target_key")
-        return self.compute_loss(prediction(output), target)
+        return prediction(output), target
 
     def compute_loss(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return (self.loss_fn or self.criterion)(pred, target)
@@ -119,14 +123,7 @@ class LanguageModelTask(ClassificationTask):
     def forward(self, model: nn.Module, batch: Any) -> Any:
         return super().forward(model, _inputs_of(batch))
 
-    def loss(self, output: Any, batch: Any) -> torch.Tensor:
-        own = model_loss(output) if self.use_model_loss else None
-        if own is not None:
-            return own
-        pred, target = self._aligned(output, batch)
-        return self.compute_loss(pred, target)
-
-    def _aligned(self, output: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def scored(self, output: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         pred, target = prediction(output), _targets_of(batch)
         if target is None:
             target = self.split(batch).target
@@ -138,8 +135,7 @@ class LanguageModelTask(ClassificationTask):
         return pred, target
 
     def metric_sums(self, output: Any, batch: Any) -> dict[str, torch.Tensor]:
-        pred, target = self._aligned(output, batch)
-        pred, target = _flat(pred, target)
+        pred, target = _flat(*self.scored(output, batch))
         valid = target != self.ignore_index
         count = valid.sum()
         loss = F.cross_entropy(pred.float(), target, ignore_index=self.ignore_index, reduction="sum")

@@ -54,6 +54,14 @@ class Task(Protocol):
         ...
 
 
+MEMBERS = ("name", "primary_metric", "higher_is_better", "forward", "loss", "batch_size", "metric_sums", "metrics")
+
+
+def missing_members(task: object) -> list[str]:
+    """The members of the Task protocol `task` lacks (for an error that names them)."""
+    return [m for m in MEMBERS if not hasattr(task, m)]
+
+
 def score(task: Task, metrics: Mapping[str, float]) -> float:
     """The primary metric, higher is better (what `validation_accuracy` carries)."""
     value = float(metrics[task.primary_metric])
