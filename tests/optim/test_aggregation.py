@@ -128,6 +128,49 @@ def test_none_mode_with_seeds_backprops_weighted_batch_scaled_total() -> None:
     assert stats.seeds["a"]["weight"] == 0.5
 
 
+def test_unchecked_step_with_seeds_matches_the_checked_step_but_measures_no_seed_geometry() -> None:
+    """Mode none with weighted seeds and no gradient read: the same gradients and losses as the checked
+    step, seed norms and cosines NaN (the fused backward never separates them), and a non-finite
+    seed loss still clears every gradient."""
+    torch.manual_seed(3)
+    model = ToySeeded()
+    model.add_seed("a")
+    twin = copy.deepcopy(model)
+    x, y = batch()
+    checked = GradientAggregator().backward(F.mse_loss(twin(x), y), twin.seed_terms(x, y, stage=SEED_STAGE_SHADOWING),
+                                            dict(twin.named_parameters()), 64)
+    agg = GradientAggregator()
+    stats = agg.backward(F.mse_loss(model(x), y), model.seed_terms(x, y, stage=SEED_STAGE_SHADOWING),
+                         dict(model.named_parameters()), 64, check_grads=False)
+    assert stats.finite and not stats.grad_checked and math.isnan(stats.grad_norm)
+    assert stats.total_loss == checked.total_loss and stats.seeds["a"]["loss"] == checked.seeds["a"]["loss"]
+    assert math.isnan(stats.seeds["a"]["grad_norm"]) and stats.seeds["a"]["projected"] is False
+    for (name, p), (_, q) in zip(model.named_parameters(), twin.named_parameters(), strict=True):
+        assert p.grad is not None and q.grad is not None and torch.equal(p.grad, q.grad), name
+    model.zero_grad(set_to_none=True)
+    terms = [dataclasses.replace(t, loss=t.loss * float("inf")) for t in model.seed_terms(x, y, SEED_STAGE_SHADOWING)]
+    stats = agg.backward(F.mse_loss(model(x), y), terms, dict(model.named_parameters()), 64, check_grads=False)
+    assert not stats.finite and all(p.grad is None for p in model.parameters()) and agg.nonfinite_steps == 1
+
+
+def test_accumulate_runs_a_bare_backward_only_when_no_seed_term_weighs() -> None:
+    torch.manual_seed(4)
+    model = ToySeeded()
+    model.add_seed("a")
+    x, y = batch()
+    agg = GradientAggregator()
+    assert not agg.accumulate(F.mse_loss(model(x), y), model.seed_terms(x, y, stage=SEED_STAGE_SHADOWING))
+    assert all(p.grad is None for p in model.parameters()), "declined: nothing ran"
+    fossil = model.seed_terms(x, y, stage=SEED_STAGE_FOSSILIZED)  # weighs 0: takes no part
+    twin = copy.deepcopy(model)
+    (0.25 * F.mse_loss(twin(x), y)).backward()
+    assert agg.accumulate(F.mse_loss(model(x), y), fossil, lambda loss: 0.25 * loss)
+    for (name, p), (_, q) in zip(model.named_parameters(), twin.named_parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad) if q.grad is not None else p.grad is None, name
+    agg.discard(dict(model.named_parameters()))
+    assert all(p.grad is None for p in model.parameters()) and agg.nonfinite_steps == 1 and agg.steps == 0
+
+
 def _linear_problem(
     gen: torch.Generator, n_host: int, n_seeds: int
 ) -> tuple[dict[str, nn.Parameter], dict[str, torch.Tensor], list[dict[str, torch.Tensor]]]:

@@ -34,7 +34,7 @@ before and are never copied.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -182,8 +182,8 @@ class GradientAggregator:
         """
         weighted = [(t, w * _ratio(t, host_batch_size)) for t in terms if (w := seed_weight(t)) > 0]
         checked = final and (check_grads or self.config.max_grad_norm is not None)
-        if not weighted and not checked:
-            return self._plain_step(host_loss, params, transform, before_read if final else None)
+        if not checked and (not weighted or self.config.mode == "none"):
+            return self._unchecked_step(host_loss, terms, weighted, params, transform, before_read if final else None)
         names = [n for n, p in params.items() if p.requires_grad]
         plist = [params[n] for n in names]
         if self.config.mode == "none" or not weighted:
@@ -195,21 +195,52 @@ class GradientAggregator:
         return self._finish(host_loss, terms, weighted, plist, extras, checked)
 
     # -- fast paths ------------------------------------------------------------------------
-    def _plain_step(self, host_loss: Tensor, params: Mapping[str, nn.Parameter],
-                    transform: Callable[[Tensor], Tensor] | None,
-                    before_read: Callable[[], None] | None) -> AggregationStats:
-        """No weighted seed term, no gradient read, no clipping: backward, and the loss is all there is.
-
-        The most common step, kept to a few Python operations: right after a large kernel the
-        interpreter runs cache-cold, and each extra call there costs microseconds."""
+    def accumulate(self, host_loss: Tensor, terms: Sequence[SeedLossTerm],
+                   transform: Callable[[Tensor], Tensor] | None = None) -> bool:
+        """A micro-batch before its step's last with no weighted seed term: its backward needs nothing
+        of the aggregator (no read, no split, no sync), so run it and return True. Otherwise return
+        False and do nothing: the caller goes through `backward(..., final=False)`. The step's last
+        `backward` reads what these gradients add up to; the caller checks their losses."""
+        if any(seed_weight(t) > 0 for t in terms):
+            return False
         (host_loss if transform is None else transform(host_loss)).backward()
+        return True
+
+    def discard(self, params: Mapping[str, nn.Parameter]) -> None:
+        """The caller found the step non-finite after `backward` (an earlier micro-batch's loss):
+        count it and drop every gradient, as `backward` does itself."""
+        self.nonfinite_steps += 1
+        for p in params.values():
+            p.grad = None
+
+    def _unchecked_step(self, host_loss: Tensor, terms: Sequence[SeedLossTerm],
+                        weighted: list[tuple[SeedLossTerm, float]], params: Mapping[str, nn.Parameter],
+                        transform: Callable[[Tensor], Tensor] | None,
+                        before_read: Callable[[], None] | None) -> AggregationStats:
+        """One backward of L with no gradient read and no clipping (mode `none`, or no weighted seed).
+
+        The most common step, kept to a few Python operations and one sync for the losses: right after
+        a large kernel the interpreter runs cache-cold, and each extra call there costs microseconds.
+        Seed gradients are not separated here, so their norms and cosines are NaN (not measured)."""
+        total = host_loss
+        for term, scale in weighted:
+            total = total + scale * term.loss
+        (total if transform is None else transform(total)).backward()
         if before_read is not None:
             before_read()
         self.steps += 1
-        loss = float(host_loss.detach())  # the one sync
-        if math.isfinite(loss):
-            return AggregationStats(total_loss=loss, finite=True, grad_norm=math.nan, seeds={}, grad_checked=False)
-        return self._stats(loss, False, math.nan, [p for p in params.values() if p.requires_grad], (), [], [], False)
+        if weighted:
+            losses = [total.detach().float().reshape(())] + [t.loss.detach().float().reshape(()) for t, _ in weighted]
+            values = torch.stack(losses).tolist()  # the one sync
+        else:
+            values = [float(host_loss.detach())]  # the one sync
+            if math.isfinite(values[0]):
+                return AggregationStats(total_loss=values[0], finite=True, grad_norm=math.nan, seeds={},
+                                        grad_checked=False)
+        n = len(weighted)
+        unmeasured = [math.nan] * (2 * n) + [0.0] * n  # grad_norm, cosine, projected per seed
+        return self._stats(values[0], math.isfinite(values[0]), math.nan, params.values(), terms, weighted,
+                           values[1:] + unmeasured, False)
 
     def _backward_fused(self, host_loss: Tensor, weighted: list[tuple[SeedLossTerm, float]],
                         transform: Callable[[Tensor], Tensor] | None) -> list[Tensor]:
@@ -289,7 +320,7 @@ class GradientAggregator:
         return self._stats(values[0], finite, values[1] if checked else math.nan, plist, terms, weighted,
                            values[2:], checked)
 
-    def _stats(self, loss: float, finite: bool, norm: float, plist: list[nn.Parameter],
+    def _stats(self, loss: float, finite: bool, norm: float, plist: Iterable[nn.Parameter],
                terms: Sequence[SeedLossTerm], weighted: list[tuple[SeedLossTerm, float]], values: list[float],
                checked: bool) -> AggregationStats:
         if not finite:
