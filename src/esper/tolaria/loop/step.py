@@ -4,12 +4,15 @@ seeds' own losses, and the backward through the aggregator, with accumulation an
 A step of k micro-batches weighs micro-batch i by its share of the step's samples (b_i / Σ b), so
 k micro-batches of a mean loss give the gradient of one batch of Σ b. Only the last micro-batch's
 backward reads the gradients (norm, non-finite check, clipping) after the scaler unscales them.
-A non-finite micro-batch ends the step there: its gradients are gone and the step is skipped.
+A micro-batch before the last with no weighted seed only accumulates (a bare backward, no sync);
+one with weighted seeds goes through the aggregator, and a non-finite one ends the step there. A
+non-finite loss anywhere skips the step: every gradient is dropped.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from esper.contracts import ExecutionLayer
+from esper.contracts import ExecutionLayer, SeedLossTerm
 from esper.tolaria.control.aggregation import AggregationStats, GradientAggregator
 from esper.tolaria.loop.precision import Precision
 from esper.tolaria.observe.profiling import Profiler
@@ -56,34 +59,57 @@ class StepCompute:
             check_grads: bool) -> StepResult:
         if len(micro) == 1:
             rows = self.task.batch_size(micro[0])
-            stats, loss = self._micro(micro[0], rows, 1.0, True, params, host_loss, check_grads)
-            return StepResult(stats, rows, loss)
+            loss, terms = self._forward(micro[0], rows, host_loss)
+            return StepResult(self._backward(loss, terms, rows, 1.0, True, params, check_grads), rows, loss.detach())
         sizes = [self.task.batch_size(b) for b in micro]
         total_rows, total, host = sum(sizes), 0.0, None
+        unread: torch.Tensor | None = None  # the share-weighted loss of micro-batches no backward read
         for i, (batch, rows) in enumerate(zip(micro, sizes, strict=True)):
-            share = rows / total_rows
-            stats, loss = self._micro(batch, rows, share, i == len(micro) - 1, params, host_loss, check_grads)
+            share, final = rows / total_rows, i == len(micro) - 1
+            loss, terms = self._forward(batch, rows, host_loss)
+            part = share * loss.detach()
+            host = part if host is None else host + part  # on the loss's device: no copy
+            if not final and self._accumulated(loss, terms, share):
+                unread = part if unread is None else unread + part
+                continue
+            stats = self._backward(loss, terms, rows, share, final, params, check_grads)
             total = total + share * stats.total_loss
-            host = share * loss if host is None else host + share * loss  # on the loss's device: no copy
             if not stats.finite:
                 break
         assert host is not None  # micro holds at least one batch
-        return StepResult(dataclasses.replace(stats, total_loss=total), total_rows, host)
+        return StepResult(self._with_unread(stats, total, unread, params), total_rows, host)
 
-    def _micro(self, batch: Any, rows: int, share: float, final: bool, params: Mapping[str, nn.Parameter],
-               host_loss: HostLoss, check_grads: bool) -> tuple[AggregationStats, torch.Tensor]:
-        prof, task, model, precision = self.profiler, self.task, self.model, self.precision
-        with prof.span("step.forward"), precision.autocast():
+    def _with_unread(self, stats: AggregationStats, total: float, unread: torch.Tensor | None,
+                     params: Mapping[str, nn.Parameter]) -> AggregationStats:
+        """The step's stats with the losses of the micro-batches that only accumulated (one sync for all)."""
+        if unread is None:
+            return dataclasses.replace(stats, total_loss=total)
+        earlier = float(unread)
+        if stats.finite and not math.isfinite(earlier):  # their gradients are in .grad: the step must not use them
+            self.aggregator.discard(params)
+            return dataclasses.replace(stats, total_loss=total + earlier, finite=False)
+        return dataclasses.replace(stats, total_loss=total + earlier)
+
+    def _forward(self, batch: Any, rows: int, host_loss: HostLoss) -> tuple[torch.Tensor, list[SeedLossTerm]]:
+        prof, task, model = self.profiler, self.task, self.model
+        with prof.span("step.forward"), self.precision.autocast():
             loss = host_loss(task.forward(model, batch), batch)
         with prof.span("step.seed_losses"):
             terms = self.kasmina.own_loss_terms(lambda: self._own_loss(batch), rows) if self.morphogenesis else []
-        with prof.span("step.backward"):
-            scaler = precision.scaler
+        return loss, terms
+
+    def _accumulated(self, loss: torch.Tensor, terms: list[SeedLossTerm], share: float) -> bool:
+        with self.profiler.span("step.backward"):
+            return self.aggregator.accumulate(loss, terms, self.precision.loss_transform(share))
+
+    def _backward(self, loss: torch.Tensor, terms: list[SeedLossTerm], rows: int, share: float, final: bool,
+                  params: Mapping[str, nn.Parameter], check_grads: bool) -> AggregationStats:
+        with self.profiler.span("step.backward"):
+            scaler = self.precision.scaler
             unscale = (lambda: scaler.unscale_(self.optimizer())) if scaler is not None else None
-            stats = self.aggregator.backward(loss, terms, params, host_batch_size=rows, check_grads=check_grads,
-                                             transform=precision.loss_transform(share), final=final,
-                                             before_read=unscale)
-        return stats, loss.detach()
+            return self.aggregator.backward(loss, terms, params, host_batch_size=rows, check_grads=check_grads,
+                                            transform=self.precision.loss_transform(share), final=final,
+                                            before_read=unscale)
 
     def _own_loss(self, batch: Any) -> torch.Tensor:
         with self.precision.autocast():
