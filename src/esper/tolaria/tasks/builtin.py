@@ -37,6 +37,8 @@ class SupervisedTask:
         return split_batch(batch, None, self.target_key)
 
     def forward(self, model: nn.Module, batch: Any) -> Any:
+        if _is_pair(batch):  # the common (inputs, target) batch, without building its SplitBatch each step
+            return model(batch[0])
         s = split_batch(batch, model, self.target_key)  # the model's forward decides whether it gets the target
         return model(*s.args, **s.kwargs)
 
@@ -48,6 +50,8 @@ class SupervisedTask:
 
     def scored(self, output: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """(prediction, target) that the criterion and the metrics compare."""
+        if isinstance(output, torch.Tensor) and _is_pair(batch):
+            return output, batch[1]
         target = self.split(batch).target
         if target is None:
             raise BatchError(f"the {self.name} task found no target in the batch and the model returned no `.loss`: "
@@ -61,6 +65,8 @@ class SupervisedTask:
         raise NotImplementedError
 
     def batch_size(self, batch: Any) -> int:
+        if _is_pair(batch) and isinstance(batch[1], torch.Tensor) and batch[1].dim() > 0:
+            return int(batch[1].shape[0])
         return rows(self.split(batch))
 
     # ---------------------------------------------------------------- validation
@@ -69,6 +75,11 @@ class SupervisedTask:
 
     def metrics(self, sums: Mapping[str, float]) -> dict[str, float]:
         raise NotImplementedError
+
+
+def _is_pair(batch: Any) -> bool:
+    """An `(inputs, target)` tuple or list: what `split_batch` reads as `model(inputs)` and `target`."""
+    return isinstance(batch, (tuple, list)) and len(batch) == 2
 
 
 def _flat(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
