@@ -53,6 +53,23 @@ def test_a_tuple_is_inputs_then_target() -> None:
     assert split_batch([x1]).target is None
 
 
+@pytest.mark.parametrize("kind", [tuple, list, Named._make])
+def test_a_pair_batch_reads_as_the_general_rules_read_it(kind: Any) -> None:
+    """The (inputs, target) shortcut agrees with `split_batch` for tuples, lists and namedtuples:
+    the model gets the inputs, the target is scored, the batch size is the target's length."""
+    torch.manual_seed(0)
+    model, task = NoLabels(), ClassificationTask()
+    batch = kind([torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1])])
+    general = split_batch(batch, model)
+    out = task.forward(model, batch)
+    assert torch.equal(out, model(*general.args))
+    pred, target = task.scored(out, batch)
+    assert pred is out and target is general.target
+    assert task.batch_size(batch) == 5
+    with pytest.raises(BatchError, match="cannot tell its size"):  # a 0-d target: as the general rule says
+        task.batch_size(kind([torch.randn(5, 4), torch.tensor(1)]))
+
+
 def test_a_dict_passes_the_target_only_to_a_model_that_takes_it() -> None:
     batch = {"x": torch.randn(5, 4), "labels": torch.tensor([0, 1, 2, 0, 1])}
     assert "labels" in split_batch(batch, TakesLabels()).kwargs
