@@ -43,6 +43,10 @@ class RunConfig(Section):
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         "fp32", description="fp32; bf16 (autocast, no loss scaling); fp16 (autocast and a GradScaler: a step whose "
         "scaled gradients overflow is skipped and the scale lowered, not an incident).")
+    loss_readback: Literal["auto", "sync", "deferred"] = Field(
+        "auto", description="When a step's loss is read: sync (every step waits for it); deferred (read one step "
+        "later, so the step never waits for the device; a bad step found late is rolled back and replayed with "
+        "checks); auto: deferred on CUDA in one process, else sync.")
 
 
 class DataConfig(Section):
