@@ -6,12 +6,15 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 DEV_STAMP := $(STAMP)-dev
 RUN_DIR ?= runs/demo
+# pyproject.toml admits a range (a GPU machine installs over its own torch); development and CI pin this one.
+TORCH_VERSION := 2.13.0
 
-.PHONY: demo demo-cnn demo-lm test test-slow bench bench-quick lint proto redis-installed clean
+.PHONY: demo demo-cnn demo-lm test test-slow test-gpu bench bench-quick lint proto redis-installed clean
 
 $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q -e .
 	touch $(STAMP)
 
@@ -44,6 +47,10 @@ test: $(DEV_STAMP) redis-installed lint
 
 test-slow: $(DEV_STAMP) redis-installed
 	scripts/with_redis.sh $(PY) -m pytest -q -m slow
+
+# The CUDA suite (tests marked gpu); without CUDA every one of them is skipped. It needs no Redis.
+test-gpu: $(DEV_STAMP)
+	$(PY) -m pytest -q -m gpu
 
 # The Redis figures sign their entries; a throwaway secret is fine for a private, local server.
 BENCH_SECRET = ESPER_LEYLINE_SECRET=$${ESPER_LEYLINE_SECRET:-bench-only-secret}
