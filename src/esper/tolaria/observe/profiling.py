@@ -8,6 +8,13 @@ Contract:
   the calling thread (its id is kept), aggregates per-name durations for `phase_stats()`, and keeps
   at most `max_events` events for the trace; events past the cap are counted in `dropped_events`.
   Spans nest naturally: Chrome's viewer stacks "X" events on one thread by their times.
+- On a CUDA run (`events=observe.timing.event_factory(device)`), a span opened on the thread that
+  built the profiler (the training thread) is timed by two CUDA events on the current stream: its
+  duration is the device's, its start the host's clock when it was opened. Nothing synchronises
+  in a span: finished spans are folded in every `RESOLVE_EVERY` spans without waiting, and every
+  read (`events`, `phase_stats()`, the trace, `close()`) waits for the rest, at a boundary or
+  at the end. Spans on other threads (the telemetry publisher, the checkpoint writer) keep the
+  wall clock: their work is the host's.
 - When a torch profiler is active, each span is also a `torch.profiler.record_function(name)`,
   so Tolaria's phases appear in torch's own traces.
 - `write_chrome_trace(path)` writes Chrome Trace Event JSON (Perfetto, chrome://tracing);
@@ -29,9 +36,11 @@ from typing import Any
 import numpy as np
 
 from esper.tolaria.checkpoint.atomic import atomic_write_bytes
+from esper.tolaria.observe.timing import EventFactory, EventIntervals, TimingEvent
 
 DEFAULT_MAX_EVENTS = 200_000
 DEFAULT_STATS_WINDOW = 10_000
+RESOLVE_EVERY = 256  # device spans queued between non-blocking folds: bounds the queue, costs one query each
 
 # (name, start_ns, duration_ns, thread_id, attrs or None)
 Event = tuple[str, int, int, int, dict[str, Any] | None]
@@ -82,20 +91,43 @@ class _Span:
         self._torch_ctx: Any = None
 
     def __enter__(self) -> None:
-        if _torch_profiler_active():
-            from torch.profiler import record_function
-
-            self._torch_ctx = record_function(self._name)
-            self._torch_ctx.__enter__()
+        self._enter_torch()
         self._start = time.perf_counter_ns()
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         end = time.perf_counter_ns()
+        self._exit_torch(exc_type, exc, tb)
+        self._profiler._record(self._name, self._start, end - self._start, threading.get_native_id(), self._attrs)
+
+    def _enter_torch(self) -> None:
+        if _torch_profiler_active():
+            from torch.profiler import record_function
+
+            self._torch_ctx = record_function(self._name)
+            self._torch_ctx.__enter__()
+
+    def _exit_torch(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                    tb: TracebackType | None) -> None:
         if self._torch_ctx is not None:
             self._torch_ctx.__exit__(exc_type, exc, tb)
             self._torch_ctx = None
-        self._profiler._record(self._name, self._start, end - self._start, threading.get_native_id(), self._attrs)
+
+
+class _DeviceSpan(_Span):
+    """A span timed by device events: queued on exit, its duration resolved later by the profiler."""
+
+    __slots__ = ("_event",)
+
+    def __enter__(self) -> None:
+        self._enter_torch()
+        self._start = time.perf_counter_ns()
+        self._event = self._profiler._intervals_begin()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._profiler._intervals_end(self._event, (self._name, self._start, threading.get_native_id(), self._attrs))
+        self._exit_torch(exc_type, exc, tb)
 
 
 class _PhaseAccumulator:
@@ -130,7 +162,8 @@ class Profiler:
     """Named spans for the trainer's phases; see the module docstring for the contract."""
 
     def __init__(self, enabled: bool, *, trace_path: Path | None = None,
-                 max_events: int = DEFAULT_MAX_EVENTS, stats_window: int = DEFAULT_STATS_WINDOW) -> None:
+                 max_events: int = DEFAULT_MAX_EVENTS, stats_window: int = DEFAULT_STATS_WINDOW,
+                 events: EventFactory | None = None) -> None:
         if max_events < 0:
             raise ValueError(f"Profiler max_events must be >= 0, got {max_events}")
         if stats_window < 1:
@@ -146,6 +179,17 @@ class Profiler:
         self._lock = threading.Lock()
         self._origin_ns = time.perf_counter_ns()
         self._closed = False
+        # device spans: (name, start_ns, tid, attrs) keyed intervals, on the thread that built the profiler
+        self._intervals: EventIntervals[tuple[str, int, int, dict[str, Any] | None]] | None = (
+            EventIntervals(events) if events is not None and self.enabled else None)
+        self._device_thread = threading.get_ident()
+        self._since_resolve = 0
+        self._resolve_lock = threading.Lock()  # a read on another thread may resolve while the trainer does
+
+    @property
+    def on_device(self) -> bool:
+        """True when the training thread's spans are timed with device events (a CUDA run)."""
+        return self._intervals is not None
 
     def span(self, name: str, /, **attrs: Any) -> _Span | _NoopSpan:
         """A context manager timing the block as `name`; `attrs` go to the trace event's args.
@@ -154,7 +198,29 @@ class Profiler:
         """
         if not self.enabled:
             return NOOP_SPAN
+        if self._intervals is not None and threading.get_ident() == self._device_thread:
+            return _DeviceSpan(self, name, attrs or None)
         return _Span(self, name, attrs or None)
+
+    def _intervals_begin(self) -> TimingEvent:
+        assert self._intervals is not None  # only device spans call this
+        return self._intervals.begin()
+
+    def _intervals_end(self, start: TimingEvent, key: tuple[str, int, int, dict[str, Any] | None]) -> None:
+        assert self._intervals is not None
+        self._intervals.end(start, key)
+        self._since_resolve += 1
+        if self._since_resolve >= RESOLVE_EVERY:
+            self._resolve(wait=False)
+
+    def _resolve(self, *, wait: bool) -> None:
+        """Record the device spans that finished (all of them with `wait`: a device synchronisation)."""
+        if self._intervals is None:
+            return
+        with self._resolve_lock:
+            self._since_resolve = 0
+            for (name, start_ns, tid, attrs), ms in self._intervals.resolve(wait=wait):
+                self._record(name, start_ns, int(ms * 1e6), tid, attrs)
 
     def _record(self, name: str, start_ns: int, duration_ns: int, tid: int, attrs: dict[str, Any] | None) -> None:
         with self._lock:
@@ -172,18 +238,21 @@ class Profiler:
     @property
     def events(self) -> list[Event]:
         """A copy of the retained events, oldest first."""
+        self._resolve(wait=True)
         with self._lock:
             return list(self._events)
 
     def phase_stats(self) -> dict[str, dict[str, float]]:
         """Per span name: `count`, `total_ms`, `max_ms` over every span; `p50_ms`/`p99_ms` over the
         last `stats_window` spans of that name."""
+        self._resolve(wait=True)
         with self._lock:
             return {name: acc.stats() for name, acc in sorted(self._phases.items())}
 
     def chrome_trace(self) -> dict[str, Any]:
         """The trace as a Chrome Trace Event Format object (times in microseconds)."""
         pid = os.getpid()
+        self._resolve(wait=True)
         with self._lock:
             events = list(self._events)
             threads = dict(self._thread_names)
