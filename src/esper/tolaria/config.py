@@ -47,6 +47,10 @@ class RunConfig(Section):
         "auto", description="When a step's loss is read: sync (every step waits for it); deferred (read one step "
         "later, so the step never waits for the device; a bad step found late is rolled back and replayed with "
         "checks); auto: deferred on CUDA in one process, else sync.")
+    compile: bool | Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        False, description="torch.compile the host model's forward in place: false; true (torch's default mode); "
+        "or a torch.compile mode. A seed's structure change compiles once more; checkpoints keep the uncompiled "
+        "parameter names, so a compiled run and an eager one resume each other's checkpoints.")
 
 
 class DataConfig(Section):
