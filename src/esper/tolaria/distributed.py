@@ -7,17 +7,22 @@ averages gradients itself after its aggregator, with one flattened all-reduce pe
 whatever parameters exist *now* — so growth needs no re-wrapping at all: a germinated seed's
 parameters join the bucket on the next step, a culled seed's leave it. Cost: one flatten and
 one all-reduce of the trainable gradients per step (what DDP does, without bucketing overlap),
-plus one 3-element all-reduce that agrees the step's health across ranks.
+plus one 3-integer all-gather that agrees the step's health across ranks.
 
 Every rank computes the same Kasmina structure from the same commands (seeds are initialised
-from their seed id), and a cheap parameter checksum is compared at every boundary.
+from their seed id), and a digest of every parameter's and buffer's raw bits, computed on the
+device, is compared at every boundary (`state_digest`).
+
+Devices: the collectives' tensors live on `World.device`, `cuda:LOCAL_RANK` under NCCL (bound
+with `torch.cuda.set_device` before the group is created, so `cuda` means this rank's GPU
+everywhere), the CPU under gloo.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,11 +32,15 @@ from torch import nn
 
 @dataclass(frozen=True)
 class World:
-    """This process's place in the job. `size == 1` means no collectives at all."""
+    """This process's place in the job. `size == 1` means no collectives at all.
+
+    `device` is where the collectives' tensors live: `cuda:LOCAL_RANK` under NCCL (which takes
+    nothing else), the CPU under gloo and for one process."""
 
     rank: int = 0
     size: int = 1
     backend: str = ""
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def is_leader(self) -> bool:
@@ -42,15 +51,26 @@ class World:
         return self.size > 1
 
     @classmethod
-    def from_env(cls) -> World:
-        """Join the process group torchrun describes in the environment, if there is one."""
+    def from_env(cls, device: str = "auto") -> World:
+        """Join the process group torchrun describes in the environment, if there is one.
+
+        NCCL when the run trains on CUDA (`device` is `run.device`: `auto` means CUDA when torch
+        sees it), gloo otherwise. Under NCCL each rank binds its own GPU (`LOCAL_RANK`) before the
+        group exists: a rank that does not would run its collectives and every `cuda` tensor on GPU 0."""
         size = int(os.environ.get("WORLD_SIZE", "1"))
         if size <= 1:
             return cls()
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if not dist.is_initialized():
+        on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+        backend = "nccl" if on_cuda else "gloo"
+        where = torch.device("cpu")
+        if backend == "nccl":
+            where = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(where)
+            if not dist.is_initialized():
+                dist.init_process_group(backend=backend, device_id=where)
+        elif not dist.is_initialized():
             dist.init_process_group(backend=backend)
-        return cls(rank=dist.get_rank(), size=dist.get_world_size(), backend=backend)
+        return cls(rank=dist.get_rank(), size=dist.get_world_size(), backend=backend, device=where)
 
     # ---------------------------------------------------------------- collectives
     def broadcast_object(self, obj: Any) -> Any:
@@ -58,27 +78,38 @@ class World:
         if not self.distributed:
             return obj
         box = [obj if self.is_leader else None]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, device=self.device)
         return box[0]
 
+    def gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order, on every rank (pickled; small records only)."""
+        if not self.distributed:
+            return [obj]
+        found: list[Any] = [None] * self.size
+        dist.all_gather_object(found, obj)  # NCCL: on the current device, which from_env bound
+        return found
+
     def agree_step(self, finite: bool, incident_level: int, local_rows: int) -> tuple[bool, int, int]:
-        """One small all-reduce per step: all finite?, worst incident level, global rows."""
+        """One small all-gather per step: all finite?, worst incident level, global rows (one read)."""
         if not self.distributed:
             return finite, incident_level, local_rows
-        t = torch.tensor([0 if finite else 1, incident_level, local_rows], dtype=torch.int64)
-        flags = t[:2].clone()
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        rows = t[2:].clone()
-        dist.all_reduce(rows, op=dist.ReduceOp.SUM)
-        return flags[0].item() == 0, int(flags[1].item()), int(rows.item())
+        mine = torch.tensor([0 if finite else 1, incident_level, local_rows], dtype=torch.int64, device=self.device)
+        ranks = self._all_gather(mine).tolist()
+        return (all(r[0] == 0 for r in ranks), max(r[1] for r in ranks), sum(r[2] for r in ranks))
 
     def agree_flag(self, flag: bool) -> bool:
         """True on every rank if it is True on any rank."""
         if not self.distributed:
             return flag
-        t = torch.tensor([1 if flag else 0], dtype=torch.int64)
+        t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
+
+    def _all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` (same shape on every rank) from every rank, stacked in rank order."""
+        parts = [torch.empty_like(tensor) for _ in range(self.size)]
+        dist.all_gather(parts, tensor)
+        return torch.stack(parts)
 
     def average_gradients(self, params: Iterable[nn.Parameter], local_rows: int, global_rows: int) -> None:
         """Make every rank's `.grad` the gradient of the global-batch mean loss.
@@ -98,22 +129,60 @@ class World:
             g.copy_(synced)
 
     def parameters_match(self, model: nn.Module) -> bool:
-        """Cheap cross-rank check that every rank holds the same model (sums in float64)."""
+        """Whether every rank holds the same model: parameters and buffers, bit for bit (see
+        `state_digest`), compared as one all-gather of four integers per rank."""
         if not self.distributed:
             return True
-        with torch.no_grad():
-            params = list(model.parameters())
-            local = torch.stack([torch.stack([p.double().sum(), p.double().abs().sum()]) for p in params]).sum(0) \
-                if params else torch.zeros(2, dtype=torch.float64)
-            local = torch.cat([local, torch.tensor([float(len(params))], dtype=torch.float64)])
-        gathered = [torch.zeros_like(local) for _ in range(self.size)]
-        dist.all_gather(gathered, local)
-        return all(torch.equal(gathered[0], g) for g in gathered[1:])
+        ranks = self._all_gather(state_digest(model, self.device))
+        return bool((ranks == ranks[0]).all().item())
 
     def barrier(self) -> None:
-        if self.distributed:
+        if not self.distributed:
+            return
+        if self.backend == "nccl":
+            dist.barrier(device_ids=[self.device.index])  # this rank's GPU, not a guessed one
+        else:
             dist.barrier()
 
     def close(self) -> None:
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+_PRIME = 2**31 - 1  # keeps every product below 2**62: the digest's arithmetic never overflows int64
+_WORDS = {1: torch.uint8, 2: torch.int16}  # wider elements are read as int32 words
+
+
+def state_digest(model: nn.Module, device: torch.device | None = None) -> torch.Tensor:
+    """Four int64s on `device` (default: the model's) that change when any parameter or buffer does.
+
+    Each tensor's raw bits are read as integers (int32 words; int16/uint8 for narrower
+    elements) and summed exactly in int64, on the tensor's own device: one reduction per tensor,
+    no copy, no host read. The digest is [tensor count, elements weighted by position, the exact
+    total of the sums, the sums combined by position modulo 2**31 - 1]. What it catches, for
+    certain: a change of one word (any single bit flip, a NaN payload, -0.0 against 0.0, which
+    float comparisons miss), a tensor that is missing, added, resized or moved to another
+    position. Almost always (unless their sums agree modulo the prime): two tensors' contents
+swapped. What it misses: elements permuted inside a
+    tensor, and several changes whose integer differences cancel exactly in every sum, which
+    diverging training does not produce.
+    """
+    tensors = [t.detach() for t in (*model.parameters(), *model.buffers())]
+    where = device or (tensors[0].device if tensors else torch.device("cpu"))
+    if not tensors:
+        return torch.zeros(4, dtype=torch.int64, device=where)
+    sums = torch.stack([_bit_sum(t).to(where) for t in tensors])
+    weights = torch.arange(1, len(tensors) + 1, dtype=torch.int64, device=where)
+    by_position = (sums.remainder(_PRIME) * weights).remainder(_PRIME).sum().remainder(_PRIME)
+    shape = sum(t.numel() * k for k, t in enumerate(tensors, 1))  # host numbers: filled, not copied over
+    return torch.stack([sums.new_full((), len(tensors)), sums.new_full((), shape), sums.sum(), by_position])
+
+
+def _bit_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The int64 sum of `tensor`'s raw bits read as integers (exact: below 2**63 for any model
+    under 2**32 words, 16 GiB)."""
+    flat = tensor.contiguous().view(-1)
+    if flat.dtype == torch.bool:
+        flat = flat.view(torch.uint8)
+    words = flat.view(_WORDS.get(flat.element_size(), torch.int32))
+    return words.sum(dtype=torch.int64)

@@ -112,13 +112,7 @@ def _callbacks(config: TolariaConfig, run_dir: Path, world: World, progress: boo
 
 def _ranks_agree(world: World, digest: str) -> bool:
     """Whether every rank ended with the same model state (always true for one process)."""
-    if not world.distributed:
-        return True
-    import torch.distributed as dist
-
-    digests: list[str | None] = [None] * world.size
-    dist.all_gather_object(digests, digest)
-    return len(set(digests)) == 1
+    return len(set(world.gather_objects(digest))) == 1
 
 
 def resume_job(run_dir: Path, *, epochs: int | None = None, progress: bool = True, report: bool = True,
