@@ -26,6 +26,11 @@ it was, and after a swap the old optimizer is dropped, so nothing else writes th
 Any failure returns `RebuildResult(ok=False, reason=...)` and keeps the old optimizer; rebuild
 never raises into the training loop.
 
+Loaded state (a resume, a rollback that changed the structure) lands where the optimizer reads
+it, whatever device the snapshot or checkpoint held it on: per-element state on its
+parameter's device in its dtype, `step` as float32 on that device for a fused or capturable
+group and as a CPU scalar otherwise (torch's own placement).
+
 Reshape rule (`resize_state_tensor`): the overlapping leading region is kept; new entries are 0
 (zero moments, zero momentum); contracting slices. State tensors that are not per-element
 (Adam's scalar `step`) are kept as they are.
@@ -45,6 +50,9 @@ from esper.tolaria.control.lr import HOST_GROUP, BasePolicy, UnifiedLRController
 
 SEED_PREFIX = "kasmina_seeds."
 _STRUCTURAL_KEYS = ("params", "param_names", "name")
+# How the optimizer computes, not what: always the factory's (a checkpoint written by a CPU run
+# names the CPU's kernels; resumed on a GPU, the factory's fused or capturable choice must hold).
+_IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable")
 
 PolicySpec = BasePolicy | Mapping[str, Any]
 """A policy object, or its config mapping with a `kind` key (see `esper.tolaria.control.lr.parse_policy`)."""
@@ -237,8 +245,10 @@ class DynamicOptimizerManager:
         hyper = {str(g["name"]): dict(g["hyper"]) for g in state["groups"]}
         optimizer = self._factory(_group_dicts(groups, hyper))
         _check_partition(optimizer, groups)
+        on_device = _steps_on_device(optimizer)
         for name, entry in saved_state.items():
-            optimizer.state[current[name]] = _load_entry(name, entry, current[name])
+            param = current[name]
+            optimizer.state[param] = _load_entry(name, entry, param, step_on_device=id(param) in on_device)
         old_groups = set(self.group_names())
         self._optimizer = optimizer
         self._shapes = _shapes(groups)
@@ -268,7 +278,8 @@ def _group_dicts(
     (e.g. an adjusted weight decay), new groups get the factory's defaults."""
     out = []
     for name, members in groups.items():
-        extra = {k: v for k, v in hyper.get(name, {}).items() if k not in _STRUCTURAL_KEYS}
+        extra = {k: v for k, v in hyper.get(name, {}).items()
+                 if k not in _STRUCTURAL_KEYS and k not in _IMPLEMENTATION_KEYS}
         out.append({**extra, "params": [p for _, p in members], "param_names": [n for n, _ in members], "name": name})
     return out
 
@@ -372,13 +383,21 @@ def _check_state(
                 )
 
 
-def _load_entry(name: str, entry: Mapping[str, Any], param: nn.Parameter) -> dict[str, Any]:
+def _steps_on_device(optimizer: torch.optim.Optimizer) -> set[int]:
+    """Ids of the parameters whose `step` the optimizer reads on their device (fused or capturable groups)."""
+    return {id(p) for g in optimizer.param_groups if g.get("fused") or g.get("capturable") for p in g["params"]}
+
+
+def _load_entry(name: str, entry: Mapping[str, Any], param: nn.Parameter, *, step_on_device: bool) -> dict[str, Any]:
+    """One parameter's saved state as its optimizer expects it, in new tensors (the saved ones, a
+    snapshot's host copies, are never aliased): per-element state on the parameter's device in its
+    dtype, `step` where torch keeps it."""
     out: dict[str, Any] = {}
     for key, value in entry.items():
         if not isinstance(value, torch.Tensor):
             out[key] = value
         elif key == "step":
-            out[key] = value.detach().clone()  # torch keeps `step` where the optimizer put it
+            out[key] = _step_tensor(value, param, on_device=step_on_device)
         else:
             if value.dim() > 0 and value.shape != param.shape:
                 raise ValueError(
@@ -388,3 +407,12 @@ def _load_entry(name: str, entry: Mapping[str, Any], param: nn.Parameter) -> dic
             dtype = param.dtype if value.is_floating_point() else value.dtype
             out[key] = value.detach().to(device=param.device, dtype=dtype, copy=True)
     return out
+
+
+def _step_tensor(value: torch.Tensor, param: nn.Parameter, *, on_device: bool) -> torch.Tensor:
+    """A fused or capturable optimizer reads `step` on the parameter's device as float32; any other
+    keeps it as a CPU scalar in its own dtype, as torch creates it (read on a GPU, every step
+    would wait for the device)."""
+    if on_device:
+        return value.detach().to(device=param.device, dtype=torch.float32, copy=True)
+    return value.detach().to(device="cpu", copy=True)
