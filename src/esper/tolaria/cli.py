@@ -71,6 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--oona", default=None, metavar="redis://HOST:PORT/DB", help="also run the Redis figures")
     bench.add_argument("--only", action="append", default=None, metavar="FIGURE", help="run only these figures")
     bench.add_argument("--compare", type=Path, default=None, metavar="OLD.json", help="flag regressions vs OLD")
+    bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                       help="cpu: the CPU figures (default); cuda: the GPU figures (step overhead at 10M/100M "
+                       "parameters, fast rollback, checkpoint stall, snapshot GPU bytes), on a machine with CUDA")
 
     watch = sub.add_parser("watch", help="tail telemetry and emergencies from Redis Streams")
     watch.add_argument("url", metavar="redis://HOST:PORT/DB")
@@ -230,7 +233,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from esper.tolaria.bench.harness import compare, print_compare, print_table, run_bench
 
-    result = run_bench(quick=args.quick, only=args.only, oona_url=args.oona, trials=None)
+    result = run_bench(quick=args.quick, only=args.only, oona_url=args.oona, trials=None, device=args.device)
     print_table(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

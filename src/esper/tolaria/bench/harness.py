@@ -14,6 +14,9 @@ Contract of `run_bench`:
   environment variable `TOLARIA_BENCH_OONA`, set for the duration of the run.
 - A figure that raises, or returns no finite values, is reported with `"error"` and `ok: false`;
   the bench goes on with the next figure.
+- `device` picks the figures: "cpu" (the default) measures the CPU figures, "cuda" the CUDA ones
+  (`figures_cuda`), and only where torch sees a CUDA device: elsewhere it is a `ValueError` that
+  says so before anything is measured. The result's `machine` names the GPU then.
 """
 
 from __future__ import annotations
@@ -74,7 +77,7 @@ def discover() -> dict[str, str | None]:
 
 def run_bench(*, quick: bool, only: list[str] | None, oona_url: str | None, trials: int | None,
               figures: Mapping[str, FigureSpec] | None = None,
-              on_figure: FigureCallback | None = None) -> dict[str, Any]:
+              on_figure: FigureCallback | None = None, device: str = "cpu") -> dict[str, Any]:
     """Measure the figures and return the bench result (see the module docstring).
 
     `figures` replaces the registry (tests pass their own); `on_figure(name, entry)` is called
@@ -82,9 +85,10 @@ def run_bench(*, quick: bool, only: list[str] | None, oona_url: str | None, tria
     """
     if trials is not None and trials < 1:
         raise ValueError(f"bench trials must be >= 1, got {trials}")
+    require_device(device)
     import_errors = discover() if figures is None else {}
     specs = dict(registry.FIGURES if figures is None else figures)
-    selected = _select(specs, only)
+    selected = _select(specs, only, device)
     wanted = trials if trials is not None else (QUICK_TRIALS if quick else FULL_TRIALS)
     results: dict[str, dict[str, Any]] = {}
     with _oona_env(oona_url):
@@ -97,20 +101,40 @@ def run_bench(*, quick: bool, only: list[str] | None, oona_url: str | None, tria
         "figures": results,
         "counts": _counts(results),
         "import_errors": {k: v for k, v in import_errors.items() if v is not None},
-        "machine": machine_info(),
+        "machine": machine_info(device),
+        "device": device,
         "quick": quick,
         "trials": wanted,
         "created_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
 
 
-def _select(specs: dict[str, FigureSpec], only: list[str] | None) -> list[FigureSpec]:
+BENCH_DEVICES = ("cpu", "cuda")
+
+
+def require_device(device: str) -> None:
+    """A bench device that exists here, or a ValueError naming the problem and the fix."""
+    if device not in BENCH_DEVICES:
+        raise ValueError(f"bench device {device!r} is not one of {', '.join(BENCH_DEVICES)}")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            built = torch.version.cuda or "no CUDA (a CPU build)"
+            raise ValueError(f"--device cuda: torch {torch.__version__} (built for {built}) sees no CUDA device; "
+                             "run the CUDA figures on a machine with a GPU, or leave --device out for the CPU ones")
+
+
+def _select(specs: dict[str, FigureSpec], only: list[str] | None, device: str = "cpu") -> list[FigureSpec]:
     if not only:
-        return list(specs.values())
+        return [spec for spec in specs.values() if spec.device == device]
     unknown = [name for name in only if name not in specs]
     if unknown:
         raise ValueError(f"unknown bench figure(s) {', '.join(unknown)}; "
                          f"known: {', '.join(sorted(specs)) or '(none registered)'}")
+    elsewhere = [f"{name} (--device {specs[name].device})" for name in only if specs[name].device != device]
+    if elsewhere:
+        raise ValueError(f"bench figure(s) {', '.join(elsewhere)} are not measured with --device {device}")
     return [specs[name] for name in only]
 
 
@@ -179,11 +203,11 @@ def _counts(results: dict[str, dict[str, Any]]) -> dict[str, int]:
     }
 
 
-def machine_info() -> dict[str, Any]:
-    """What the numbers were measured on; no hostname or user."""
+def machine_info(device: str = "cpu") -> dict[str, Any]:
+    """What the numbers were measured on; no hostname or user. A CUDA bench names the GPU."""
     import torch
 
-    return {
+    info: dict[str, Any] = {
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
@@ -192,6 +216,11 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "machine": platform.machine(),
     }
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        info.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1),
+                    compute_capability=f"{props.major}.{props.minor}", cuda=torch.version.cuda)
+    return info
 
 
 def _cpu_model() -> str:
@@ -212,7 +241,8 @@ def print_table(result: Mapping[str, Any], *, console: Console | None = None) ->
     """One row per figure: median beside its goal, spread, and ok / FAIL / ERROR / skipped."""
     console = console or Console()
     mode = "quick" if result.get("quick") else "full"
-    table = Table(title=f"tolaria bench ({mode}, {result.get('machine', {}).get('cpu', '?')})")
+    machine = result.get("machine", {})
+    table = Table(title=f"tolaria bench ({mode}, {machine.get('gpu') or machine.get('cpu', '?')})")
     table.add_column("figure", no_wrap=True)
     for column in ("value", "goal", "spread"):
         table.add_column(column, justify="right", no_wrap=True)
