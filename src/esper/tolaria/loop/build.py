@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -14,10 +16,13 @@ from esper.tolaria.config import ConfigError, TolariaConfig
 from esper.tolaria.data import ResumableBatchSampler, make_loaders
 from esper.tolaria.drills import FaultPlan
 from esper.tolaria.imports import call_factory, load_class
+from esper.tolaria.loop.precision import resolve_device
 from esper.tolaria.loop.trainer import TolariaTrainer
 from esper.tolaria.models import HostMLP
 from esper.tolaria.tasks import BUILTIN, Task
 from esper.tolaria.tasks.protocol import missing_members
+
+log = logging.getLogger(__name__)
 
 _OPTIMIZERS: dict[str, Any] = {
     "sgd": lambda c: (torch.optim.SGD, {"lr": c.lr, "momentum": c.momentum, "weight_decay": c.weight_decay}),
@@ -131,11 +136,20 @@ def _train_loader(data: Any, config: TolariaConfig, num_replicas: int, rank: int
     c = config.data
     sampler = ResumableBatchSampler(len(data), c.batch_size, seed=config.run.seed, num_replicas=num_replicas,
                                     rank=rank)
-    return DataLoader(data, batch_sampler=sampler, num_workers=c.num_workers, persistent_workers=False)
+    return DataLoader(data, batch_sampler=sampler, num_workers=c.num_workers, persistent_workers=False,
+                      pin_memory=_pins(config))
 
 
 def _val_loader(data: Any, config: TolariaConfig) -> Any:
-    return DataLoader(data, batch_size=config.data.val_batch_size, shuffle=False) if _is_dataset(data) else data
+    if not _is_dataset(data):
+        return data
+    return DataLoader(data, batch_size=config.data.val_batch_size, shuffle=False, pin_memory=_pins(config))
+
+
+def _pins(config: TolariaConfig) -> bool:
+    """Batches bound for a GPU are collated into pinned memory: their copy to the device then
+    overlaps the step instead of blocking it (the placer copies without blocking from such loaders)."""
+    return resolve_device(config.run.device).type == "cuda"
 
 
 def remote_tamiyo(config: TolariaConfig, verifier: Any) -> tuple[Any, Any]:
@@ -151,8 +165,31 @@ def remote_tamiyo(config: TolariaConfig, verifier: Any) -> tuple[Any, Any]:
     return client, verifier or CommandVerifier(secret)
 
 
+CUBLAS_WORKSPACE = ":4096:8"
+"""cuBLAS's deterministic workspace setting (NVIDIA's documented value; `:16:8` uses less memory)."""
+
+
 def configure_torch(config: TolariaConfig) -> None:
     if config.run.threads:
         torch.set_num_threads(config.run.threads)
     if config.run.deterministic:
+        deterministic_cublas()
         torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False  # benchmarking picks kernels by timing: not repeatable
+
+
+def deterministic_cublas() -> None:
+    """Set `CUBLAS_WORKSPACE_CONFIG` unless the user did: without it cuBLAS matrix products on
+    CUDA >= 10.2 are not reproducible. cuBLAS reads it once, when its first handle is made, so it
+    must be set before the first CUDA matmul of the process; said in the log either way."""
+    found = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if found is not None:
+        log.info("deterministic run: CUBLAS_WORKSPACE_CONFIG=%s (set by the environment)", found)
+        return
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        log.info("deterministic run: set CUBLAS_WORKSPACE_CONFIG=%s after CUDA was initialised (a process "
+                 "group does that); if a CUDA matmul already ran in this process, cuBLAS keeps its earlier "
+                 "setting: export it before starting Python", CUBLAS_WORKSPACE)
+    else:
+        log.info("deterministic run: set CUBLAS_WORKSPACE_CONFIG=%s (cuBLAS reproducible)", CUBLAS_WORKSPACE)
