@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 from esper.kasmina import KasminaLayer
 from esper.leyline import SEED_OP_GERMINATE, seed_command
@@ -53,6 +54,13 @@ def test_every_tensor_of_a_nested_batch_reaches_the_device_in_its_structure() ->
     assert isinstance(moved["pair"].y[1], tuple) and isinstance(moved["features"], Features)
     assert moved["features"].name == "batch" and moved["note"] == "kept" and moved["n"] == 3
     assert [t.dtype for t in tensors(moved)] == [t.dtype for t in tensors(batch)]
+
+
+def test_a_packed_sequence_moves_with_its_batch_sizes_left_on_the_cpu() -> None:
+    packed = pack_padded_sequence(torch.randn(3, 2, 4), torch.tensor([3, 2]))
+    moved = move_batch((packed, torch.zeros(2)), META)
+    assert isinstance(moved[0], PackedSequence) and moved[0].data.device == META
+    assert moved[0].batch_sizes.device.type == "cpu" and moved[1].device == META
 
 
 class Loader(list[Any]):

@@ -11,7 +11,8 @@ nested as the user likes. The rules, in one place:
 
 An output is a tensor (the prediction), a tuple/list (its first element is the prediction), or an
 object or dict with `logits` and/or `loss` (the Hugging Face convention). `move_batch` places every
-tensor of a batch on a device, keeping the structure.
+tensor of a batch on a device, keeping the structure (a `PackedSequence` moves as torch moves it:
+its `batch_sizes` stay on the CPU, where packing reads them).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 
 TARGET_KEYS = ("labels", "label", "targets", "target", "y")
 
@@ -135,7 +137,7 @@ def rows(split: SplitBatch) -> int:
 
 def move_batch(batch: Any, device: torch.device, *, non_blocking: bool = False) -> Any:
     """`batch` with every tensor on `device` (same structure; dataclasses are rebuilt with replace)."""
-    if isinstance(batch, torch.Tensor):
+    if isinstance(batch, (torch.Tensor, PackedSequence)):  # a packed sequence's own rule: batch_sizes stay on the CPU
         return batch.to(device, non_blocking=non_blocking)
     if isinstance(batch, (tuple, list)):
         moved = [move_batch(b, device, non_blocking=non_blocking) for b in batch]
