@@ -117,6 +117,9 @@ class AggregationStats:
 
     `grad_checked=False`: the step was not asked to measure the whole gradient (no clipping, not
     a check step); `grad_norm` is NaN and `finite` speaks for the loss alone.
+
+    `pending`: a deferred step's total loss, still on the device (`backward(..., defer=True)`):
+    nothing was read, `total_loss` is NaN and `finite` is True until the caller reads it.
     """
 
     total_loss: float
@@ -124,6 +127,7 @@ class AggregationStats:
     grad_norm: float
     seeds: dict[str, dict[str, float]] = field(default_factory=dict)
     grad_checked: bool = True
+    pending: Tensor | None = None
 
     @property
     def grad_overflow(self) -> bool:
@@ -167,6 +171,7 @@ class GradientAggregator:
         transform: Callable[[Tensor], Tensor] | None = None,
         final: bool = True,
         before_read: Callable[[], None] | None = None,
+        defer: bool = False,
     ) -> AggregationStats:
         """Backpropagate `L_host + Σ w_i (b_i/b_host) L_i` per the configured mode.
 
@@ -179,11 +184,15 @@ class GradientAggregator:
         `final=False` is a micro-batch before the step's last: its gradients only accumulate (no
         read, no clipping). `before_read` runs after the final backward, before any gradient is
         read (a GradScaler's `unscale_`), so norms and clipping see true gradients.
+
+        `defer=True` on an unchecked step reads nothing (no sync): the loss comes back in
+        `stats.pending` for the caller to read later. A checked step is always read at once.
         """
         weighted = [(t, w * _ratio(t, host_batch_size)) for t in terms if (w := seed_weight(t)) > 0]
         checked = final and (check_grads or self.config.max_grad_norm is not None)
         if not checked and (not weighted or self.config.mode == "none"):
-            return self._unchecked_step(host_loss, terms, weighted, params, transform, before_read if final else None)
+            return self._unchecked_step(host_loss, terms, weighted, params, transform, before_read if final else None,
+                                        defer)
         names = [n for n, p in params.items() if p.requires_grad]
         plist = [params[n] for n in names]
         if self.config.mode == "none" or not weighted:
@@ -216,12 +225,13 @@ class GradientAggregator:
     def _unchecked_step(self, host_loss: Tensor, terms: Sequence[SeedLossTerm],
                         weighted: list[tuple[SeedLossTerm, float]], params: Mapping[str, nn.Parameter],
                         transform: Callable[[Tensor], Tensor] | None,
-                        before_read: Callable[[], None] | None) -> AggregationStats:
+                        before_read: Callable[[], None] | None, defer: bool) -> AggregationStats:
         """One backward of L with no gradient read and no clipping (mode `none`, or no weighted seed).
 
-        The most common step, kept to a few Python operations and one sync for the losses: right after
-        a large kernel the interpreter runs cache-cold, and each extra call there costs microseconds.
-        Seed gradients are not separated here, so their norms and cosines are NaN (not measured)."""
+        The most common step, kept to a few Python operations and one sync for the losses (none when
+        deferred): right after a large kernel the interpreter runs cache-cold, and each extra call
+        there costs microseconds. Seed gradients are not separated here, so their norms and cosines
+        are NaN (not measured)."""
         total = host_loss
         for term, scale in weighted:
             total = total + scale * term.loss
@@ -229,6 +239,10 @@ class GradientAggregator:
         if before_read is not None:
             before_read()
         self.steps += 1
+        if defer:
+            return AggregationStats(total_loss=math.nan, finite=True, grad_norm=math.nan, grad_checked=False,
+                                    seeds=self._seed_stats(terms, weighted, _unmeasured(weighted, read=False)),
+                                    pending=total.detach().float().reshape(()))
         if weighted:
             losses = [total.detach().float().reshape(())] + [t.loss.detach().float().reshape(()) for t, _ in weighted]
             values = torch.stack(losses).tolist()  # the one sync
@@ -237,10 +251,8 @@ class GradientAggregator:
             if math.isfinite(values[0]):
                 return AggregationStats(total_loss=values[0], finite=True, grad_norm=math.nan, seeds={},
                                         grad_checked=False)
-        n = len(weighted)
-        unmeasured = [math.nan] * (2 * n) + [0.0] * n  # grad_norm, cosine, projected per seed
         return self._stats(values[0], math.isfinite(values[0]), math.nan, params.values(), terms, weighted,
-                           values[1:] + unmeasured, False)
+                           values[1:] + _unmeasured(weighted, read=True), False)
 
     def _backward_fused(self, host_loss: Tensor, weighted: list[tuple[SeedLossTerm, float]],
                         transform: Callable[[Tensor], Tensor] | None) -> list[Tensor]:
@@ -366,6 +378,12 @@ class GradientAggregator:
         self.steps = int(state["steps"])
         self.nonfinite_steps = int(state["nonfinite_steps"])
         self.projections = {str(k): int(v) for k, v in state["projections"].items()}
+
+
+def _unmeasured(weighted: Sequence[object], *, read: bool) -> list[float]:
+    """`_seed_stats` values of a fused step that measured no seed geometry (losses too when not read)."""
+    n = len(weighted)
+    return ([] if read else [math.nan] * n) + [math.nan] * (2 * n) + [0.0] * n  # grad_norm, cosine, projected
 
 
 def _ratio(term: SeedLossTerm, host_batch_size: int | None) -> float:

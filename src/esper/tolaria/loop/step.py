@@ -6,7 +6,9 @@ k micro-batches of a mean loss give the gradient of one batch of Σ b. Only the 
 backward reads the gradients (norm, non-finite check, clipping) after the scaler unscales them.
 A micro-batch before the last with no weighted seed only accumulates (a bare backward, no sync);
 one with weighted seeds goes through the aggregator, and a non-finite one ends the step there. A
-non-finite loss anywhere skips the step: every gradient is dropped.
+non-finite loss anywhere skips the step: every gradient is dropped. With `defer_reads`, an
+unchecked step reads nothing: its loss stays on the device in `stats.pending` (see
+recovery/loss_readback.py), so the step never waits for the device.
 """
 
 from __future__ import annotations
@@ -44,10 +46,12 @@ class StepCompute:
 
     def __init__(self, *, model: nn.Module, task: Task, kasmina: ExecutionLayer, aggregator: GradientAggregator,
                  precision: Precision, morphogenesis: bool, profiler: Profiler,
-                 optimizer: Callable[[], torch.optim.Optimizer], accumulate: int = 1) -> None:
+                 optimizer: Callable[[], torch.optim.Optimizer], accumulate: int = 1,
+                 defer_reads: bool = False) -> None:
         self.model, self.task, self.kasmina, self.aggregator = model, task, kasmina, aggregator
         self.precision, self.morphogenesis = precision, morphogenesis
         self.profiler, self.optimizer, self.accumulate = profiler, optimizer, accumulate
+        self.defer_reads = defer_reads  # unchecked steps leave their loss on the device (stats.pending)
 
     def summary(self) -> dict[str, Any]:
         task = self.task
@@ -57,13 +61,15 @@ class StepCompute:
 
     def run(self, micro: Sequence[Any], params: Mapping[str, nn.Parameter], host_loss: HostLoss,
             check_grads: bool) -> StepResult:
+        defer = self.defer_reads and not check_grads
         if len(micro) == 1:
             rows = self.task.batch_size(micro[0])
             loss, terms = self._forward(micro[0], rows, host_loss)
-            return StepResult(self._backward(loss, terms, rows, 1.0, True, params, check_grads), rows, loss.detach())
+            stats = self._backward(loss, terms, rows, 1.0, True, params, check_grads, defer)
+            return StepResult(stats, rows, loss.detach())
         sizes = [self.task.batch_size(b) for b in micro]
         total_rows, total, host = sum(sizes), 0.0, None
-        unread: torch.Tensor | None = None  # the share-weighted loss of micro-batches no backward read
+        unread: torch.Tensor | None = None  # the share-weighted loss of micro-batches not read yet
         for i, (batch, rows) in enumerate(zip(micro, sizes, strict=True)):
             share, final = rows / total_rows, i == len(micro) - 1
             loss, terms = self._forward(batch, rows, host_loss)
@@ -72,7 +78,10 @@ class StepCompute:
             if not final and self._accumulated(loss, terms, share):
                 unread = part if unread is None else unread + part
                 continue
-            stats = self._backward(loss, terms, rows, share, final, params, check_grads)
+            stats = self._backward(loss, terms, rows, share, final, params, check_grads, defer)
+            if stats.pending is not None:
+                unread = share * stats.pending if unread is None else unread + share * stats.pending
+                continue
             total = total + share * stats.total_loss
             if not stats.finite:
                 break
@@ -81,7 +90,10 @@ class StepCompute:
 
     def _with_unread(self, stats: AggregationStats, total: float, unread: torch.Tensor | None,
                      params: Mapping[str, nn.Parameter]) -> AggregationStats:
-        """The step's stats with the losses of the micro-batches that only accumulated (one sync for all)."""
+        """The step's stats with the losses of the micro-batches not read yet: left pending on a
+        deferred step, else read now (one sync for all)."""
+        if stats.pending is not None:
+            return dataclasses.replace(stats, pending=unread)
         if unread is None:
             return dataclasses.replace(stats, total_loss=total)
         earlier = float(unread)
@@ -103,13 +115,13 @@ class StepCompute:
             return self.aggregator.accumulate(loss, terms, self.precision.loss_transform(share))
 
     def _backward(self, loss: torch.Tensor, terms: list[SeedLossTerm], rows: int, share: float, final: bool,
-                  params: Mapping[str, nn.Parameter], check_grads: bool) -> AggregationStats:
+                  params: Mapping[str, nn.Parameter], check_grads: bool, defer: bool) -> AggregationStats:
         with self.profiler.span("step.backward"):
             scaler = self.precision.scaler
             unscale = (lambda: scaler.unscale_(self.optimizer())) if scaler is not None else None
             return self.aggregator.backward(loss, terms, params, host_batch_size=rows, check_grads=check_grads,
                                             transform=self.precision.loss_transform(share), final=final,
-                                            before_read=unscale)
+                                            before_read=unscale, defer=defer)
 
     def _own_loss(self, batch: Any) -> torch.Tensor:
         with self.precision.autocast():

@@ -31,6 +31,7 @@ from esper.tolaria.observe.profiling import Profiler
 from esper.tolaria.observe.runlog import EpochRecord, RunLog
 from esper.tolaria.observe.summary import build_summary, write_config, write_summary
 from esper.tolaria.observe.telemetry import TelemetryCollector
+from esper.tolaria.recovery.loss_readback import defers_reads
 from esper.tolaria.recovery.monitors import MonitorSet
 from esper.tolaria.recovery.safety import RolledBack
 from esper.tolaria.state.position import RunIdentity, StopRequest, TrainerState
@@ -117,7 +118,8 @@ class TolariaTrainer:
         self.compute = StepCompute(model=self.model, task=self.task, kasmina=kasmina, aggregator=self.aggregator,
                                    precision=self.precision, morphogenesis=cfg.run.morphogenesis,
                                    profiler=self.profiler, optimizer=lambda: self.optim.optimizer,
-                                   accumulate=cfg.optimizer.accumulate_steps)
+                                   accumulate=cfg.optimizer.accumulate_steps,
+                                   defer_reads=defers_reads(cfg.run.loss_readback, self.device, self.world.size))
         self.resumed_from, self._closed = "", False  # the snapshot id a resume started from
 
     # ---------------------------------------------------------------- the loop
@@ -155,7 +157,7 @@ class TolariaTrainer:
                 train_loss = self._train_epoch()
                 if self.stop.requested:
                     break
-                self.safety.settle()  # the boundary may change the structure and write weights
+                self.safety.before_boundary()  # late step checks read; the boundary may write weights
                 self._fire(HookPoint.BOUNDARY_BEGIN, epoch=epoch)
                 report = self.boundary.run(epoch, train_loss)
                 self._end_epoch(epoch, train_loss, report, time.perf_counter() - started)
@@ -205,7 +207,7 @@ class TolariaTrainer:
         scaler = self.precision.scaler
         overflow = scaler is not None and stats.grad_overflow  # the scaler's business: skipped, scale lowered
         with prof.span("step.monitors"):
-            incident = safety.step_incident(stats, overflow_ok=scaler is not None)
+            incident = safety.step_incident(stats, indices, overflow_ok=scaler is not None)
             finite, level, rows = stats.finite, incident.level if incident else 0, local_rows
             if world.distributed:
                 finite, level, rows = world.agree_step(finite, level, rows)
@@ -292,9 +294,6 @@ class TolariaTrainer:
         if self._closed:
             return
         self._closed = True
-        self.safety.close()
-        self.telemetry.close()
-        self.handshake.close()
-        self.profiler.close()
-        self.bus.close()
+        for part in (self.safety, self.telemetry, self.handshake, self.profiler, self.bus):
+            part.close()
 

@@ -12,6 +12,12 @@
   raises CRITICAL from its own thread (freeze, shared-memory broadcast, acks); when the stalled
   step returns, the trainer resumes from the last healthy snapshot.
 - A rollback raises `RolledBack` to the loop, which restarts at the restored position.
+- Deferred steps (`run.loss_readback`; see loss_readback.py): an unchecked step's loss is read one
+  step later and its monitors run then. Every queued loss is read before a window closes, before
+  the boundary and before a checkpoint of the live state, so nothing unread is ever proven healthy
+  or saved. A late incident rolls back like any step incident; a late non-finite loss cannot tell
+  its batch from an earlier unchecked update (the weights are already stepped), so the replay
+  checks every step up to it and finds the offender as a synchronous run would.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from esper.contracts import EventSink
@@ -31,6 +38,7 @@ from esper.tolaria.distributed import World
 from esper.tolaria.observe.runlog import RunLog
 from esper.tolaria.recovery.checkpoints import Checkpoints
 from esper.tolaria.recovery.emergency import CRITICAL, MAJOR, MINOR, SEVERE, EmergencyProtocol, Incident, level_name
+from esper.tolaria.recovery.loss_readback import LossReadback, PendingLoss
 from esper.tolaria.recovery.monitors import MonitorSet, Watchdog
 from esper.tolaria.recovery.responses import Responses
 from esper.tolaria.recovery.signal import ChannelError, EmergencyChannel
@@ -65,6 +73,7 @@ class Safety:
         self._every_steps = config.snapshots.every_steps
         self._last_grad_check = -1  # the last global step whose whole gradient was read
         self._careful_until = -1  # check every step up to this global step (a replay after a rollback)
+        self.late = LossReadback(next(model.parameters(), torch.empty(0)).device)  # deferred steps' losses
 
     # ---------------------------------------------------------------- the run's ends
     def start(self, *, resumed: bool) -> None:
@@ -93,12 +102,22 @@ class Safety:
         self.checkpoints.flush()
 
     def checkpoint_now(self, reason: str) -> None:
-        """A synchronous checkpoint of the current (possibly mid-epoch) state, e.g. on SIGTERM."""
+        """A synchronous checkpoint of the current (possibly mid-epoch) state, e.g. on SIGTERM. Deferred
+        steps are checked first: a bad one is rolled back and the restored state is what is saved."""
+        try:
+            self._check_late(self.late.drain())
+        except RolledBack:
+            pass
         if self.checkpoints.writes:
             self.checkpoints.save_now(self.snapshots.detached("-stop"), reason)
 
     # ---------------------------------------------------------------- per step
     def settle(self) -> None:
+        self.snapshots.settle()
+
+    def before_boundary(self) -> None:
+        """Every deferred step checked (a late incident raises RolledBack), the last snapshot copied."""
+        self._check_late(self.late.drain())
         self.snapshots.settle()
 
     def grad_check_due(self, step: int) -> bool:
@@ -108,10 +127,19 @@ class Safety:
         return (step % self._grad_check_every == 0 or step <= self._careful_until
                 or bool(interval and step % interval == 0))
 
-    def step_incident(self, stats: AggregationStats, *, overflow_ok: bool = False) -> Incident | None:
-        """Monitors of this rank's step (the loss is already synced by the aggregator). `overflow_ok`:
-        a loss scaler is on, so non-finite gradients under a finite loss are its overflow, not an incident."""
+    def step_incident(self, stats: AggregationStats, batches: Sequence[int] = (), *,
+                      overflow_ok: bool = False) -> Incident | None:
+        """Monitors of this rank's step. `overflow_ok`: a loss scaler is on, so non-finite gradients
+        under a finite loss are its overflow, not an incident. A deferred step (`stats.pending`) is
+        queued and None returned; the deferred steps before it are checked now (a late incident
+        rolls back and raises RolledBack)."""
         epoch, step = self.position.epoch, self.position.global_step
+        if stats.pending is not None:
+            self.late.submit(stats.pending, epoch=epoch, step=step, batches=tuple(batches))
+            self._check_late(self.late.arrived())
+            return None
+        if self.late:
+            self._check_late(self.late.drain())  # in step order: the steps before this one first
         incident = self.monitors.loss.observe(stats.total_loss, epoch, step)
         if stats.grad_checked and not (overflow_ok and stats.grad_overflow):
             self._last_grad_check = step
@@ -135,6 +163,21 @@ class Safety:
             incident = dataclasses.replace(incident, reason=f"{incident.reason}; the weights are non-finite "
                                            "after unchecked steps: replaying them with gradient checks")
         self._handle(incident)
+
+    def _check_late(self, arrived: list[tuple[PendingLoss, float]]) -> None:
+        """The loss monitor over deferred steps, in step order; the first incident is handled."""
+        for pending, loss in arrived:
+            incident = self.monitors.loss.observe(loss, pending.epoch, pending.step)
+            if incident is None:
+                continue
+            self.model.zero_grad(set_to_none=True)  # the current step's gradients die with the rollback
+            self.responses.offending = [(pending.epoch, b) for b in pending.batches]
+            if incident.kind == "loss_nonfinite":  # its update is applied: the weights cannot tell who broke them
+                self.responses.offending = []
+                self._careful_until = pending.step
+                incident = dataclasses.replace(incident, reason=f"{incident.reason} (read one step late): "
+                                               "replaying the steps up to it with checks")
+            self._handle(incident)
 
     def after_step(self) -> None:
         """A step that returned after the watchdog froze training resumes from the last healthy snapshot;
@@ -168,6 +211,7 @@ class Safety:
             self.checkpoints.save_async(snapshot)
 
     def _close_window(self) -> None:
+        self._check_late(self.late.drain())  # nothing unread is proven healthy
         if self.snapshots.close_window():
             self.responses.progress()  # training got through a clean window
 
@@ -185,6 +229,7 @@ class Safety:
                         duration_ms=round(late.duration_ms, 3), deadline_ms=late.deadline_ms)
         if self.responses.rolled_back:
             self.responses.rolled_back = False
+            self.late.clear()  # losses still queued belong to steps the rollback discarded
             raise RolledBack(record.action)
 
     def _on_hang(self, incident: Incident) -> None:
