@@ -137,8 +137,11 @@ def rows(split: SplitBatch) -> int:
 
 def move_batch(batch: Any, device: torch.device, *, non_blocking: bool = False) -> Any:
     """`batch` with every tensor on `device` (same structure; dataclasses are rebuilt with replace)."""
-    if isinstance(batch, (torch.Tensor, PackedSequence)):  # a packed sequence's own rule: batch_sizes stay on the CPU
+    if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=non_blocking)
+    if isinstance(batch, PackedSequence):  # its own rule: batch_sizes stay on the CPU
+        # its stub copies only the first overload of Tensor.to (a dtype); it takes a device as Tensor.to does
+        return batch.to(device, non_blocking=non_blocking)  # type: ignore[arg-type]
     if isinstance(batch, (tuple, list)):
         moved = [move_batch(b, device, non_blocking=non_blocking) for b in batch]
         if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a namedtuple
