@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from esper.tolaria.recovery.restore_plan import RestorePlan
-from esper.tolaria.recovery.snapshot_cache import SnapshotCache, _sample_view, samples_equal
+from esper.tolaria.recovery.snapshot_cache import SnapshotCache, samples_equal
+from esper.tolaria.recovery.tensor_restore import _sample_view
 from esper.tolaria.state.rng import _NumpyStateProbe, rng_state, set_rng_state
 from esper.tolaria.state.snapshot import deep_clone, state_checksum
 

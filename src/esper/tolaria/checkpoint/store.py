@@ -19,10 +19,11 @@ that start-up cleans, never a half-deleted checkpoint.
 `crash_point(label)`, when set, is called before every durable step of that sequence (each
 file write, fsync, rename, WAL append, removal); tests use it to simulate a crash at each one.
 
-Async: `save_async` hands the snapshot (already a clone, see snapshot.py) to ONE long-lived
-writer thread. At most one request waits behind the running write: a newer request replaces
-the waiting one, whose future fails with CheckpointSuperseded (newest wins: an older snapshot is never worth
-writing once a newer one is queued).
+Async: `save_async` hands the snapshot (already a host copy, see snapshot.py) to ONE long-lived
+writer thread, which serialises from those host buffers once their copy is complete: no
+device-to-host copy runs on the training thread. At most one request waits behind the running
+write: a newer request replaces the waiting one, whose future fails with CheckpointSuperseded
+(newest wins: an older snapshot is never worth writing once a newer one is queued).
 """
 
 from __future__ import annotations
@@ -183,7 +184,7 @@ class CheckpointStore:
     # ------------------------------------------------------------------ the write
 
     def _save(self, snapshot: Snapshot) -> CheckpointInfo:
-        snapshot.wait_ready()  # a copy-behind snapshot: its tensors are complete only then
+        snapshot.wait_ready()  # its host buffers are complete only then (copy-behind; a CUDA copy's event)
         blobs = _serialize(snapshot)  # CheckpointStateError here touches no file and no WAL record
         txn = self._next_txn
         self._next_txn += 1

@@ -3,6 +3,8 @@ outcomes (the checkpoint breaker), the synchronous stop checkpoint, the newest v
 for a full rollback, and resume.
 
 Rank 0 writes (`store`); every rank reads the same directory for a full rollback or a resume.
+What it writes are the snapshots' host copies (snapshots.py): the boundary's checkpoint is the very
+snapshot the RAM cache holds, the stop checkpoint a host copy made by the same copy engine.
 """
 
 from __future__ import annotations

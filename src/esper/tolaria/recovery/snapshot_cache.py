@@ -2,22 +2,25 @@
 
 Contracts:
 
+- Snapshots live in host memory, whatever device the model trains on: a CUDA tensor's copy goes
+  into a pinned host buffer, filled by the copy engine on a side stream (copy_engine.py).
+  `snapshot_gpu_bytes` reports what the cache holds on any CUDA device: 0.
 - The cache is an LRU bounded by *count* (`capacity`) and *bytes* (`max_bytes`, tensor bytes as
-  `Snapshot.nbytes` reports them). Both caps hold after every `put`. A snapshot larger than
-  `max_bytes` on its own is refused: not inserted, counted in `refused_total`, reported as an event
-  and logged. Every eviction is counted (`evictions_total`) and reported as an event.
+  `Snapshot.nbytes` reports them). Both caps hold after every `put`. Without an explicit
+  `max_bytes` the cap follows host memory (host_memory.py): 2 GiB, raised to two snapshots where
+  host RAM holds them. A snapshot larger than `max_bytes` on its own is refused: not inserted,
+  counted in `refused_total`, reported as an event and logged. Every eviction is counted
+  (`evictions_total`) and reported as an event.
 - A snapshot becomes a rollback target only once `mark_healthy` says the window after it trained
   cleanly (a snapshot of a failing step must never be what a rollback restores). `last_healthy`
   returns the newest healthy snapshot; eviction spares that one while any other candidate exists,
   so a burst of fresh (unproven) snapshots cannot push out the only good rollback target.
-- `restore_tensors_` copies snapshot tensors into live tensors in place (one `_foreach_copy_` for
-  every same-shape/dtype/device pair), then confirms cheaply with `confirm_restored` (version
-  counters advanced on every tensor; sampled raw bits of two tensors equal the snapshot's).
+- The in-place restore (`restore_tensors_`, `copy_in_place_`, `confirm_restored`) lives in
+  tensor_restore.py and is re-exported here.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import sys
 from collections import OrderedDict, deque
@@ -27,8 +30,25 @@ from typing import Any, Literal
 
 import torch
 
+from esper.tolaria.recovery.copy_engine import CopyJob, StreamCopier, fits_host_buffer, host_buffer_like
+from esper.tolaria.recovery.host_memory import BASE_CAP_BYTES, available_host_bytes, cap_for
 from esper.tolaria.recovery.snapshot_copier import BackgroundCopier
+from esper.tolaria.recovery.tensor_restore import (  # the restore half, re-exported for its users
+    Pairs,
+    RestoreError,
+    RestoreResult,
+    confirm_restored,
+    copy_in_place_,
+    flatten_tensors,
+    restore_tensors_,
+    sample_bits,
+    samples_equal,
+)
 from esper.tolaria.state.snapshot import ATOMS, Snapshot, SnapshotCopyError, tensor_bytes
+
+__all__ = ["DEFAULT_MAX_BYTES", "CacheEvent", "DeferRule", "RestoreError", "RestoreResult", "SnapshotCache",
+           "confirm_restored", "copy_behind_rule", "copy_in_place_", "flatten_tensors", "restore_tensors_",
+           "sample_bits", "samples_equal"]
 
 # defer(section, tensor): True to copy this tensor behind (see snapshot_copier.py). `section` is the
 # top-level key of the state it sits under ("model", "optimizer", ...).
@@ -36,15 +56,8 @@ DeferRule = Callable[[str, torch.Tensor], bool]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_BYTES = 2 * 1024**3
-SAMPLES_PER_TENSOR = 8  # evenly spaced elements per sampled tensor, from the first
-CONFIRM_SAMPLED_TENSORS = 2
-_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+DEFAULT_MAX_BYTES = BASE_CAP_BYTES  # the cap's floor when it follows host memory
 MAX_EVENTS = 256
-
-
-class RestoreError(RuntimeError):
-    """Live and snapshot tensors do not correspond, or the restored bits do not match."""
 
 
 @dataclass(frozen=True)
@@ -62,13 +75,16 @@ class CacheEvent:
 class SnapshotCache:
     """LRU of in-memory snapshots bounded by count and bytes (see module docstring)."""
 
-    def __init__(self, capacity: int = 5, max_bytes: int = DEFAULT_MAX_BYTES, *, recycle: bool = False) -> None:
+    def __init__(self, capacity: int = 5, max_bytes: int | None = None, *, recycle: bool = False,
+                 available: Callable[[], int] = available_host_bytes) -> None:
+        """`max_bytes` None: the cap follows host memory (`available` reads it; see host_memory.py)."""
         if capacity < 1:
             raise ValueError(f"SnapshotCache capacity={capacity}: keep at least 1 snapshot")
-        if max_bytes < 1:
+        if max_bytes is not None and max_bytes < 1:
             raise ValueError(f"SnapshotCache max_bytes={max_bytes}: give a positive byte budget")
         self.capacity = capacity
-        self.max_bytes = max_bytes
+        self.max_bytes = DEFAULT_MAX_BYTES if max_bytes is None else max_bytes
+        self._available = available if max_bytes is None else None
         self._items: OrderedDict[str, Snapshot] = OrderedDict()  # least recently used first
         self.bytes_used = 0
         self.evictions_total = 0
@@ -77,8 +93,9 @@ class SnapshotCache:
         self.recycle = recycle
         self.recycled_total = 0
         self._spare: Snapshot | None = None  # the last evicted snapshot, kept for `take` to reuse
-        self._copier: BackgroundCopier | None = None
-        self._filling: Snapshot | None = None  # the snapshot whose copy-behind job may be running
+        self._copier: BackgroundCopier | None = None  # the copy engine of CPU tensors
+        self._streams: StreamCopier | None = None  # the copy engine of CUDA tensors
+        self._filling: Snapshot | None = None  # the snapshot whose copy job may be running, until settled
 
     def __len__(self) -> int:
         return len(self._items)
@@ -88,6 +105,7 @@ class SnapshotCache:
 
     def put(self, snapshot: Snapshot) -> bool:
         """Insert `snapshot` as most recently used; False (and an event) if it alone exceeds max_bytes."""
+        self._fit_cap(snapshot.nbytes)
         if snapshot.nbytes > self.max_bytes:
             self._refuse(snapshot.snapshot_id, snapshot.global_step, snapshot.nbytes)
             return False
@@ -134,48 +152,81 @@ class SnapshotCache:
 
     def take(self, snapshot_id: str, epoch: int, global_step: int, state: Mapping[str, Any], *,
              defer: DeferRule | None = None) -> Snapshot | None:
-        """Clone `state` into a new snapshot and `put` it; None (and a refusal event) if too big.
+        """Copy `state` into a new host-memory snapshot and `put` it; None (and a refusal event) if
+        too big.
 
         With `recycle=True`, tensors are copied into the buffers of the last evicted snapshot where
-        path, shape, dtype and device match, instead of freshly allocated (a 20M-param model with
-        Adam state: ~95 ms instead of ~245 ms on a 2-core CPU). The spare is reused only if nothing
-        outside the cache still references it, its state or any container or tensor inside it (an
-        async checkpoint writer holding it keeps it intact). The spare adds one snapshot of memory
-        beyond `max_bytes`.
+        path, shape, dtype and host placement match, instead of freshly allocated (a 20M-param model
+        with Adam state: ~95 ms instead of ~245 ms on a 2-core CPU). The spare is reused only if
+        nothing outside the cache still references it, its state or any container or tensor inside
+        it (an async checkpoint writer holding it keeps it intact), and only once its own copy job
+        is done. The spare adds one snapshot of memory beyond `max_bytes`.
 
-        With `defer`, the tensors it selects are copied behind, on the cache's background thread:
-        the snapshot's `ready` job runs until `settle()`, which the caller must reach before
-        anything writes those live tensors."""
+        With `defer`, the CPU tensors it selects are copied behind, on the cache's background
+        thread; CUDA tensors are always copied by the stream engine, those `defer` selects behind
+        the next forward pass. The snapshot's `ready` job runs until `settle()`, which the caller
+        must reach before anything writes those live tensors."""
         self.settle()  # its buffers may be the spare now, and jobs never overlap
         nbytes = tensor_bytes(state)
+        self._fit_cap(nbytes)
         if nbytes > self.max_bytes:
             self._refuse(snapshot_id, global_step, nbytes)
             return None
-        spare = self._take_spare()
-        deferred: list[tuple[torch.Tensor, torch.Tensor]] = []
-        with torch.no_grad():
-            cloned = _clone_into(state, spare, defer, deferred)
-        snapshot = Snapshot(snapshot_id=snapshot_id, epoch=epoch, global_step=global_step, state=cloned, nbytes=nbytes)
-        if deferred:
-            if self._copier is None:
-                self._copier = BackgroundCopier()
-            snapshot.ready = self._copier.submit([d for d, _ in deferred], [s for _, s in deferred])
-            self._filling = snapshot
+        snapshot = self._copy(snapshot_id, epoch, global_step, state, nbytes, self._take_spare(), defer)
         self.put(snapshot)
         return snapshot
 
+    def copy_out(self, snapshot_id: str, epoch: int, global_step: int, state: Mapping[str, Any], *,
+                 defer: DeferRule | None = None) -> Snapshot:
+        """A snapshot of `state` in host memory, kept outside the cache (one over the cap, the stop
+        checkpoint): fresh buffers, the same copy engines, settled like `take`'s."""
+        self.settle()
+        return self._copy(snapshot_id, epoch, global_step, state, tensor_bytes(state), None, defer)
+
+    def _copy(self, snapshot_id: str, epoch: int, global_step: int, state: Mapping[str, Any], nbytes: int,
+              spare: Any, defer: DeferRule | None) -> Snapshot:
+        todo = _Copies([], [], [])
+        with torch.no_grad():
+            cloned = _clone_into(state, spare, defer, todo)
+        snapshot = Snapshot(snapshot_id=snapshot_id, epoch=epoch, global_step=global_step, state=cloned, nbytes=nbytes)
+        job = self._submit(todo)
+        if job is not None:
+            snapshot.ready = job
+            self._filling = snapshot
+        return snapshot
+
+    def _submit(self, todo: _Copies) -> CopyJob | None:
+        """Hand what `_clone_into` left to the engine of the model's device (None: nothing left)."""
+        device = todo.device_now + todo.device_behind
+        if device:
+            if todo.behind:  # a CUDA model's few CPU-held tensors (e.g. Adam's step counts): at once
+                copy_in_place_([d for d, _ in todo.behind], [s for _, s in todo.behind])
+            if self._streams is None:
+                self._streams = StreamCopier()
+            return self._streams.submit([d for d, _ in device], [s for _, s in device], at_once=len(todo.device_now))
+        if todo.behind:
+            if self._copier is None:
+                self._copier = BackgroundCopier()
+            return self._copier.submit([d for d, _ in todo.behind], [s for _, s in todo.behind])
+        return None
+
     def settle(self, timeout: float | None = None) -> None:
-        """Wait until the last snapshot's copy-behind job is done. If it failed, that snapshot is
-        dropped from the cache and SnapshotCopyError is raised."""
+        """Order the training thread's next work after the last snapshot's copy job: on the CPU,
+        wait until it is done; on CUDA, make the current stream wait on its event (readers of its
+        host buffers call `Snapshot.wait_ready`). If it failed, that snapshot is dropped from the
+        cache and SnapshotCopyError is raised."""
         snapshot, self._filling = self._filling, None
-        if snapshot is None:
+        job = snapshot.ready if snapshot is not None else None
+        if snapshot is None or job is None:
             return
         try:
-            snapshot.wait_ready(timeout)
+            job.wait(timeout)
         except SnapshotCopyError:
             if self._items.get(snapshot.snapshot_id) is snapshot:
                 self._drop(snapshot.snapshot_id)
             raise
+        if job.done():
+            snapshot.ready = None
 
     @property
     def filling(self) -> bool:
@@ -189,10 +240,31 @@ class SnapshotCache:
         finally:
             if self._copier is not None:
                 self._copier.close()
+            if self._streams is not None:
+                self._streams.close()
+
+    @property
+    def snapshot_gpu_bytes(self) -> int:
+        """Bytes of snapshot storage the cache holds on any CUDA device (cached snapshots, the spare,
+        the one being filled). Snapshots live in host memory, so this is 0."""
+        held = [*self._items.values(), self._spare, self._filling]
+        return sum(t.numel() * t.element_size() for snap in held if snap is not None
+                   for t in flatten_tensors(snap.state).values() if t.is_cuda)
+
+    def _fit_cap(self, nbytes: int) -> None:
+        """Raise a memory-following cap to hold two snapshots of `nbytes` where host RAM allows."""
+        if self._available is None or 2 * nbytes <= self.max_bytes:
+            return
+        held = self.bytes_used + (self._spare.nbytes if self._spare is not None else 0)
+        self.max_bytes = cap_for(nbytes, self.max_bytes, self._available() + held)
 
     def _take_spare(self) -> Any:
         spare, self._spare = self._spare, None
         if spare is None:
+            return None
+        try:
+            spare.wait_ready()  # a buffer goes to a new job only once its last job is done
+        except SnapshotCopyError:
             return None
         state = spare.state
         del spare
@@ -218,15 +290,16 @@ class SnapshotCache:
             "healthy": sum(1 for s in self._items.values() if s.healthy),
             "evictions_total": self.evictions_total,
             "refused_total": self.refused_total,
-            "copied_behind": {"jobs": self._copier.jobs_total if self._copier else 0,
-                              "bytes": self._copier.bytes_total if self._copier else 0},
+            "copied_behind": {"jobs": sum(e.jobs_total for e in (self._copier, self._streams) if e),
+                              "bytes": sum(e.bytes_total for e in (self._copier, self._streams) if e)},
+            "snapshot_gpu_bytes": self.snapshot_gpu_bytes,
             "events": [e.as_dict() for e in self.events],
         }
 
     def _refuse(self, snapshot_id: str, global_step: int, nbytes: int) -> None:
         reason = (
             f"snapshot {snapshot_id} holds {nbytes} bytes, over the cache's max_bytes="
-            f"{self.max_bytes}: raise snapshots.max_bytes or rely on checkpoints for this model"
+            f"{self.max_bytes}: raise snapshots.max_mb or rely on checkpoints for this model"
         )
         self.refused_total += 1
         self.events.append(CacheEvent("refused", snapshot_id, global_step, nbytes, reason))
@@ -271,100 +344,56 @@ def _unshared_children(container: Any) -> bool:
 
 
 def _fits(old: Any, t: torch.Tensor) -> bool:
-    """`old` can receive a copy of `t` as is (a recycled buffer)."""
+    """`old` can receive a copy of CPU tensor `t` as is (a recycled buffer)."""
     return isinstance(old, torch.Tensor) and old.dtype == t.dtype and old.shape == t.shape and old.device == t.device
 
 
-def _clone_into(obj: Any, old: Any, defer: DeferRule | None = None,
-                deferred: list[tuple[torch.Tensor, torch.Tensor]] | None = None, section: str | None = None) -> Any:
-    """deep_clone(obj), copying into `old`'s matching tensors instead of allocating where possible.
+@dataclass
+class _Copies:
+    """What `_clone_into` left for a copy engine: CPU tensors `defer` selected (`behind`), and every
+    CUDA tensor, those the next forward pass may change first (`device_now`)."""
+    behind: Pairs
+    device_now: Pairs
+    device_behind: Pairs
 
-    Tensors that `defer(section, tensor)` selects get their destination only; the (destination,
-    source) pair goes to `deferred` for the caller to copy later."""
+
+def _clone_into(obj: Any, old: Any, defer: DeferRule | None, todo: _Copies, section: str | None = None) -> Any:
+    """deep_clone(obj) into host memory, copying into `old`'s matching tensors instead of allocating
+    where possible.
+
+    A CPU tensor that `defer(section, tensor)` selects, and every CUDA tensor, gets its destination
+    only; the (destination, source) pair goes to `todo` for a copy engine."""
     if type(obj) in ATOMS:
         return obj
     if isinstance(obj, torch.Tensor):
-        if defer is not None and deferred is not None and defer(section or "", obj):
+        if not obj.is_cpu:
+            return _host_copy(obj, old, defer, todo, section)
+        if defer is not None and defer(section or "", obj):
             dst = old if _fits(old, obj) else torch.empty_like(obj, requires_grad=False)
-            deferred.append((dst, obj))  # the copier copies under no_grad: no detach needed
+            todo.behind.append((dst, obj))  # the copier copies under no_grad: no detach needed
             return dst
         src = obj.detach()
         return old.copy_(src) if _fits(old, src) else src.clone()
     if isinstance(obj, (dict, Mapping)):  # dict first: the common case skips the slow ABC check
         olds = old if isinstance(old, dict) else {}
-        return {k: _clone_into(v, olds.get(k), defer, deferred, str(k) if section is None else section)
+        return {k: _clone_into(v, olds.get(k), defer, todo, str(k) if section is None else section)
                 for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         seq = old if isinstance(old, list) and len(old) == len(obj) else [None] * len(obj)
-        items = [_clone_into(v, o, defer, deferred, section or "") for v, o in zip(obj, seq, strict=True)]
+        items = [_clone_into(v, o, defer, todo, section or "") for v, o in zip(obj, seq, strict=True)]
         return items if isinstance(obj, list) else tuple(items)
     return obj
 
 
-# ---------------------------------------------------------------------- restore
-
-
-@dataclass(frozen=True)
-class RestoreResult:
-    tensors: int
-    nbytes: int
-    foreach: int  # tensors copied by the single _foreach_copy_
-    fallback: int  # tensors copied one by one (dtype or device differs)
-
-
-def flatten_tensors(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Every tensor inside nested mappings/lists, keyed by its dotted path."""
-    out: dict[str, torch.Tensor] = {}
-    _flatten(obj, prefix, out)
-    return out
-
-
-def _flatten(obj: Any, prefix: str, out: dict[str, torch.Tensor]) -> None:
-    if isinstance(obj, torch.Tensor):
-        out[prefix] = obj
-    elif isinstance(obj, (dict, Mapping)):  # dict first: the common case skips the slow ABC check
-        for key, value in obj.items():
-            _flatten(value, f"{prefix}.{key}" if prefix else str(key), out)
-    elif isinstance(obj, (list, tuple)):
-        for i, value in enumerate(obj):
-            _flatten(value, f"{prefix}.{i}" if prefix else str(i), out)
-
-
-def restore_tensors_(live: Mapping[str, Any], snap: Mapping[str, Any], *, verify: bool = True) -> RestoreResult:
-    """Copy every tensor of `snap` into the tensor at the same path in `live`, in place.
-
-    `live` and `snap` may be nested (e.g. `{"model": model.state_dict(), "optimizer":
-    optimizer.state_dict()["state"]}`: both hand out the live tensors themselves). They must hold
-    the same tensor paths with the same shapes, else `RestoreError` names the first difference and
-    nothing is copied. With `verify`, `confirm_restored` checks the result; a failure raises
-    `RestoreError`."""
-    plan = _plan(flatten_tensors(live), flatten_tensors(snap))
-    versions = copy_in_place_(plan.dst, plan.src)
-    slow_versions = [dst._version for dst, _ in plan.slow]
-    with torch.no_grad():
-        for dst, src in plan.slow:
-            dst.copy_(src)  # dtype or device differs: copy_ converts
-    problem = confirm_restored(plan.dst, plan.src, versions) if verify else ""
-    if verify and any(dst._version == v for (dst, _), v in zip(plan.slow, slow_versions, strict=True)):
-        problem = problem or "a converted (dtype/device) tensor was not written"
-    if problem:
-        raise RestoreError(f"restore did not take effect: {problem}")
-    return RestoreResult(tensors=len(plan.dst) + len(plan.slow), nbytes=plan.nbytes, foreach=len(plan.dst),
-                         fallback=len(plan.slow))
-
-
-def copy_in_place_(dst: list[torch.Tensor], src: list[torch.Tensor]) -> list[int]:
-    """One `_foreach_copy_` of `src` into `dst` (same shapes, dtypes, devices), grad off since
-    `dst` may be leaf parameters. Returns the version counters from before, for `confirm_restored`."""
-    versions = [t._version for t in dst]
-    grad_was = torch.is_grad_enabled()
-    torch.set_grad_enabled(False)  # cheaper than a no_grad() frame on this path
-    try:
-        if dst:
-            torch._foreach_copy_(dst, src)
-    finally:
-        torch.set_grad_enabled(grad_was)
-    return versions
+def _host_copy(t: torch.Tensor, old: Any, defer: DeferRule | None, todo: _Copies, section: str | None) -> torch.Tensor:
+    """The host buffer receiving device tensor `t`: queued for the stream engine when `t` is on CUDA;
+    copied at once from a device without streams."""
+    dst = old if fits_host_buffer(old, t) else host_buffer_like(t)
+    if not t.is_cuda:
+        return dst.copy_(t)
+    behind = defer is not None and defer(section or "", t)
+    (todo.device_behind if behind else todo.device_now).append((dst, t))
+    return dst
 
 
 def copy_behind_rule(model: torch.nn.Module) -> DeferRule:
@@ -373,121 +402,3 @@ def copy_behind_rule(model: torch.nn.Module) -> DeferRule:
     cloned at once."""
     params = {p.data_ptr() for p in model.parameters()}
     return lambda section, x: section == "optimizer" or (section == "model" and x.data_ptr() in params)
-
-
-@dataclass
-class _Plan:
-    dst: list[torch.Tensor]
-    src: list[torch.Tensor]
-    slow: list[tuple[torch.Tensor, torch.Tensor]]
-    nbytes: int
-
-
-def _plan(live: dict[str, torch.Tensor], snap: dict[str, torch.Tensor]) -> _Plan:
-    if live.keys() != snap.keys():
-        only_live = sorted(live.keys() - snap.keys())[:3]
-        only_snap = sorted(snap.keys() - live.keys())[:3]
-        raise RestoreError(
-            f"live and snapshot tensors differ (only live: {only_live}, only snapshot: {only_snap}): "
-            "rebuild the model/optimizer structure from the snapshot's manifest before restoring"
-        )
-    plan = _Plan([], [], [], 0)
-    for key, dst in live.items():
-        src = snap[key]
-        if dst.shape != src.shape:
-            raise RestoreError(
-                f"tensor {key!r} is {tuple(dst.shape)} live but {tuple(src.shape)} in the snapshot: "
-                "rebuild the structure before restoring"
-            )
-        if dst.dtype == src.dtype and dst.device == src.device:
-            plan.dst.append(dst)
-            plan.src.append(src)
-        else:
-            plan.slow.append((dst, src))
-        plan.nbytes += dst.nbytes
-    return plan
-
-
-def confirm_restored(dst: list[torch.Tensor], src: list[torch.Tensor], versions_before: list[int]) -> str:
-    """The confirm step of a fast rollback: "" if the restore took effect, else what is wrong.
-
-    Two cheap checks instead of a checksum that would cost more than the copy it confirms:
-    every destination's version counter advanced (each tensor was written in place, none was
-    skipped or swapped for a new object), and the raw bits of SAMPLES_PER_TENSOR evenly spaced
-    elements of CONFIRM_SAMPLED_TENSORS tensors (first and last) equal the snapshot's. The copy
-    itself is exact by construction; tests prove bit-exactness with `state_checksum`."""
-    for i, (t, before) in enumerate(zip(dst, versions_before, strict=True)):
-        if t._version == before:
-            return f"tensor #{i} {tuple(t.shape)} was not written"
-    if not dst:
-        return ""
-    picks = {0, len(dst) - 1}
-    for i in sorted(picks)[:CONFIRM_SAMPLED_TENSORS]:
-        if not samples_equal(dst[i], src[i]):
-            return f"tensor #{i} {tuple(dst[i].shape)} differs from the snapshot at sampled elements"
-    return ""
-
-
-def samples_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """The raw bits of SAMPLES_PER_TENSOR evenly spaced elements are equal (NaN equals NaN)."""
-    if _plain_cpu(a) and _plain_cpu(b) and a.dtype == b.dtype and a.numel() == b.numel():
-        return _host_samples_equal(a, b)
-    sa, sb = _strided_sample(a), _strided_sample(b)
-    return torch.equal(sa, sb) or torch.equal(_bits(sa), _bits(sb))
-
-
-def _plain_cpu(t: torch.Tensor) -> bool:
-    return t.is_cpu and t.layout is torch.strided and not t.is_quantized and t.is_contiguous()
-
-
-def _host_samples_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """`samples_equal` for contiguous CPU tensors, reading the raw bytes through a memoryview:
-    the same comparison without four torch dispatches per tensor, which run cache-cold right
-    after a rollback's copy and dominated the confirm phase."""
-    n, size = a.numel(), a.element_size()
-    code = _MEMORYVIEW_CODE.get(size)
-    if n == 0 or code is None:
-        return n == 0 or torch.equal(_sample_view(a), _sample_view(b))
-    count, step = _sample_positions(n)
-    span = ((count - 1) * step + 1) * size
-    va = memoryview((ctypes.c_char * span).from_address(a.data_ptr())).cast("B").cast(code)
-    vb = memoryview((ctypes.c_char * span).from_address(b.data_ptr())).cast("B").cast(code)
-    return va[::step] == vb[::step]
-
-
-# Unsigned integer views: the comparison is of bits, so NaN equals NaN.
-_MEMORYVIEW_CODE: dict[int, Literal["B", "H", "I", "Q"]] = {1: "B", 2: "H", 4: "I", 8: "Q"}
-
-
-def sample_bits(t: torch.Tensor) -> torch.Tensor:
-    """Up to SAMPLES_PER_TENSOR evenly spaced elements of `t` (the first included) as raw
-    integer bits, copied: exact to compare (no rounding; NaN equals NaN)."""
-    with torch.no_grad():
-        return _sample_view(t).clone()
-
-
-def _sample_view(t: torch.Tensor) -> torch.Tensor:
-    """`sample_bits` as a view of `t` (no copy): for comparing on the spot, with grad disabled."""
-    return _bits(_strided_sample(t))
-
-
-def _strided_sample(t: torch.Tensor) -> torch.Tensor:
-    n = t.numel()
-    flat = t if t.is_contiguous() else t.contiguous()
-    if n == 0:
-        return flat.reshape(-1)
-    count, step = _sample_positions(n)
-    return flat.as_strided((count,), (step,), flat.storage_offset())
-
-
-def _sample_positions(n: int) -> tuple[int, int]:
-    """(how many, element stride) of the evenly spaced samples of an n-element tensor (n > 0)."""
-    count = min(n, SAMPLES_PER_TENSOR)
-    return count, max(1, (n - 1) // max(1, count - 1))
-
-
-def _bits(sample: torch.Tensor) -> torch.Tensor:
-    ints = _INT_OF_SIZE.get(sample.element_size())
-    if ints is not None and not sample.is_complex():
-        return sample.view(ints)
-    return sample.contiguous().view(torch.uint8)

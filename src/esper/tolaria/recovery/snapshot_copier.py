@@ -1,4 +1,4 @@
-"""Copy-behind: a snapshot's bulk tensor copy runs on a background thread.
+"""Copy-behind on the CPU: a snapshot's bulk tensor copy runs on a background thread.
 
 Parameters and optimizer state change only when the optimizer steps (or a rollback or the
 boundary writes them). So at a snapshot the trainer clones the small, forward-mutated parts
@@ -8,7 +8,9 @@ the next step's data loading, forward and backward run while it copies. The trai
 the next boundary. With a forward and backward longer than the copy, the wait is zero.
 
 One job at a time, in order, on one daemon thread started on first use. `torch._foreach_copy_`
-releases the GIL, so the copy really runs beside the training thread.
+releases the GIL, so the copy really runs beside the training thread. This is the CPU
+implementation of the copy-engine contract (copy_engine.py; `StreamCopier` is the CUDA one): the
+thread blocks in `wait()`, which is therefore also `synchronize()`.
 """
 
 from __future__ import annotations
@@ -42,6 +44,12 @@ class CopyJob:
             self._dst = self._src = None  # drop the references: buffers can be recycled, live tensors freed
             self._done.set()
 
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def synchronize(self, timeout: float | None = None) -> None:
+        self.wait(timeout)
+
     def wait(self, timeout: float | None = None) -> None:
         if not self._done.wait(timeout):
             raise SnapshotCopyError(f"the snapshot's background copy ({self.nbytes} bytes) did not finish "
@@ -61,8 +69,12 @@ class BackgroundCopier:
         self.jobs_total = 0
         self.bytes_total = 0
 
-    def submit(self, dst: list[torch.Tensor], src: list[torch.Tensor]) -> CopyJob:
-        job = CopyJob(dst, src)
+    def submit(self, dst: list[torch.Tensor], src: list[torch.Tensor], *, at_once: int = 0) -> CopyJob:
+        """Queue the copies; the first `at_once` pairs are copied here, before this returns."""
+        if at_once:
+            with torch.no_grad():
+                torch._foreach_copy_(dst[:at_once], src[:at_once])
+        job = CopyJob(dst[at_once:], src[at_once:])
         with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="tolaria-snapshot-copier", daemon=True)

@@ -1,7 +1,9 @@
 """`Snapshots`: the RAM snapshots a fast rollback restores, and which of them are proven healthy.
 
-Every snapshot goes into the cache; copy-behind copies parameters and optimizer state while the
-next step runs, so `settle` must run before anything writes them. A snapshot becomes a rollback
+Every snapshot goes into the cache, in host memory (pinned buffers filled on a side stream when
+the model is on CUDA); copy-behind copies parameters and optimizer state while the next step runs,
+so `settle` must run before anything writes them. A snapshot over the cache's cap, and the stop
+checkpoint's, are host copies outside it, made by the same engines. A snapshot becomes a rollback
 target only when the window after it trained cleanly (`close_window`); the starting state
 counts as healthy. A failed copy loses only that snapshot: it leaves the cache, is never a
 rollback target, and is reported.
@@ -35,7 +37,9 @@ class Snapshots:
     def __init__(self, config: SnapshotConfig, *, registry: StateRegistry, model: nn.Module,
                  optimizer: Callable[[], torch.optim.Optimizer], position: TrainerState, profiler: Profiler,
                  timer: MonotonicTimer, events: EventSink) -> None:
-        self.cache = SnapshotCache(config.capacity, int(config.max_mb * 2**20), recycle=config.recycle)
+        # An unset max_mb lets the cap follow host memory (two snapshots where RAM holds them).
+        max_bytes = int(config.max_mb * 2**20) if "max_mb" in config.model_fields_set else None
+        self.cache = SnapshotCache(config.capacity, max_bytes, recycle=config.recycle)
         self.copy_behind = config.copy_behind
         self.registry, self.model, self.optimizer, self.position = registry, model, optimizer, position
         self.profiler, self.timer, self.events = profiler, timer, events
@@ -43,7 +47,7 @@ class Snapshots:
         self.window_clean = True
 
     def take(self, suffix: str = "") -> Snapshot:
-        """Snapshot the live state into the cache (a full clone when it alone exceeds the cap)."""
+        """Snapshot the live state into the cache (a host copy outside it when it alone exceeds the cap)."""
         p = self.position
         snapshot_id = p.snapshot_id + suffix
         with self.profiler.span("boundary.snapshot"), self.timer.phase("snapshot"):
@@ -51,16 +55,19 @@ class Snapshots:
             # parameters and optimizer state copied behind, while the next step runs.
             defer = copy_behind_rule(self.model) if self.copy_behind else None
             self.settle()
-            cached = self.cache.take(snapshot_id, p.epoch, p.global_step, self.registry.live_state(), defer=defer)
-            snapshot = cached if cached is not None else self.registry.snapshot(snapshot_id, p.epoch, p.global_step)
+            live = self.registry.live_state()
+            cached = self.cache.take(snapshot_id, p.epoch, p.global_step, live, defer=defer)
+            snapshot = cached if cached is not None else self.cache.copy_out(snapshot_id, p.epoch, p.global_step,
+                                                                             live, defer=defer)
             snapshot.restore_plan = RestorePlan.build(self.model, self.optimizer(), snapshot.state)
         self._unproven, self.window_clean = snapshot.snapshot_id, True
         return snapshot
 
     def detached(self, suffix: str) -> Snapshot:
-        """A full clone outside the cache (the stop checkpoint)."""
+        """A host copy outside the cache (the stop checkpoint); the writer waits for its copy."""
         p = self.position
-        return self.registry.snapshot(p.snapshot_id + suffix, p.epoch, p.global_step)
+        self.settle()
+        return self.cache.copy_out(p.snapshot_id + suffix, p.epoch, p.global_step, self.registry.live_state())
 
     def settle(self) -> None:
         """Wait for the last snapshot's copy-behind job. Call before anything writes parameters or
@@ -86,6 +93,10 @@ class Snapshots:
         self.settle()
         snapshot = self.cache.peek(self._unproven)
         if snapshot is None or not self.window_clean:
+            return False
+        try:
+            snapshot.wait_ready()  # its host buffers are read below (done long since: a window passed)
+        except SnapshotCopyError:
             return False
         if not tensors_finite(snapshot.state["model"].values()):
             self.events("snapshot_nonfinite", TELEMETRY_LEVEL_ERROR, MESSAGE_PRIORITY_HIGH,

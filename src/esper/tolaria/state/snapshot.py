@@ -1,7 +1,8 @@
 """In-memory snapshots: the complete training state needed to continue bit-for-bit.
 
 A snapshot's `state` is a nested dict of plain values and *cloned* tensors, taken at a
-consistent point (between optimizer steps), so later training never mutates it. Sections:
+consistent point (between optimizer steps), so later training never mutates it. The snapshots
+Tolaria keeps (the RAM cache, checkpoints) hold host tensors whatever device trains. Sections:
 
 - `model`: model state_dict; `kasmina`: Kasmina manifest + state (structure first, then weights)
 - `optimizer`, `lr`, `aggregator`, `breakers`, `conservative`, `tamiyo`, `monitors`
@@ -31,8 +32,8 @@ class Snapshot:
     # A `RestorePlan` pairing the live tensors with this snapshot's, made when it was taken;
     # derived data, never saved (see restore_plan.py).
     restore_plan: Any = field(default=None, repr=False, compare=False)
-    # A `CopyJob` still filling this snapshot's tensors in the background (copy-behind); None once
-    # taken synchronously. Read tensor *contents* only after `wait_ready`.
+    # A copy job (copy_engine.py) still filling this snapshot's tensors in the background; None
+    # once known to be done. Read tensor *contents* only after `wait_ready`.
     ready: Any = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -40,10 +41,11 @@ class Snapshot:
             self.nbytes = tensor_bytes(self.state)
 
     def wait_ready(self, timeout: float | None = None) -> None:
-        """Return once every tensor holds its value; raise SnapshotCopyError if the copy failed."""
+        """Return once every tensor holds its value, readable from this thread (a CUDA copy's event
+        has completed); raise SnapshotCopyError if the copy failed."""
         job = self.ready
         if job is not None:
-            job.wait(timeout)
+            job.synchronize(timeout)
             self.ready = None
 
 
