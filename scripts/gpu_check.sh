@@ -23,8 +23,8 @@ WHEELS_WANTED=(pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typ
 PY=${PYTHON:-python3}
 WHEELS=${GPU_CHECK_WHEELS:-.whl}
 SITE=${GPU_CHECK_SITE:-/tmp/site}
-TESTS_LIMIT_S=${GPU_CHECK_TESTS_LIMIT_S:-330}
-BENCH_LIMIT_S=${GPU_CHECK_BENCH_LIMIT_S:-210}
+TESTS_LIMIT_S=${GPU_CHECK_TESTS_LIMIT_S:-300}
+BENCH_LIMIT_S=${GPU_CHECK_BENCH_LIMIT_S:-240}
 
 if [[ ${1:-} == --fetch-wheels ]]; then
   mkdir -p "$WHEELS"

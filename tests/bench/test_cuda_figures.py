@@ -120,3 +120,24 @@ def test_the_checkpoint_stall_code_runs_on_the_cpu_at_a_toy_size() -> None:
 def test_the_snapshot_bytes_code_reads_the_cache_and_finds_none_on_a_cpu_run() -> None:
     values: list[Any] = measure_snapshot_gpu_bytes("cpu", TOY, boundaries=2, precision="fp32")
     assert values == [0.0, 0.0]
+
+
+def test_each_cuda_figure_returns_the_harness_s_trials_in_one_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A figure that returns fewer values than the harness wants is called again: a whole second
+    100M measurement (or, for the memoised rollback, the same values counted twice)."""
+    from esper.tolaria.bench import figures_cuda
+    from esper.tolaria.bench.harness import FULL_TRIALS, QUICK_TRIALS
+
+    def fake_rollback(device: str, size: LMSize, *, reps: int, trials: int) -> figures_cuda.RollbackTimes:
+        return figures_cuda.RollbackTimes([1.0] * trials, [1.0] * trials)
+
+    monkeypatch.setattr(figures_cuda, "measure_step_overhead", lambda d, s, *, steps, rounds: [0.0] * rounds)
+    monkeypatch.setattr(figures_cuda, "measure_fast_rollback", fake_rollback)
+    monkeypatch.setattr(figures_cuda, "measure_checkpoint_stall", lambda d, s, *, trials: [0.0] * trials)
+    monkeypatch.setattr(figures_cuda, "measure_snapshot_gpu_bytes", lambda d, s, *, boundaries: [0.0] * boundaries)
+    figures_cuda._rollback_100m.cache_clear()
+    discover()
+    for quick, wanted in ((True, QUICK_TRIALS), (False, FULL_TRIALS)):
+        for name in GOALS:
+            assert len(registry.FIGURES[name].fn(quick)) >= wanted, (name, quick)
+        figures_cuda._rollback_100m.cache_clear()

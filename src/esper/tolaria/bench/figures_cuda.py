@@ -11,7 +11,9 @@ with their baseline on the same model, after a warm-up.
 Models: `zoo.CharTransformer` (a pre-norm causal transformer, vocabulary 256, context 256), bf16
 autocast on both sides, AdamW (fp32 master weights and state), batches of random token windows
 already on the device. ~100M: width 1024, 8 layers, 16 heads, batch 16 (101.6M parameters);
-~10M: width 384, 6 layers, 6 heads, batch 32 (10.9M). Whole bench: ~2 minutes on one H200.
+~10M: width 384, 6 layers, 6 heads, batch 32 (10.9M). Each figure returns as many trials as the
+harness asks for (3 quick, 7 full) in one call. Whole bench: about 2 minutes on one H200 (an
+estimate from the sizes; see the closing note of the issue for what was measured).
 """
 
 from __future__ import annotations
@@ -255,7 +257,7 @@ def _percentile(values: list[float], q: float) -> float:
 @functools.cache
 def _rollback_100m(quick: bool) -> RollbackTimes:
     """One measurement serves both rollback figures (a 100M trainer is built once)."""
-    return measure_fast_rollback("cuda", LM_100M, reps=20 if quick else 40, trials=3 if quick else 5)
+    return measure_fast_rollback("cuda", LM_100M, reps=20 if quick else 40, trials=3 if quick else 7)
 
 
 @figure("fast_rollback_p99_ms", unit="ms", goal=100.0, device="cuda")
@@ -321,7 +323,7 @@ def _sync_save(trainer: Any, path: Path) -> None:
 def checkpoint_stall_ratio_cuda(quick: bool) -> list[float]:
     """Training time per async checkpoint of the ~100M transformer + AdamW ÷ a synchronous
     torch.save + fsync of the same state (see `measure_checkpoint_stall`). Goal <= 0.02."""
-    return measure_checkpoint_stall("cuda", LM_100M, trials=3 if quick else 5)
+    return measure_checkpoint_stall("cuda", LM_100M, trials=3 if quick else 7)
 
 
 # ------------------------------------------------------------------------------ snapshot bytes on the GPU
@@ -353,4 +355,4 @@ def measure_snapshot_gpu_bytes(device: str, size: LMSize, *, boundaries: int = 3
 def snapshot_gpu_bytes(quick: bool) -> list[float]:
     """GPU memory held by the snapshot cache of a ~10M-parameter CUDA run after boundary snapshots.
     Goal 0: snapshots live in host memory."""
-    return measure_snapshot_gpu_bytes("cuda", LM_10M)
+    return measure_snapshot_gpu_bytes("cuda", LM_10M, boundaries=3 if quick else 7)
