@@ -192,8 +192,47 @@ class EmergencyConfig(Section):
 class ExportersConfig(Section):
     prometheus_port: int = Field(0, ge=0, le=65535, description="Serve Prometheus metrics on 127.0.0.1:PORT "
                                  "while the run is live (0: off).")
-    tensorboard_dir: str = Field("", description="Write TensorBoard scalars here (needs `pip install "
-                                 "tensorboard`; empty: off).")
+    tensorboard_dir: str = Field("", description="Deprecated: use [loggers.tensorboard] enabled = true, dir = "
+                                 "\"...\". Still honoured (it turns the TensorBoard logger on, writing here) with a "
+                                 "warning; empty: off.")
+
+
+class CsvLoggerConfig(Section):
+    enabled: bool = Field(True, description="RUN_DIR/metrics.csv (a header row, then one row per epoch) and "
+                          "RUN_DIR/events.csv (seed transitions with their reasons, rollbacks, emergencies).")
+
+
+class TensorBoardLoggerConfig(Section):
+    enabled: bool = Field(False, description="Write TensorBoard event files (`pip install "
+                          "esper-tolaria[tensorboard]`).")
+    dir: str = Field("", description="Where the event files go; empty: RUN_DIR/tensorboard.")
+
+
+class MlflowLoggerConfig(Section):
+    enabled: bool = Field(False, description="Log to MLflow (`pip install esper-tolaria[mlflow]`).")
+    tracking_uri: str = Field("", description="An MLflow tracking URI (http://HOST:PORT, sqlite:///FILE, file:DIR); "
+                              "empty: a local file store in RUN_DIR/mlruns.")
+    experiment: str = Field("", description="MLflow experiment name; empty: run.name.")
+
+
+class WandbLoggerConfig(Section):
+    enabled: bool = Field(False, description="Log to Weights & Biases (`pip install esper-tolaria[wandb]`).")
+    project: str = Field("", description="W&B project; empty: run.name.")
+    entity: str = Field("", description="W&B entity (user or team); empty: your default entity.")
+    mode: Literal["", "online", "offline", "disabled"] = Field(
+        "", description="online, offline (written under the W&B dir, `wandb sync` uploads it later; needs no "
+        "network or account) or disabled; empty: WANDB_MODE, else online.")
+
+
+class LoggersConfig(Section):
+    """Experiment loggers: each gets the epoch metrics, seed events, rollbacks, emergencies and the config."""
+
+    step_every: int = Field(0, ge=0, description="Also log the training loss and the LRs every N optimizer steps "
+                            "(0: per epoch only); each logged step waits for its loss on a GPU.")
+    csv: CsvLoggerConfig = Field(default_factory=CsvLoggerConfig)
+    tensorboard: TensorBoardLoggerConfig = Field(default_factory=TensorBoardLoggerConfig)
+    mlflow: MlflowLoggerConfig = Field(default_factory=MlflowLoggerConfig)
+    wandb: WandbLoggerConfig = Field(default_factory=WandbLoggerConfig)
 
 
 class ProfileConfig(Section):
@@ -223,6 +262,7 @@ class TolariaConfig(Section):
     emergency: EmergencyConfig = Field(default_factory=EmergencyConfig)
     profile: ProfileConfig = Field(default_factory=ProfileConfig)
     exporters: ExportersConfig = Field(default_factory=ExportersConfig)
+    loggers: LoggersConfig = Field(default_factory=LoggersConfig)
 
     def sha256(self) -> str:
         """Hash of the effective config, stored in snapshots so a resume notices a changed config."""
