@@ -120,7 +120,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         world.close()
     if world.is_leader:
         _print_result(summary, run_dir)
-    return 0
+    return _exit_status(summary)
 
 
 def _run_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -153,7 +153,13 @@ def _cmd_resume(args: argparse.Namespace) -> int:
         world.close()
     if world.is_leader:
         _print_result(summary, args.into or args.run_dir)
-    return 0
+    return _exit_status(summary)
+
+
+def _exit_status(summary: dict[str, Any]) -> int:
+    """130 after Ctrl-C, as shells expect of an interrupted command; 0 otherwise (a SIGTERM is the
+    scheduler's graceful stop: checkpointed, resumable, not a failure)."""
+    return 130 if summary.get("stopped") == "SIGINT" else 0
 
 
 def _primary(summary: dict[str, Any]) -> str:
@@ -176,6 +182,13 @@ def _print_result(summary: dict[str, Any], run_dir: Path) -> None:
         print(f"telemetry: {telemetry['spooled']} messages did not reach Oona; local copy: {telemetry['spool']}",
               file=sys.stderr)
     print(f"summary: {run_dir / 'summary.json'}")
+    report = run_dir / "report" / "index.html"
+    if report.is_file():
+        print(f"report: {report}")
+    stopped = summary.get("stopped") or ""
+    if stopped and not stopped.startswith("halted"):  # a halt is final; a signal or a stop request is not
+        print(f"interrupted ({stopped}) after {summary['epochs_completed']} epochs; continue with: "
+              f"tolaria resume {run_dir}", file=sys.stderr)
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
