@@ -224,7 +224,7 @@ def test_a_snapshot_of_a_cuda_model_takes_no_gpu_memory() -> None:
     cache = SnapshotCache(capacity=2, recycle=True)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
-    for i in range(3):
+    for i in range(4):  # the fourth goes into the first one's buffers
         snapshot = cache.take(f"s{i}", 0, i, _live(model, optimizer), defer=copy_behind_rule(model))
         cache.settle()
         assert snapshot is not None
@@ -243,15 +243,18 @@ def test_a_snapshot_of_a_cuda_model_takes_no_gpu_memory() -> None:
 def test_a_cuda_snapshot_and_its_settle_never_synchronize_the_host() -> None:
     model, optimizer = _trained("cuda")
     cache = SnapshotCache(capacity=2, recycle=True)
-    for i in range(2):  # the host buffers exist from here on
-        cache.take(f"w{i}", 0, i, _live(model, optimizer), defer=copy_behind_rule(model))
+    for i in range(3):  # from here on a finished spare's pinned buffers receive each snapshot
+        warm = cache.take(f"w{i}", 0, i, _live(model, optimizer), defer=copy_behind_rule(model))
         cache.settle()
+        assert warm is not None
+        warm.wait_ready()
     torch.cuda.set_sync_debug_mode("error")
     try:
         cache.take("s", 0, 9, _live(model, optimizer), defer=copy_behind_rule(model))
         cache.settle()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    assert cache.recycled_total == 1  # the snapshot above went into w0's buffers
     cache.close()
 
 

@@ -14,7 +14,10 @@ At rollback the plan is *resolved* in O(tensors), without walking the model. It 
 - the optimizer holds state for as many parameters as then (no lazy state created since);
 - every paired tensor is still alive and has its shape (a cull frees them; nothing is reshaped).
 
-Otherwise the caller restores by name. Weak references never keep a culled parameter alive nor
+Otherwise the caller restores by name. The snapshot's tensors are host buffers (pinned for a CUDA
+model): the planned copy is then host to device on the copy engine's side stream, ordered before
+the next kernel of the current stream (`copy_in_place_`), and the confirm's sampled read-back is
+what first waits for it. Weak references never keep a culled parameter alive nor
 block the cache from recycling an evicted snapshot's buffers.
 
 Contract: the model's `state_dict()` keys are its modules' parameter and persistent-buffer names
