@@ -93,17 +93,21 @@ class World:
         """One small all-gather per step: all finite?, worst incident level, global rows (one read)."""
         if not self.distributed:
             return finite, incident_level, local_rows
-        mine = torch.tensor([0 if finite else 1, incident_level, local_rows], dtype=torch.int64, device=self.device)
-        ranks = self._all_gather(mine).tolist()
+        ranks = self._all_gather(self._ints(0 if finite else 1, incident_level, local_rows)).tolist()
         return (all(r[0] == 0 for r in ranks), max(r[1] for r in ranks), sum(r[2] for r in ranks))
 
     def agree_flag(self, flag: bool) -> bool:
         """True on every rank if it is True on any rank."""
         if not self.distributed:
             return flag
-        t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=self.device)
+        t = self._ints(1 if flag else 0)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
+
+    def _ints(self, *values: int) -> torch.Tensor:
+        """`values` as int64 on `device`, filled there: `torch.tensor(values, device="cuda")` would copy
+        them from pageable memory and wait for the device, a second sync before the agreement's read."""
+        return torch.stack([torch.full((), v, dtype=torch.int64, device=self.device) for v in values])
 
     def _all_gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """`tensor` (same shape on every rank) from every rank, stacked in rank order."""
