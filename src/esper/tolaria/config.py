@@ -12,7 +12,7 @@ import hashlib
 import json
 import tomllib
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -269,67 +269,129 @@ class TolariaConfig(Section):
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 
 
-def _describe(error: ValidationError, source: str, model: type[BaseModel] | None = None) -> str:
-    lines = [f"invalid config {source}:"]
+def _describe(error: ValidationError, source: str, model: type[BaseModel] | None = None,
+              blame: Callable[[tuple[int | str, ...]], str] | None = None) -> list[str]:
+    """One line per error: the key, what is wrong, the fix, and (with `blame`) where the value came from."""
+    lines = []
     for item in error.errors():
-        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        loc = item["loc"]
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        origin = f" [from {blame(loc)}]" if blame is not None else ""
         if item["type"] == "extra_forbidden":
-            valid = _valid_keys(model or TolariaConfig, item["loc"][:-1])
-            lines.append(f"  {key}: unknown key; remove it or check the spelling (valid keys here: {valid}; "
-                         "examples/digits.toml shows a full config)")
+            valid = _valid_keys(model or TolariaConfig, loc[:-1])
+            close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            lines.append(f"  {key}: unknown key; remove it or check the spelling ({hint}valid keys here: "
+                         f"{', '.join(valid) or 'see src/esper/tolaria/config.py'}; examples/digits.toml shows a "
+                         f"full config){origin}")
         else:
-            lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
-    return "\n".join(lines)
+            lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r}){origin}")
+    return lines
 
 
-def _valid_keys(model: type[BaseModel], loc: tuple[int | str, ...]) -> str:
+def _valid_keys(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
     """The field names of the section at `loc`, so an unknown-key error can list the real ones."""
     for part in loc:
         field = model.model_fields.get(str(part))
         annotation = field.annotation if field else None
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return "see the field descriptions in src/esper/tolaria/config.py"
+            return []
         model = annotation
-    return ", ".join(model.model_fields)
+    return list(model.model_fields)
 
 
-def config_from_dict(data: dict[str, Any], *, source: str = "<dict>") -> TolariaConfig:
-    """Validate a nested dict; component sub-configs (kasmina, tamiyo, aggregation) are checked too."""
+def config_from_dict(data: dict[str, Any], *, source: str = "<dict>",
+                     blame: Callable[[tuple[int | str, ...]], str] | None = None) -> TolariaConfig:
+    """Validate a nested dict; component sub-configs (kasmina, tamiyo, aggregation) are checked too.
+    Every error in every section is reported at once; `blame` names where a key's value came from."""
+    lines: list[str] = []
+    config: TolariaConfig | None = None
     try:
         config = TolariaConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, source)) from None
-    _validate_components(config, source)
+        lines += _describe(exc, source, blame=blame)
+    lines += _component_errors(data, blame)
+    if lines or config is None:
+        raise ConfigError("\n".join([f"invalid config {source}:", *lines]))
     return config
 
 
-def _validate_components(config: TolariaConfig, source: str) -> None:
+def _component_errors(data: Mapping[str, Any], blame: Callable[[tuple[int | str, ...]], str] | None) -> list[str]:
     """Component configs are owned by their packages; validate them here so errors surface at load."""
     from esper.kasmina import KasminaConfig
     from esper.tamiyo import TamiyoConfig
     from esper.tolaria.control.aggregation import AggregationConfig
 
+    lines: list[str] = []
     for section, model in (("kasmina", KasminaConfig), ("tamiyo", TamiyoConfig), ("aggregation", AggregationConfig)):
+        values = data.get(section, {})
+        if not isinstance(values, Mapping):
+            continue  # the main schema reports a section that is not a table
         try:
-            model.model_validate(getattr(config, section))
+            model.model_validate(values)
         except ValidationError as exc:
-            message = _describe(exc, source, model).replace("\n  ", f"\n  {section}.")
-            raise ConfigError(message) from None
+            described = _describe(exc, "", model, _within(section, blame))
+            lines += [line.replace("  ", f"  {section}.", 1) for line in described]
+    return lines
+
+
+def _within(section: str, blame: Callable[[tuple[int | str, ...]], str] | None
+            ) -> Callable[[tuple[int | str, ...]], str] | None:
+    """`blame` for keys given relative to `section`."""
+    if blame is None:
+        return None
+    outer = blame
+    return lambda loc: outer((section, *loc))
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TolariaConfig:
-    """Load a TOML config; `overrides` is a nested dict merged over the file (CLI flags)."""
+    """Load a TOML or YAML config (by extension); `overrides` is a nested dict merged over the file
+    (CLI flags). An error names the key, the fix, and whether the value came from the file or the
+    command line."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist; pass a TOML file such as examples/digits.toml")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        raise ConfigError(f"config file {path} does not exist; pass a TOML or YAML file such as examples/digits.toml")
+    data = _read_config_file(path)
+    given = copy.deepcopy(overrides or {})
     if overrides:
         merge_overrides(data, overrides)
-    source = f"{path} with the command-line overrides" if overrides else str(path)
-    return config_from_dict(data, source=source)
+
+    def blame(loc: tuple[int | str, ...]) -> str:
+        return "the command line (--set or a flag)" if _holds(given, loc) else str(path)
+
+    return config_from_dict(data, source=str(path), blame=blame)
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml  # only for YAML configs: a TOML user needs no PyYAML
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        if data is None:
+            return {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections (run:, data:, ...), "
+                              f"not a {type(data).__name__}")
+        return data
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        hint = "; a YAML file needs the .yaml or .yml extension" if path.suffix.lower() != ".toml" else ""
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}{hint}") from None
+
+
+def _holds(tree: Mapping[str, Any], loc: tuple[int | str, ...]) -> bool:
+    """Whether the nested mapping `tree` has the key path `loc`."""
+    node: Any = tree
+    for part in loc:
+        if not isinstance(node, Mapping) or str(part) not in node:
+            return False
+        node = node[str(part)]
+    return True
 
 
 # ---------------------------------------------------------------- command-line overrides (`--set key=value`)
@@ -381,7 +443,7 @@ def _typed_value(parts: list[str], raw: str, item: str) -> Any:
         field = model.model_fields.get(part)
         if field is None:
             raise ConfigError(f"--set {item}: unknown key {key!r}{_did_you_mean(model, part)}; valid keys "
-                              f"{_level(parts[:depth])}: {_valid_keys(TolariaConfig, tuple(parts[:depth]))}")
+                              f"{_level(parts[:depth])}: {', '.join(_valid_keys(TolariaConfig, tuple(parts[:depth])))}")
         annotation = field.annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             if last:
