@@ -152,3 +152,11 @@ def test_on_cuda_a_nested_pinned_batch_arrives_whole_and_the_seed_follows_the_ho
     assert result.ok and all(p.is_cuda for p in model.kasmina_seeds.parameters())
     out = model(torch.randn(2, 4, device="cuda"))
     assert out.is_cuda
+
+
+def test_an_explicit_gpu_index_under_torchrun_is_refused_with_the_fix() -> None:
+    from esper.tolaria.loop.precision import resolve_device
+
+    with pytest.raises(ValueError, match="would put all 2 ranks on GPU 1: use 'cuda' or 'auto'"):
+        resolve_device("cuda:1", world_size=2)
+    assert resolve_device("cpu", world_size=2) == torch.device("cpu")

@@ -103,13 +103,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from esper.tolaria.drills import FaultPlan
     from esper.tolaria.imports import on_sys_path, user_import_roots
     from esper.tolaria.job import run_job
+    from esper.tolaria.loop.build import deterministic_cublas
 
     config = load_config(args.config, _run_overrides(args))
     names_user_code = config.model.factory or config.data.factory or ":" in config.task
     if names_user_code and not config.run.import_paths:  # in config.json: `tolaria resume` finds the code too
         config.run.import_paths = [str(args.config.resolve().parent)]
     run_dir = args.run_dir or Path("runs") / config.run.name
-    world = World.from_env()
+    if config.run.deterministic:
+        deterministic_cublas()  # before NCCL or anything else starts CUDA: cuBLAS reads it once
+    world = World.from_env(config.run.device)
     faults = FaultPlan.parse(args.inject, rank=world.rank)
     try:
         # user code named in the config (model.factory, task, ...) lives next to it or in the cwd
@@ -143,7 +146,7 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     from esper.tolaria.imports import on_sys_path, user_import_roots
     from esper.tolaria.job import resume_job
 
-    world = World.from_env()
+    world = World.from_env(_saved_device(args.run_dir))
     try:
         with on_sys_path(user_import_roots(None)):  # the run's config.json names user code relative to the cwd
             summary = resume_job(args.run_dir, epochs=args.epochs, progress=not args.quiet,
@@ -154,6 +157,14 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     if world.is_leader:
         _print_result(summary, args.into or args.run_dir)
     return _exit_status(summary)
+
+
+def _saved_device(run_dir: Path) -> str:
+    """The resumed run's `run.device` (NCCL or gloo follows it), from its config.json when readable."""
+    try:
+        return str(json.loads((run_dir / "config.json").read_text())["run"]["device"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "auto"  # the resume itself reports what is wrong with the directory
 
 
 def _exit_status(summary: dict[str, Any]) -> int:

@@ -19,11 +19,15 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _NO_AUTOCAST = contextlib.nullcontext()
 
 
-def resolve_device(spec: str) -> torch.device:
-    """`auto` -> cuda when available, else cpu; `cuda`/`cuda:N` need CUDA and say so."""
+def resolve_device(spec: str, world_size: int = 1) -> torch.device:
+    """`auto` -> cuda when available, else cpu; `cuda`/`cuda:N` need CUDA and say so. Under torchrun
+    `cuda` is the rank's own GPU (bound from LOCAL_RANK), and an index would put every rank on one."""
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(spec)
+    if device.type == "cuda" and device.index is not None and world_size > 1:
+        raise ValueError(f"run.device = {spec!r} under torchrun would put all {world_size} ranks on GPU "
+                         f"{device.index}: use 'cuda' or 'auto' (each rank trains on its LOCAL_RANK GPU)")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"run.device = {spec!r} but torch sees no CUDA device: use run.device = 'cpu' or 'auto'")

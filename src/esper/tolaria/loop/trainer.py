@@ -71,7 +71,7 @@ class TolariaTrainer:
         self.kasmina, self.tamiyo, self.model = kasmina, tamiyo, kasmina.model
         tamiyo_state = wiring.stateful_or_none(tamiyo)  # a controller may keep state of its own, or not
         self.task = task if task is not None else ClassificationTask(loss_fn=loss_fn)
-        self.device = resolve_device(cfg.run.device)
+        self.device = resolve_device(cfg.run.device, self.world.size)
         self.model.to(self.device)  # parameters stay the same objects: an optimizer built over them still holds them
         self.precision = Precision(cfg.run.precision, self.device)
         self.place = wiring.batch_placer(self.device, train_loader)

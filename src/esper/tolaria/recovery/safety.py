@@ -200,8 +200,8 @@ class Safety:
         incidents = [i for i in (self.monitors.accuracy.observe(val_accuracy, epoch, p.global_step),
                                  self.monitors.timing.observe(own_ms, epoch, p.global_step)) if i is not None]
         if not self.world.parameters_match(self.model):
-            incidents.append(Incident(MAJOR, "rank_divergence", "parameter checksums differ across ranks",
-                                      epoch, p.global_step))
+            incidents.append(Incident(MAJOR, "rank_divergence", "state digests (parameters and buffers) differ "
+                                      "across ranks", epoch, p.global_step))
         for incident in sorted(incidents, key=lambda i: -i.level):
             self._handle(incident)  # a rollback raises out of here
         self._close_window()
