@@ -160,3 +160,12 @@ def test_an_explicit_gpu_index_under_torchrun_is_refused_with_the_fix() -> None:
     with pytest.raises(ValueError, match="would put all 2 ranks on GPU 1: use 'cuda' or 'auto'"):
         resolve_device("cuda:1", world_size=2)
     assert resolve_device("cpu", world_size=2) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("pins", [False, True])
+def test_the_bundled_data_loaders_pin_when_asked(pins: bool) -> None:
+    from esper.tolaria.config import DataConfig
+    from esper.tolaria.data import make_loaders
+
+    train, val, *_ = make_loaders(DataConfig(), seed=0, pin_memory=pins)
+    assert train.pin_memory is pins and val.pin_memory is pins

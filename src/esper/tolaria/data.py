@@ -112,14 +112,15 @@ def load_arrays(config: DataConfig) -> tuple[torch.Tensor, torch.Tensor, torch.T
             torch.from_numpy(y[val]), n_classes)
 
 
-def make_loaders(config: DataConfig, *, seed: int, num_replicas: int = 1, rank: int = 0
+def make_loaders(config: DataConfig, *, seed: int, num_replicas: int = 1, rank: int = 0, pin_memory: bool = False
                  ) -> tuple[DataLoader[Any], DataLoader[Any], int, int]:
-    """Train loader (resumable sampler), validation loader, input features, classes."""
+    """Train loader (resumable sampler), validation loader, input features, classes. `pin_memory` for
+    batches bound for a GPU: their copy then runs beside the step."""
     x_tr, y_tr, x_va, y_va, n_classes = load_arrays(config)
     sampler = ResumableBatchSampler(len(x_tr), config.batch_size, seed=seed, num_replicas=num_replicas, rank=rank)
     # Fresh workers each epoch: the trainer rebuilds the iterator from a known RNG state (see
     # `TolariaTrainer._epoch_batches`); persistent workers would keep seeds from before a resume.
     train = DataLoader(TensorDataset(x_tr, y_tr), batch_sampler=sampler, num_workers=config.num_workers,
-                       persistent_workers=False)
-    val = DataLoader(TensorDataset(x_va, y_va), batch_size=512, shuffle=False)
+                       persistent_workers=False, pin_memory=pin_memory)
+    val = DataLoader(TensorDataset(x_va, y_va), batch_size=512, shuffle=False, pin_memory=pin_memory)
     return train, val, int(x_tr.shape[1]), n_classes

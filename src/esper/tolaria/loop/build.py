@@ -63,7 +63,8 @@ def build_trainer(config: TolariaConfig, *, run_dir: Path | None = None, faults:
         train, val = user_loaders(config, roots, num_replicas=replicas, rank=rank)
         sizes = None
     else:
-        train, val, *size = make_loaders(config.data, seed=config.run.seed, num_replicas=replicas, rank=rank)
+        train, val, *size = make_loaders(config.data, seed=config.run.seed, num_replicas=replicas, rank=rank,
+                                         pin_memory=_pins(config))
         sizes = (size[0], size[1])
     torch.manual_seed(config.run.seed)  # the host's initial weights: a function of the run's seed
     model = host_model(config, roots, sizes)
