@@ -1,4 +1,4 @@
-"""Live metric exporters: TensorBoard scalars and a Prometheus scrape endpoint.
+"""Live metric exporters: a Prometheus scrape endpoint, and TensorBoard scalars for Python callers.
 
 Both take the trainer's per-epoch history record (the dicts of `summary.json["history"]`:
 `epoch`, `global_step`, `train_loss`, `val_loss`, `val_accuracy`, `lr` {group: lr}, `param_count`,
@@ -21,6 +21,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import start_http_server
+
+from esper.tolaria.observe.loggers.tensorboard_logger import summary_writer_class
 
 # Epoch-boundary latency buckets, seconds: the design budget is 18 ms, the goals far tighter.
 BOUNDARY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.018, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -57,18 +59,15 @@ def _telemetry_totals(record: Mapping[str, Any]) -> tuple[int | None, int | None
 
 
 def _tensorboard_writer_class() -> Callable[..., Any]:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as exc:
-        raise ImportError("TensorBoardExporter needs the `tensorboard` package, which is not installed: "
-                          "run `pip install tensorboard` (it is not a Tolaria dependency)") from exc
-    return SummaryWriter  # type: ignore[no-any-return]
+    return summary_writer_class("TensorBoardExporter")
 
 
 class TensorBoardExporter:
     """Writes one set of scalars per epoch to a TensorBoard log directory (step = epoch).
 
-    Raises ImportError naming `pip install tensorboard` when TensorBoard is missing.
+    Kept for Python callers; a run's TensorBoard output is the TensorBoard logger's
+    (`[loggers.tensorboard]`, `observe/loggers/`), which `exporters.tensorboard_dir` now turns on.
+    Raises `MissingLoggerPackage` (an ImportError) naming the install when TensorBoard is missing.
     `writer_factory` replaces `torch.utils.tensorboard.SummaryWriter` (tests pass a fake).
     """
 
