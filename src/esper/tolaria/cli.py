@@ -62,8 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true",
                          help=f"print JSON instead of a table ({INSPECT_FORMAT}, see `_inspect_json`)")
 
-    report = sub.add_parser("report", help="write RUN_DIR/report/index.html with plots")
-    report.add_argument("run_dir", type=Path)
+    report = sub.add_parser("report", help="write RUN_DIR/report/index.html with plots; with several runs, "
+                            "one page comparing them")
+    report.add_argument("run_dir", type=Path, nargs="+", metavar="RUN_DIR",
+                        help="a run directory (several: a comparison of those runs)")
+    report.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="where a comparison is written (default: FIRST_RUN/report/compare)")
 
     bench = sub.add_parser("bench", help="measure every performance figure against its goal")
     bench.add_argument("--quick", action="store_true", help="small sizes and 3 trials (under 5 minutes on 2 cores)")
@@ -250,7 +254,13 @@ def _inspect_json(info: dict[str, Any]) -> dict[str, Any]:
 def _cmd_report(args: argparse.Namespace) -> int:
     from esper.tolaria.observe.report import generate_report
 
-    print(f"report: {generate_report(args.run_dir)}")
+    runs: list[Path] = args.run_dir
+    if len(runs) == 1:
+        print(f"report: {generate_report(runs[0])}")
+        return 0
+    from esper.tolaria.observe.compare import compare_runs
+
+    print(f"comparison: {compare_runs(runs, args.out or runs[0] / 'report' / 'compare')}")
     return 0
 
 

@@ -200,7 +200,7 @@ def conservative_spans(epochs: Sequence[int]) -> list[tuple[int, int]]:
 # ------------------------------------------------------------------------------ plots
 
 
-def _new_axes(title: str, xlabel: str, ylabel: str, *, size: tuple[float, float] = (8.0, 4.2)) -> tuple[Figure, Axes]:
+def new_axes(title: str, xlabel: str, ylabel: str, *, size: tuple[float, float] = (8.0, 4.2)) -> tuple[Figure, Axes]:
     fig = Figure(figsize=size, dpi=DPI, layout="constrained")
     ax = fig.add_subplot(1, 1, 1)
     ax.set_title(title)
@@ -230,13 +230,13 @@ def _mark_events(ax: Axes, run: RunView) -> None:
                 transform=ax.get_xaxis_transform(), clip_on=False, label="emergency", ls="none")
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
     fig.savefig(path, format="png")
     return path
 
 
 def plot_loss(run: RunView, path: Path) -> Path:
-    fig, ax = _new_axes("Loss per epoch", "epoch", "loss")
+    fig, ax = new_axes("Loss per epoch", "epoch", "loss")
     plotted = False
     for key, label, style in (("train_loss", "train loss", "-o"), ("val_loss", "validation loss", "-s")):
         xs, ys = run.series(key)
@@ -245,24 +245,24 @@ def plot_loss(run: RunView, path: Path) -> Path:
             plotted = True
     if not plotted:
         _no_data(ax, "losses")
-        return _save(fig, path)
+        return save_figure(fig, path)
     _mark_events(ax, run)
     ax.legend(loc="best")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_accuracy(run: RunView, path: Path) -> Path:
     """The task's primary metric per epoch (accuracy for classifiers, R², token accuracy, ...)."""
     name = primary_metric(run.summary)
-    fig, ax = _new_axes(f"Validation {name} per epoch", "epoch", name)
+    fig, ax = new_axes(f"Validation {name} per epoch", "epoch", name)
     xs, ys = run.metric_series(name)
     if not xs:
         _no_data(ax, f"validation {name}")
-        return _save(fig, path)
+        return save_figure(fig, path)
     ax.plot(xs, ys, "-o", ms=3, color="#2ca02c", label=f"validation {name}")
     _mark_events(ax, run)
     ax.legend(loc="best")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def primary_metric(summary: dict[str, Any]) -> str:
@@ -271,7 +271,7 @@ def primary_metric(summary: dict[str, Any]) -> str:
 
 
 def plot_lr(run: RunView, path: Path) -> Path:
-    fig, ax = _new_axes("Learning rate per parameter group", "epoch", "learning rate")
+    fig, ax = new_axes("Learning rate per parameter group", "epoch", "learning rate")
     groups: dict[str, tuple[list[float], list[float]]] = {}
     for rec in run.history:
         lrs, epoch = rec.get("lr"), _num(rec.get("epoch"))
@@ -284,28 +284,28 @@ def plot_lr(run: RunView, path: Path) -> Path:
                 ys.append(_num(value))
     if not groups:
         _no_data(ax, "learning rates")
-        return _save(fig, path)
+        return save_figure(fig, path)
     for group, (xs, ys) in sorted(groups.items()):
         ax.plot(xs, ys, "-", marker=".", label=group)
     if all(y > 0 for _, ys in groups.values() for y in ys):
         ax.set_yscale("log")  # seed warm-ups start orders of magnitude below the host LR
     _mark_events(ax, run)
     ax.legend(loc="best", fontsize="small", ncol=max(1, len(groups) // 8))
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_params(run: RunView, path: Path) -> Path:
-    fig, ax = _new_axes("Parameter count per epoch", "epoch", "parameters")
+    fig, ax = new_axes("Parameter count per epoch", "epoch", "parameters")
     xs, ys = run.series("param_count")
     if not xs:
         _no_data(ax, "parameter counts")
-        return _save(fig, path)
+        return save_figure(fig, path)
     ax.step(xs, ys, where="post", color="#9467bd", label="parameters")
     ax.plot(xs, ys, "o", ms=3, color="#9467bd")
     ax.ticklabel_format(axis="y", style="plain", useOffset=False)
     _mark_events(ax, run)
     ax.legend(loc="best")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _stage_name(value: Any) -> str:
@@ -354,11 +354,11 @@ def plot_seeds(run: RunView, path: Path) -> Path:
     seeds = {str(k): v for k, v in (run.summary.get("seeds") or {}).items() if isinstance(v, dict)} \
         if isinstance(run.summary.get("seeds"), dict) else {}
     height = max(3.0, 1.2 + 0.45 * len(seeds))
-    fig, ax = _new_axes("Seed lifecycle timeline", "epoch", "seed", size=(9.0, height))
+    fig, ax = new_axes("Seed lifecycle timeline", "epoch", "seed", size=(9.0, height))
     rows = [(seed_id, seed) for seed_id, seed in sorted(seeds.items()) if _dicts(seed.get("stage_history"))]
     if not rows:
         _no_data(ax, "seeds")
-        return _save(fig, path)
+        return save_figure(fig, path)
     last_epochs = run.series("epoch")[0] or [0.0]
     end = max(last_epochs) + 1
     colors = _stage_colors()
@@ -385,7 +385,7 @@ def plot_seeds(run: RunView, path: Path) -> Path:
     handles = [_patch(used[s], s.lower()) for s in sorted(used, key=lambda s: order.index(s) if s in order else 99)]
     ax.legend(handles=handles + ax.get_legend_handles_labels()[0], loc="upper left", bbox_to_anchor=(1.01, 1.0),
               fontsize="small", title="stage")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _patch(color: Any, label: str) -> Any:
@@ -397,10 +397,10 @@ def _patch(color: Any, label: str) -> Any:
 def plot_boundary(run: RunView, path: Path) -> Path:
     boundary = run.summary.get("boundary_ms") if isinstance(run.summary.get("boundary_ms"), dict) else {}
     phases = {str(k): v for k, v in ((boundary or {}).get("phases") or {}).items() if isinstance(v, dict)}
-    fig, ax = _new_axes("Epoch-boundary phase timings", "phase", "milliseconds")
+    fig, ax = new_axes("Epoch-boundary phase timings", "phase", "milliseconds")
     if not phases:
         _no_data(ax, "boundary timings")
-        return _save(fig, path)
+        return save_figure(fig, path)
     total_ms = (boundary or {}).get("total")
     if isinstance(total_ms, dict) and "total" not in phases:
         phases["total"] = total_ms  # Tolaria's own boundary work; measured against the dashed total budget
@@ -422,7 +422,7 @@ def plot_boundary(run: RunView, path: Path) -> Path:
     ax.set_xticks(x)
     ax.set_xticklabels(names, rotation=20)
     ax.legend(loc="best")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 PLOTS: dict[str, tuple[str, Callable[[RunView, Path], Path]]] = {
@@ -437,7 +437,7 @@ PLOTS: dict[str, tuple[str, Callable[[RunView, Path], Path]]] = {
 
 # ------------------------------------------------------------------------------ HTML
 
-_CSS = """
+CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;color:#222}
 h1{margin-bottom:.2rem} h2{margin-top:2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem}
 table{border-collapse:collapse;margin:.5rem 0;font-size:.9rem} th,td{border:1px solid #ddd;padding:.25rem .6rem;
@@ -447,7 +447,7 @@ figure{margin:1rem 0} figure img{max-width:100%;border:1px solid #eee} figcaptio
 """
 
 
-def _esc(value: Any) -> str:
+def escape(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
@@ -459,8 +459,8 @@ def _cell(value: Any) -> str:
     if isinstance(value, int):
         return f'<td class="num">{value:,}</td>'
     if isinstance(value, (dict, list)):
-        return f"<td>{_esc(json.dumps(value, sort_keys=True))}</td>"
-    return f"<td>{_esc('' if value is None else value)}</td>"
+        return f"<td>{escape(json.dumps(value, sort_keys=True))}</td>"
+    return f"<td>{escape('' if value is None else value)}</td>"
 
 
 def _fmt(value: float) -> str:
@@ -469,10 +469,10 @@ def _fmt(value: float) -> str:
     return f"{value:.4g}"
 
 
-def _table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], empty: str) -> str:
+def html_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], empty: str) -> str:
     if not rows:
-        return f'<p class="muted">{_esc(empty)}</p>'
-    head = "".join(f"<th>{_esc(c)}</th>" for c in columns)
+        return f'<p class="muted">{escape(empty)}</p>'
+    head = "".join(f"<th>{escape(c)}</th>" for c in columns)
     body = "".join("<tr>" + "".join(_cell(r.get(c)) for c in columns) + "</tr>" for r in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
@@ -505,19 +505,19 @@ def _header_rows(run: RunView, telemetry: TelemetryStats) -> list[tuple[str, Any
 
 def _image(name: str, title: str, png: Path, embed: bool) -> str:
     src = f"data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}" if embed else png.name
-    return (f'<figure id="{name}"><img alt="{_esc(title)}" src="{src}">'
-            f'<figcaption>{_esc(title)} — <a href="{_esc(png.name)}">{_esc(png.name)}</a></figcaption></figure>')
+    return (f'<figure id="{name}"><img alt="{escape(title)}" src="{src}">'
+            f'<figcaption>{escape(title)} — <a href="{escape(png.name)}">{escape(png.name)}</a></figcaption></figure>')
 
 
 def _profile_section(trace_rows: Sequence[Mapping[str, Any]], problem: str) -> str:
     if problem:
-        return f'<h2>Profile</h2><p class="bad">{_esc(problem)}</p>'
+        return f'<h2>Profile</h2><p class="bad">{escape(problem)}</p>'
     if not trace_rows:
         return ('<h2>Profile</h2><p class="muted">No trace.json: run with <code>--profile</code> to record '
                 "step and boundary spans.</p>")
     return ("<h2>Profile</h2><p>Spans from <a href=\"../trace.json\">trace.json</a> (open it in "
             "<a href=\"https://ui.perfetto.dev\">Perfetto</a> or chrome://tracing).</p>"
-            + _table(trace_rows, ["span", "count", "p50 ms", "p99 ms", "max ms", "total ms"], ""))
+            + html_table(trace_rows, ["span", "count", "p50 ms", "p99 ms", "max ms", "total ms"], ""))
 
 
 def _sections(run: RunView, telemetry: TelemetryStats) -> list[str]:
@@ -536,21 +536,22 @@ def _sections(run: RunView, telemetry: TelemetryStats) -> list[str]:
     tel_rows = [{"stream": k, "entries": n} for k, n in telemetry.by_stream.most_common()]
     event_rows = [{"event": k, "count": n} for k, n in telemetry.events.most_common()]
     return [
-        "<h2>Rollbacks</h2>" + _table(run.rollbacks, ["rollback_id", "tier", "epoch", "step", "target_epoch",
+        "<h2>Rollbacks</h2>" + html_table(run.rollbacks, ["rollback_id", "tier", "epoch", "step", "target_epoch",
                                                       "target_step", "reason", "succeeded", "phase_ms"],
                                       "No rollbacks."),
-        "<h2>Emergencies</h2>" + _table(run.emergencies, ["level", "kind", "reason", "epoch", "step", "action",
+        "<h2>Emergencies</h2>" + html_table(run.emergencies, ["level", "kind", "reason", "epoch", "step", "action",
                                                           "ok", "duration_ms", "escalated_to"], "No emergencies."),
-        "<h2>Conservative mode</h2>" + _table(spans, ["first epoch", "last epoch", "epochs"],
+        "<h2>Conservative mode</h2>" + html_table(spans, ["first epoch", "last epoch", "epochs"],
                                               "Never entered conservative mode.")
         + (f"<p>Entered {cons.get('entered', 0)}×, exited {cons.get('exited', 0)}×. Reasons: "
-           + _esc("; ".join(reasons)) + "</p>" if cons and reasons else ""),
-        "<h2>Seeds</h2>" + _table(seed_rows, ["seed", "slot", "blueprint", "stage", "path"], "No seeds."),
-        "<h2>Drills</h2>" + _table(_dicts(s.get("drills")), ["kind", "epoch", "step", "outcome"], "No drills."),
-        "<h2>Circuit breakers</h2>" + _table(breaker_rows, ["breaker", "state", "failures", "opened", "last_reason"],
-                                             "No breaker data."),
-        "<h2>Telemetry</h2>" + _table(tel_rows, ["stream", "entries"], "No telemetry.jsonl entries.")
-        + _table(event_rows, ["event", "count"], "No telemetry events."),
+           + escape("; ".join(reasons)) + "</p>" if cons and reasons else ""),
+        "<h2>Seeds</h2>" + html_table(seed_rows, ["seed", "slot", "blueprint", "stage", "path"], "No seeds."),
+        "<h2>Drills</h2>" + html_table(_dicts(s.get("drills")), ["kind", "epoch", "step", "outcome"], "No drills."),
+        "<h2>Circuit breakers</h2>" + html_table(breaker_rows,
+                                                 ["breaker", "state", "failures", "opened", "last_reason"],
+                                                 "No breaker data."),
+        "<h2>Telemetry</h2>" + html_table(tel_rows, ["stream", "entries"], "No telemetry.jsonl entries.")
+        + html_table(event_rows, ["event", "count"], "No telemetry events."),
     ]
 
 
@@ -558,10 +559,10 @@ def render_html(run: RunView, telemetry: TelemetryStats, pngs: Mapping[str, Path
                 trace_rows: Sequence[Mapping[str, Any]] = (), trace_problem: str = "") -> str:
     """The report page; `pngs` maps plot name -> PNG path in the report folder."""
     title = f"Tolaria run {run.summary.get('run_id', '?')}"
-    header = "".join(f"<tr><th>{_esc(k)}</th>{_cell(v)}</tr>" for k, v in _header_rows(run, telemetry))
+    header = "".join(f"<tr><th>{escape(k)}</th>{_cell(v)}</tr>" for k, v in _header_rows(run, telemetry))
     images = "".join(_image(name, PLOTS[name][0], png, embed) for name, png in pngs.items())
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_esc(title)}</title>'
-            f"<style>{_CSS}</style></head><body><h1>{_esc(title)}</h1>"
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
+            f"<style>{CSS}</style></head><body><h1>{escape(title)}</h1>"
             f"<table>{header}</table><h2>Plots</h2>{images}{''.join(_sections(run, telemetry))}"
             f"{_profile_section(trace_rows, trace_problem)}</body></html>")
 

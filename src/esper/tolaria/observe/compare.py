@@ -1,0 +1,150 @@
+"""`tolaria report RUN RUN [...]`: several runs on one page (growth against `--no-morphogenesis`,
+seeds, configs).
+
+The page overlays each run's validation primary metric, losses and parameter count per epoch, marks
+every run's germinations, fossilizations and culls on its own curve, and tabulates per run the final
+and best metric (with its epoch), parameters, rollbacks, emergencies, training time, whether it was
+resumed, and the config keys that differ between the runs. The plots are static PNGs (matplotlib,
+embedded), as in the one-run report: no new dependency for interactivity.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from matplotlib.axes import Axes
+
+from esper.tolaria.observe.report import (
+    CSS,
+    RunView,
+    escape,
+    html_table,
+    load_summary,
+    new_axes,
+    primary_metric,
+    save_figure,
+)
+
+EVENT_MARKERS = {"GERMINATED": ("^", "germinated"), "FOSSILIZED": ("*", "fossilized"), "CULLED": ("x", "culled")}
+
+
+def compare_runs(run_dirs: Sequence[Path], out: Path) -> Path:
+    """Write `out/index.html` comparing `run_dirs` (two or more); returns its path."""
+    if len(run_dirs) < 2:
+        raise ValueError("a comparison needs two or more run directories; `tolaria report RUN` reports one")
+    runs = [(_label(Path(d)), RunView.of(load_summary(Path(d)))) for d in run_dirs]
+    metrics = {primary_metric(run.summary) for _, run in runs}
+    metric = metrics.pop() if len(metrics) == 1 else "accuracy"  # different tasks: the packet's common field
+    out.mkdir(parents=True, exist_ok=True)
+    pngs = {"metric": _overlay(runs, out / "metric.png", f"validation {metric}", lambda r: r.metric_series(metric)),
+            "val_loss": _overlay(runs, out / "val_loss.png", "validation loss", lambda r: r.series("val_loss")),
+            "train_loss": _overlay(runs, out / "train_loss.png", "training loss", lambda r: r.series("train_loss")),
+            "params": _overlay(runs, out / "params.png", "parameters", lambda r: r.series("param_count"))}
+    page = out / "index.html"
+    tmp = page.with_suffix(".html.tmp")
+    tmp.write_text(_html(runs, metric, pngs, [Path(d) for d in run_dirs]), encoding="utf-8")
+    tmp.replace(page)  # a reader never sees half a page
+    return page
+
+
+def _label(run_dir: Path) -> str:
+    return run_dir.resolve().name
+
+
+def _overlay(runs: Sequence[tuple[str, RunView]], path: Path, what: str, series: Any) -> Path:
+    fig, ax = new_axes(f"{what[0].upper()}{what[1:]} per epoch", "epoch", what)
+    for i, (label, run) in enumerate(runs):
+        xs, ys = series(run)
+        if not xs:
+            continue
+        (line,) = ax.plot(xs, ys, "-", lw=1.6, label=label)
+        _mark_seed_events(ax, run, dict(zip(xs, ys, strict=True)), line.get_color(), first=i == 0)
+    ax.legend(loc="best", fontsize=8)
+    return save_figure(fig, path)
+
+
+def _mark_seed_events(ax: Axes, run: RunView, at: Mapping[float, float], color: Any, *, first: bool) -> None:
+    """Each germination, fossilization and cull as a marker on this run's curve, at its epoch."""
+    labelled: set[str] = set()
+    for seed in (run.summary.get("seeds") or {}).values():
+        for change in seed.get("stage_history") or []:
+            marker = EVENT_MARKERS.get(str(change.get("stage")))
+            epoch = float(change.get("epoch", math.nan))
+            if marker is None or epoch not in at:
+                continue
+            symbol, name = marker
+            legend = name if first and name not in labelled else None
+            labelled.add(name)
+            ax.plot([epoch], [at[epoch]], symbol, ms=9, color=color, mec="black", mew=0.6, ls="none", label=legend)
+
+
+def _best(run: RunView, metric: str, higher: bool) -> tuple[float, float]:
+    xs, ys = run.metric_series(metric)
+    if not ys:
+        return math.nan, math.nan
+    k = max(range(len(ys)), key=lambda i: ys[i] if higher else -ys[i])
+    return ys[k], xs[k]
+
+
+def _row(label: str, run: RunView, metric: str) -> dict[str, Any]:
+    s = run.summary
+    higher = bool((s.get("task") or {}).get("higher_is_better", True))
+    best, at = _best(run, metric, higher)
+    final = (s.get("final_val_metrics") or {}).get(metric, s.get("final_val_accuracy"))
+    seconds = sum(float(h.get("epoch_seconds") or 0.0) for h in run.history)
+    stages = [seed.get("stage") for seed in (s.get("seeds") or {}).values()]
+    return {"run": label, "growth": "on" if s.get("morphogenesis", True) else "off",
+            "epochs": s.get("epochs_completed"),
+            f"final {metric}": final, f"best {metric}": best, "best epoch": at, "params": s.get("param_count"),
+            "seeds (fossilized)": f"{len(stages)} ({stages.count('FOSSILIZED')})",
+            "rollbacks": len(run.rollbacks), "emergencies": len(run.emergencies),
+            "train time (s)": round(seconds, 1), "resumed from": s.get("resumed_from") or "-"}
+
+
+def _config_differences(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
+    """The config keys whose values differ between runs (from each run's config.json)."""
+    flat = [_flatten(_read_json(d / "config.json")) for d in run_dirs]
+    keys = sorted(set().union(*flat))
+    return [{"key": k, **{_label(d): f.get(k, "-") for d, f in zip(run_dirs, flat, strict=True)}}
+            for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1]
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(_flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def _html(runs: Sequence[tuple[str, RunView]], metric: str, pngs: Mapping[str, Path], run_dirs: Sequence[Path]) -> str:
+    rows = [_row(label, run, metric) for label, run in runs]
+    differences = _config_differences(run_dirs)
+    images = "".join(f'<figure><img alt="{escape(title)}" src="data:image/png;base64,'
+                     f'{base64.b64encode(pngs[key].read_bytes()).decode()}"><figcaption>{escape(title)}</figcaption>'
+                     "</figure>"
+                     for key, title in (("metric", f"Validation {metric}"), ("val_loss", "Validation loss"),
+                                        ("train_loss", "Training loss"), ("params", "Parameters")))
+    keys = ["key", *(_label(d) for d in run_dirs)]
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>Tolaria comparison</title><style>{CSS}"
+            f"</style></head><body><h1>Comparison of {len(runs)} runs</h1><h2>Runs</h2>"
+            f"{html_table(rows, list(rows[0]), 'no runs')}"
+            "<p>Markers on the curves: ▲ germinated, ★ fossilized, × culled (each in its run's colour).</p>"
+            f"{images}<h2>Config keys that differ</h2>"
+            f"{html_table(differences, keys, 'none: the runs share one config')}</body></html>")
