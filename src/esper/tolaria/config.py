@@ -159,6 +159,16 @@ class CheckpointConfig(Section):
     keep_last: int = Field(3, ge=1, description="Committed checkpoints kept on disk.")
 
 
+class EarlyStoppingConfig(Section):
+    patience: int = Field(0, ge=0, description="Stop when the metric has not improved for this many epochs "
+                          "(0: never stop early).")
+    metric: str = Field("", description="The validation metric watched (empty: the task's primary metric; "
+                        "any name the task reports, e.g. loss, perplexity, r2).")
+    mode: Literal["auto", "max", "min"] = Field("auto", description="max or min is better; auto: the task's "
+                                                "direction for its primary metric, min for loss.")
+    min_delta: float = Field(0.0, ge=0, description="An improvement smaller than this does not count.")
+
+
 class SnapshotConfig(Section):
     capacity: int = Field(5, ge=1, description="In-memory snapshots kept for fast rollback.")
     every_steps: int = Field(0, ge=0, description="Also snapshot every N steps (0: epoch boundaries only).")
@@ -258,6 +268,7 @@ class TolariaConfig(Section):
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     oona: OonaConfig = Field(default_factory=OonaConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     snapshots: SnapshotConfig = Field(default_factory=SnapshotConfig)
     emergency: EmergencyConfig = Field(default_factory=EmergencyConfig)
     profile: ProfileConfig = Field(default_factory=ProfileConfig)
