@@ -21,7 +21,7 @@ everywhere), the CPU under gloo.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,22 +115,72 @@ class World:
         dist.all_gather(parts, tensor)
         return torch.stack(parts)
 
-    def average_gradients(self, params: Iterable[nn.Parameter], local_rows: int, global_rows: int) -> None:
-        """Make every rank's `.grad` the gradient of the global-batch mean loss.
+    def reduce_gradients(self, params: Sequence[nn.Parameter], local_rows: int) -> None:
+        """Make every rank's `.grad` the gradient of the global-batch mean loss, before anything reads it.
 
-        Each rank's gradient is of its own shard's mean loss; weighting by the shard's share of the
-        global batch before summing makes uneven last batches exact as well.
-        """
+        Runs after the step's last backward and before the aggregator's norm, non-finite check and
+        clipping, so those see the averaged gradient and two ranks clip as one process does. Each
+        rank's gradient is of its own shard's mean loss: weighted by the shard's rows, summed, and
+        divided by the summed rows (carried in the same buffer: no second collective), uneven last
+        batches are exact too. Every rank reduces the same layout: a parameter whose `.grad` is None
+        here is zero-filled, and a presence count per parameter rides along, so a parameter that
+        no rank's batch reached keeps None everywhere (read only when this rank lacks one)."""
+        live = [p for p in params if p.requires_grad]
+        if not live:
+            return
+        missing = [i for i, p in enumerate(live) if p.grad is None]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in live]
+        dtype = _buffer_dtype(grads)
+        counts = torch.ones(len(live) + 1, dtype=dtype, device=grads[0].device)  # [rows, present per parameter]
+        counts[0] = local_rows
+        for i in missing:
+            counts[1 + i] = 0
+        flat = torch.cat([*(g.reshape(-1).to(dtype) for g in grads), counts])
+        values = flat[:-counts.numel()]
+        values.mul_(local_rows)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        rows = flat[-counts.numel()]
+        present = flat[-len(live):][missing].tolist() if missing else []  # the one read, only when needed
+        reached = {i for i, n in zip(missing, present, strict=True) if n > 0}
+        offset = 0
+        for i, (p, g) in enumerate(zip(live, grads, strict=True)):
+            synced = values[offset:offset + g.numel()].view(g.shape)
+            offset += g.numel()
+            if p.grad is None and i not in reached:
+                continue  # no rank computed it: it stays None, and the optimizer skips it
+            if p.grad is None:
+                p.grad = g
+            torch.div(synced, rows, out=p.grad)
+
+    def sync_buffers(self, model: nn.Module) -> None:
+        """Every rank's buffers made the same before the model is evaluated or compared.
+
+        Floating buffers (BatchNorm's running mean and variance) take the mean over ranks: each
+        rank's running statistic is an exponential average of its own shards' batch statistics,
+        linear in them, so the mean of the ranks' averages is the average of the ranks' mean batch
+        statistics (syncing once per boundary equals syncing every step), which uses every rank's
+        data where rank 0's copy would use half of it. Other buffers (BatchNorm's batch count, masks)
+        are rank 0's: they are counters and flags, which a mean would turn into fractions. One
+        collective per dtype; the sum is reduced in one place, so every rank gets the same bits."""
         if not self.distributed:
             return
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return
-        flat = torch._utils._flatten_dense_tensors(grads)
-        flat.mul_(local_rows / global_rows)
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
-            g.copy_(synced)
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for buffer in model.buffers():
+            by_dtype.setdefault(buffer.dtype, []).append(buffer)
+        for dtype, buffers in sorted(by_dtype.items(), key=lambda item: str(item[0])):  # the same order everywhere
+            floating = dtype.is_floating_point  # gloo reduces no bool and no bf16: the wire is fp32+ or int64
+            wire = torch.promote_types(dtype, torch.float32) if floating else torch.int64
+            flat = torch.cat([b.detach().reshape(-1).to(self.device, wire) for b in buffers])
+            if floating:
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+                flat.div_(self.size)
+            else:
+                dist.broadcast(flat, src=0)
+            offset = 0
+            with torch.no_grad():
+                for b in buffers:
+                    b.copy_(flat[offset:offset + b.numel()].view(b.shape))
+                    offset += b.numel()
 
     def parameters_match(self, model: nn.Module) -> bool:
         """Whether every rank holds the same model: parameters and buffers, bit for bit (see
@@ -151,6 +201,15 @@ class World:
     def close(self) -> None:
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _buffer_dtype(grads: Sequence[torch.Tensor]) -> torch.dtype:
+    """The all-reduce buffer's dtype: the gradients' own, fp32 for fp16/bf16 ones (a shard's rows
+    times an fp16 gradient can pass fp16's largest value, 65504)."""
+    dtype = grads[0].dtype
+    for g in grads[1:]:
+        dtype = torch.promote_types(dtype, g.dtype)
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 _PRIME = 2**31 - 1  # keeps every product below 2**62: the digest's arithmetic never overflows int64

@@ -102,6 +102,7 @@ class EpochBoundary:
     def run(self, epoch: int, train_loss: float) -> BoundaryReport:
         span, phase = self.profiler.span, self.timer.phase
         with span("boundary.validate"), phase("validate"):
+            self.world.sync_buffers(self.kasmina.model)  # BatchNorm statistics agree before anything reads them
             validation = self.validate()
             val_loss, val_acc = validation.loss, validation.score
             self.lr.report_validation(val_loss)

@@ -119,7 +119,8 @@ class TolariaTrainer:
                                    precision=self.precision, morphogenesis=cfg.run.morphogenesis,
                                    profiler=self.profiler, optimizer=lambda: self.optim.optimizer,
                                    accumulate=cfg.optimizer.accumulate_steps,
-                                   defer_reads=defers_reads(cfg.run.loss_readback, self.device, self.world.size))
+                                   defer_reads=defers_reads(cfg.run.loss_readback, self.device, self.world.size),
+                                   reduce=self.world.reduce_gradients if self.world.distributed else None)
         self.resumed_from, self._closed = "", False  # the snapshot id a resume started from
 
     # ---------------------------------------------------------------- the loop
@@ -208,17 +209,15 @@ class TolariaTrainer:
         overflow = scaler is not None and stats.grad_overflow  # the scaler's business: skipped, scale lowered
         with prof.span("step.monitors"):
             incident = safety.step_incident(stats, indices, overflow_ok=scaler is not None)
-            finite, level, rows = stats.finite, incident.level if incident else 0, local_rows
+            finite, level = stats.finite, incident.level if incident else 0
             if world.distributed:
-                finite, level, rows = world.agree_step(finite, level, rows)
+                finite, level, _ = world.agree_step(finite, level, local_rows)
             if level:
                 self.optim.optimizer.zero_grad(set_to_none=True)
                 safety.respond_to_step(incident, level, indices)  # raises RolledBack after a rollback
         with prof.span("step.optimizer"):
             safety.settle()  # the last snapshot's copy-behind must finish before the optimizer writes
             if finite:
-                if world.distributed:
-                    world.average_gradients(params.values(), local_rows, rows)
                 self.lr.step(step)
             elif not overflow:
                 self.events("nonfinite_step_skipped", TELEMETRY_LEVEL_WARNING, step=step, loss=stats.total_loss)
