@@ -16,6 +16,7 @@ from esper.tolaria.config import ConfigError, TolariaConfig
 from esper.tolaria.data import ResumableBatchSampler, make_loaders
 from esper.tolaria.drills import FaultPlan
 from esper.tolaria.imports import call_factory, load_class
+from esper.tolaria.loop.early_stopping import EarlyStopping
 from esper.tolaria.loop.precision import resolve_device
 from esper.tolaria.loop.trainer import TolariaTrainer
 from esper.tolaria.models import HostMLP
@@ -76,6 +77,8 @@ def build_trainer(config: TolariaConfig, *, run_dir: Path | None = None, faults:
     if tamiyo is None and config.oona.remote_tamiyo:
         tamiyo, verifier = remote_tamiyo(config, verifier)
     controller = tamiyo if tamiyo is not None else HeuristicTamiyo(TamiyoConfig.model_validate(config.tamiyo))
+    if config.early_stopping.patience:
+        callbacks = (*callbacks, EarlyStopping(config.early_stopping, task))
     return TolariaTrainer(kasmina=kasmina, tamiyo=controller, optimizer=optimizer_factory(config),
                           train_loader=train, val_loader=val, task=task, config=config,
                           run_dir=run_dir, faults=faults, verifier=verifier, callbacks=callbacks, bus=bus,
