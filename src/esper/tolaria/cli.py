@@ -201,7 +201,7 @@ def _print_result(summary: dict[str, Any], run_dir: Path) -> None:
     if report.is_file():
         print(f"report: {report}")
     stopped = summary.get("stopped") or ""
-    if stopped and not stopped.startswith("halted"):  # a halt is final; a signal or a stop request is not
+    if stopped in ("SIGINT", "SIGTERM"):  # a signal is a pause; a halt or early stopping is the run's end
         print(f"interrupted ({stopped}) after {summary['epochs_completed']} epochs; continue with: "
               f"tolaria resume {run_dir}", file=sys.stderr)
 

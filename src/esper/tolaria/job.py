@@ -93,16 +93,17 @@ def _build(config: TolariaConfig, run_dir: Path, point: ResumePoint | None, *, f
 def _callbacks(config: TolariaConfig, run_dir: Path, world: World, progress: bool) -> tuple[Any, ...]:
     callbacks: tuple[Any, ...] = ()
     if progress and world.is_leader:
-        from esper.tolaria.observe.progress import RichProgress
+        from esper.tolaria.observe.progress import ConsoleProgress
 
-        callbacks += (RichProgress(),)
-    if world.is_leader and (config.exporters.prometheus_port or config.exporters.tensorboard_dir):
-        from esper.tolaria.observe.exporters import ExporterCallback, PrometheusExporter, TensorBoardExporter
+        callbacks += (ConsoleProgress(),)
+    if world.is_leader and config.exporters.prometheus_port:
+        from esper.tolaria.observe.exporters import ExporterCallback, PrometheusExporter
 
-        if config.exporters.prometheus_port:
-            callbacks += (ExporterCallback(PrometheusExporter(config.exporters.prometheus_port)),)
-        if config.exporters.tensorboard_dir:
-            callbacks += (ExporterCallback(TensorBoardExporter(Path(config.exporters.tensorboard_dir))),)
+        callbacks += (ExporterCallback(PrometheusExporter(config.exporters.prometheus_port)),)
+    if world.is_leader:  # CSV by default; TensorBoard, MLflow, W&B when [loggers] asks (a missing package stops here)
+        from esper.tolaria.observe.loggers import loggers_from_config
+
+        callbacks += tuple(loggers_from_config(config, run_dir))
     if config.telemetry.step_log and world.is_leader:
         from esper.tolaria.observe.steplog import StepLog
 

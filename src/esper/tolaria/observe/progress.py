@@ -132,9 +132,6 @@ class ConsoleProgress:
         return _clock(per_epoch * (trainer.config.run.epochs - epoch))
 
 
-RichProgress = ConsoleProgress  # the name job.py knew it by
-
-
 def _of(epoch: int, trainer: Any) -> str:
     return f"{epoch}/{trainer.config.run.epochs - 1}"
 
