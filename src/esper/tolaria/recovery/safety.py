@@ -156,13 +156,17 @@ class Safety:
         self.responses.offending = [(p.epoch, b) for b in batches]  # every micro-batch of the step
         if incident.kind == "loss_nonfinite" and self._last_grad_check < p.global_step - 1 \
                 and not weights_finite(self.model):
-            # An unchecked earlier gradient broke the weights; this batch is innocent. The replay
-            # after the rollback checks every step up to here and skips the batch that did it.
-            self.responses.offending = []
-            self._careful_until = p.global_step
-            incident = dataclasses.replace(incident, reason=f"{incident.reason}; the weights are non-finite "
-                                           "after unchecked steps: replaying them with gradient checks")
+            # An unchecked earlier gradient broke the weights; this batch is innocent.
+            incident = self._replay_with_checks(incident, p.global_step, "; the weights are non-finite after "
+                                                "unchecked steps: replaying them with gradient checks")
         self._handle(incident)
+
+    def _replay_with_checks(self, incident: Incident, until: int, why: str) -> Incident:
+        """The incident's batch cannot be blamed: skip nothing, and let the replay after the rollback
+        check every step up to `until`, which finds and skips the batch that did it."""
+        self.responses.offending = []
+        self._careful_until = until
+        return dataclasses.replace(incident, reason=f"{incident.reason}{why}")
 
     def _check_late(self, arrived: list[tuple[PendingLoss, float]]) -> None:
         """The loss monitor over deferred steps, in step order; the first incident is handled."""
@@ -173,10 +177,8 @@ class Safety:
             self.model.zero_grad(set_to_none=True)  # the current step's gradients die with the rollback
             self.responses.offending = [(pending.epoch, b) for b in pending.batches]
             if incident.kind == "loss_nonfinite":  # its update is applied: the weights cannot tell who broke them
-                self.responses.offending = []
-                self._careful_until = pending.step
-                incident = dataclasses.replace(incident, reason=f"{incident.reason} (read one step late): "
-                                               "replaying the steps up to it with checks")
+                incident = self._replay_with_checks(incident, pending.step, " (read one step late): replaying "
+                                                    "the steps up to it with checks")
             self._handle(incident)
 
     def after_step(self) -> None:
