@@ -408,6 +408,19 @@ def _holds(tree: Mapping[str, Any], loc: tuple[int | str, ...]) -> bool:
 # ---------------------------------------------------------------- command-line overrides (`--set key=value`)
 
 
+def flat_keys(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"optimizer": {"lr": 0.01}}` -> `{"optimizer.lr": 0.01}`: a config (or config.json) as dotted
+    keys, the spelling `--set` takes; an empty table stays a value."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flat_keys(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
 def merge_overrides(base: dict[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
     """Merge `overrides` into `base` in place, table by table: `{"model": {"kwargs": {"width": 64}}}`
     changes one keyword and keeps the file's others; anything that is not a table replaces."""

@@ -19,6 +19,7 @@ from typing import Any
 
 from matplotlib.axes import Axes
 
+from esper.tolaria.config import flat_keys
 from esper.tolaria.observe.report import (
     CSS,
     RunView,
@@ -108,7 +109,7 @@ def _row(label: str, run: RunView, metric: str) -> dict[str, Any]:
 
 def _config_differences(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
     """The config keys whose values differ between runs (from each run's config.json)."""
-    flat = [_flatten(_read_json(d / "config.json")) for d in run_dirs]
+    flat = [flat_keys(_read_json(d / "config.json")) for d in run_dirs]
     keys = sorted(set().union(*flat))
     return [{"key": k, **{_label(d): f.get(k, "-") for d, f in zip(run_dirs, flat, strict=True)}}
             for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1]
@@ -120,17 +121,6 @@ def _read_json(path: Path) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            out.update(_flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
 
 
 def _html(runs: Sequence[tuple[str, RunView]], metric: str, pngs: Mapping[str, Path], run_dirs: Sequence[Path]) -> str:

@@ -22,6 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from esper.tolaria.config import flat_keys
 from esper.tolaria.observe.loggers.protocol import RunEvent, RunStart, Status, require
 
 RUN_ID_TAG = "tolaria.run_id"
@@ -30,16 +31,10 @@ BATCH = 100  # MLflow's limit of params (and tags) per log_batch call
 WANTED_BY = "the MLflow logger (loggers.mlflow.enabled)"
 
 
-def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """`{"optimizer": {"lr": 0.01}}` -> `{"optimizer.lr": "0.01"}`; lists and empty tables as JSON."""
-    out: dict[str, str] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = value if isinstance(value, str) else json.dumps(value)
-    return out
+def flatten(config: Mapping[str, Any]) -> dict[str, str]:
+    """`{"optimizer": {"lr": 0.01}}` -> `{"optimizer.lr": "0.01"}`: MLflow params are strings; lists
+    and empty tables as JSON."""
+    return {name: value if isinstance(value, str) else json.dumps(value) for name, value in flat_keys(config).items()}
 
 
 def _chunks(items: list[Any]) -> Iterator[list[Any]]:
