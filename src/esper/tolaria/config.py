@@ -51,6 +51,9 @@ class RunConfig(Section):
         False, description="torch.compile the host model's forward in place: false; true (torch's default mode); "
         "or a torch.compile mode. A seed's structure change compiles once more; checkpoints keep the uncompiled "
         "parameter names, so a compiled run and an eager one resume each other's checkpoints.")
+    compile_backend: str = Field(
+        "inductor", description="torch.compile backend for run.compile (inductor compiles kernels; aot_eager and "
+        "eager trace only, needing no compiler).")
 
 
 class DataConfig(Section):

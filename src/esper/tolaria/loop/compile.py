@@ -18,12 +18,16 @@ Contract:
   structure and graphs of structures gone by never pile up against dynamo's recompile limit (past
   it, dynamo would fall back to eager without a word). Between changes nothing recompiles: a
   blending seed's alpha is a buffer, read as a tensor.
+- `RecompileOnGrowth` is the trainer's callback that calls it: at fit begin (a resume rebuilt the
+  seeds), at each epoch begin (a rollback restored other seeds) and at each boundary end (a command
+  changed them) it compares the seeds' (id, stage) key with the last one it saw.
 - Modes other than the default apply to the inductor backend only; a test passes `backend="eager"`
   or `"aot_eager"`, which need no compiler.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,3 +71,21 @@ def compile_host(model: nn.Module, setting: bool | str, *, backend: str = "induc
     torch._dynamo.config.skip_nnmodule_hook_guards = False  # seeds are hooks: a graph must see them
     model.compile(backend=backend, mode=None if mode == "default" else mode)
     return HostCompile(model, mode, backend)
+
+
+class RecompileOnGrowth:
+    """Trainer callback: `structure_changed()` whenever the seeds' structure key differs from the last
+    one seen (see the module docstring for when it looks). The key is cheap (ids and stages), and a
+    graph stays valid across alpha changes, so looking costs no recompile."""
+
+    def __init__(self, compiled: HostCompile, structure: Callable[[], Hashable]) -> None:
+        self.compiled, self._structure = compiled, structure
+        self._key = structure()
+
+    def _look(self, *_: Any, **__: Any) -> None:
+        key = self._structure()
+        if key != self._key:
+            self._key = key
+            self.compiled.structure_changed()
+
+    on_fit_begin = on_epoch_begin = on_boundary_end = _look

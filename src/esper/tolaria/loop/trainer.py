@@ -21,7 +21,6 @@ from esper.tolaria.loop import wiring
 from esper.tolaria.loop.batches import EpochBatches
 from esper.tolaria.loop.boundary import BoundaryReport, param_count, seed_stages
 from esper.tolaria.loop.evaluate import Validation, evaluate
-from esper.tolaria.loop.handshake import TamiyoHandshake
 from esper.tolaria.loop.hooks import HookPoint
 from esper.tolaria.loop.precision import Precision, resolve_device
 from esper.tolaria.loop.run_state import TrainerSection, register_state, resume_run
@@ -30,9 +29,9 @@ from esper.tolaria.loop.step import StepCompute
 from esper.tolaria.observe.profiling import Profiler
 from esper.tolaria.observe.runlog import EpochRecord, RunLog
 from esper.tolaria.observe.summary import build_summary, write_config, write_summary
+from esper.tolaria.observe.timing import event_factory
 from esper.tolaria.observe.telemetry import TelemetryCollector
 from esper.tolaria.recovery.loss_readback import defers_reads
-from esper.tolaria.recovery.monitors import MonitorSet
 from esper.tolaria.recovery.safety import RolledBack
 from esper.tolaria.state.position import RunIdentity, StopRequest, TrainerState
 from esper.tolaria.state.rng import seed_everything
@@ -82,13 +81,13 @@ class TolariaTrainer:
         c = wiring.build_control(cfg, self.model, wiring.optimizer_factory(optimizer), train_loader)
         self.lr, self.optim, self.aggregator, self.breakers, self.conservative = \
             c.lr, c.optim, c.aggregator, c.breakers, c.conservative
-        self.timer = wiring.boundary_timer(cfg)
+        device_events = event_factory(self.device)  # CUDA timing events on a CUDA run, else the wall clock
+        self.timer = wiring.boundary_timer(cfg, device_events)
         self.telemetry = TelemetryCollector(self.bus, queue_size=cfg.telemetry.queue_size)
         self.events = self.telemetry.emit_event
-        self.profiler = Profiler(cfg.profile.enabled, trace_path=self.run_dir / "trace.json" if self.run_dir else None)
-        e = cfg.emergency
-        self.monitors = MonitorSet(spike_factor=e.spike_factor, accuracy_drop=e.accuracy_drop,
-                                   budget_ms=cfg.boundary.total_ms)
+        self.profiler = Profiler(cfg.profile.enabled, trace_path=self.run_dir / "trace.json" if self.run_dir else None,
+                                 events=device_events)
+        self.monitors = wiring.build_monitors(cfg)
         self.registry = register_state(
             kasmina=kasmina, optim=self.optim, lr=self.lr, monitors=self.monitors, batches=self.batches,
             trainer=TrainerSection(self.state, self.log, self.identity),
@@ -101,9 +100,7 @@ class TolariaTrainer:
             events=self.events, publish_emergency=self.telemetry.publish_emergency, timer=self.timer,
             profiler=self.profiler, skip_batch=self.batches.skip if self.batches.sampler else None, stop=self.stop)
         self.journal, self.checkpoints, self.safety = r.journal, r.checkpoints, r.safety
-        self.handshake = TamiyoHandshake(tamiyo, timeout_s=cfg.handshake.tamiyo_timeout_s,
-                                         command_max_age_s=cfg.handshake.command_max_age_s,
-                                         max_abandoned=cfg.handshake.max_abandoned_workers, verifier=verifier)
+        self.handshake = wiring.build_handshake(cfg, tamiyo, verifier)
         self.boundary = wiring.build_boundary(
             cfg, position=self.state, identity=self.identity, kasmina=kasmina, handshake=self.handshake, control=c,
             journal=self.journal, validate=self.validate, timer=self.timer, profiler=self.profiler, log=self.log,
@@ -114,7 +111,8 @@ class TolariaTrainer:
             loss_baseline=lambda: self.monitors.loss.baseline, watchdog=self.safety.watchdog,
             checkpoints=self.checkpoints, log=self.log, events=self.events,
             stall_boundary_s=cfg.boundary.total_ms * 2 / 1000, breaker_threshold=cfg.breakers.failure_threshold)
-        self.callbacks = [*callbacks, *self.drills.callbacks(targets)]
+        self.compiled = wiring.compile_watch(cfg, kasmina)  # after .to(device): compiles for where it runs
+        self.callbacks = [*callbacks, *self.drills.callbacks(targets), *([self.compiled] if self.compiled else [])]
         self.compute = StepCompute(model=self.model, task=self.task, kasmina=kasmina, aggregator=self.aggregator,
                                    precision=self.precision, morphogenesis=cfg.run.morphogenesis,
                                    profiler=self.profiler, optimizer=lambda: self.optim.optimizer,
@@ -276,7 +274,8 @@ class TolariaTrainer:
                 "resumed_from": self.resumed_from, "world_size": self.world.size,
                 "drills": self.drills.plan.summary(), "lr": {"current": self.lr.current()},
                 "aggregation": {"mode": self.aggregator.config.mode,
-                                "nonfinite_steps": self.aggregator.nonfinite_steps}, **self.compute.summary()})
+                                "nonfinite_steps": self.aggregator.nonfinite_steps}, **self.compute.summary(),
+                "compile": self.compiled.compiled.summary() if self.compiled else None})
 
     @property
     def host_loss(self) -> Callable[[Any, Any], torch.Tensor]:

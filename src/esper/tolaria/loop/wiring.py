@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from esper.contracts import EventSink, ExecutionLayer, OonaBus, StatefulComponent
+from esper.contracts import EventSink, ExecutionLayer, OonaBus, StatefulComponent, TamiyoClient
+from esper.leyline import AdaptationCommand
 from esper.tolaria.checkpoint import CheckpointStore
 from esper.tolaria.checkpoint.journal import CommandJournal
 from esper.tolaria.config import ConfigError, TolariaConfig
@@ -29,11 +30,12 @@ from esper.tolaria.control.optimizer import DynamicOptimizerManager
 from esper.tolaria.distributed import World
 from esper.tolaria.loop.apply import CommandApplier
 from esper.tolaria.loop.boundary import BoundaryReport, EpochBoundary, TamiyoConsult
+from esper.tolaria.loop.compile import RecompileOnGrowth, compile_host
 from esper.tolaria.loop.evaluate import Validation
 from esper.tolaria.loop.handshake import TamiyoHandshake
 from esper.tolaria.observe.profiling import Profiler
 from esper.tolaria.observe.runlog import RunLog
-from esper.tolaria.observe.timing import MonotonicTimer
+from esper.tolaria.observe.timing import EventFactory, MonotonicTimer
 from esper.tolaria.recovery.checkpoints import Checkpoints
 from esper.tolaria.recovery.monitors import MonitorSet
 from esper.tolaria.recovery.participants import KasminaParticipant, TamiyoParticipant, TolariaParticipant
@@ -83,10 +85,31 @@ def build_control(config: TolariaConfig, model: torch.nn.Module, factory: Optimi
                    ConservativeMode(config.conservative.healthy_epochs_to_exit))
 
 
-def boundary_timer(config: TolariaConfig) -> MonotonicTimer:
+def boundary_timer(config: TolariaConfig, events: EventFactory | None) -> MonotonicTimer:
+    """The boundary's phase timer; `events` (CUDA timing events on a CUDA run) times what the device did."""
     b = config.boundary
     return MonotonicTimer({"state_assembly": b.state_assembly_ms, "tamiyo": b.tamiyo_ms, "apply": b.apply_ms,
-                           "check": b.check_ms, "total": b.total_ms})
+                           "check": b.check_ms, "total": b.total_ms}, events=events)
+
+
+def compile_watch(config: TolariaConfig, kasmina: ExecutionLayer) -> RecompileOnGrowth | None:
+    """`run.compile`: the host compiled in place, and the callback that drops its graphs when seeds change."""
+    compiled = compile_host(kasmina.model, config.run.compile, backend=config.run.compile_backend)
+    if compiled is None:
+        return None
+    return RecompileOnGrowth(compiled, lambda: tuple((s.seed_id, s.stage) for s in kasmina.export_seed_states()))
+
+
+def build_monitors(config: TolariaConfig) -> MonitorSet:
+    e = config.emergency
+    return MonitorSet(spike_factor=e.spike_factor, accuracy_drop=e.accuracy_drop, budget_ms=config.boundary.total_ms)
+
+
+def build_handshake(config: TolariaConfig, tamiyo: TamiyoClient,
+                    verifier: Callable[[AdaptationCommand], None] | None) -> TamiyoHandshake:
+    h = config.handshake
+    return TamiyoHandshake(tamiyo, timeout_s=h.tamiyo_timeout_s, command_max_age_s=h.command_max_age_s,
+                           max_abandoned=h.max_abandoned_workers, verifier=verifier)
 
 
 def stateful_or_none(component: object) -> StatefulComponent | None:
