@@ -29,8 +29,8 @@ from esper.tolaria.loop.step import StepCompute
 from esper.tolaria.observe.profiling import Profiler
 from esper.tolaria.observe.runlog import EpochRecord, RunLog
 from esper.tolaria.observe.summary import build_summary, write_config, write_summary
-from esper.tolaria.observe.timing import event_factory
 from esper.tolaria.observe.telemetry import TelemetryCollector
+from esper.tolaria.observe.timing import event_factory
 from esper.tolaria.recovery.loss_readback import defers_reads
 from esper.tolaria.recovery.safety import RolledBack
 from esper.tolaria.state.position import RunIdentity, StopRequest, TrainerState
