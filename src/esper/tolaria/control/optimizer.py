@@ -52,7 +52,7 @@ SEED_PREFIX = "kasmina_seeds."
 _STRUCTURAL_KEYS = ("params", "param_names", "name")
 # How the optimizer computes, not what: always the factory's (a checkpoint written by a CPU run
 # names the CPU's kernels; resumed on a GPU, the factory's fused or capturable choice must hold).
-_IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable")
+IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable")
 
 PolicySpec = BasePolicy | Mapping[str, Any]
 """A policy object, or its config mapping with a `kind` key (see `esper.tolaria.control.lr.parse_policy`)."""
@@ -279,7 +279,7 @@ def _group_dicts(
     out = []
     for name, members in groups.items():
         extra = {k: v for k, v in hyper.get(name, {}).items()
-                 if k not in _STRUCTURAL_KEYS and k not in _IMPLEMENTATION_KEYS}
+                 if k not in _STRUCTURAL_KEYS and k not in IMPLEMENTATION_KEYS}
         out.append({**extra, "params": [p for _, p in members], "param_names": [n for n, _ in members], "name": name})
     return out
 

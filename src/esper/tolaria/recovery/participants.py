@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from esper.contracts import ExecutionLayer, StatefulComponent
-from esper.tolaria.control.optimizer import DynamicOptimizerManager
+from esper.tolaria.control.optimizer import IMPLEMENTATION_KEYS, DynamicOptimizerManager
 from esper.tolaria.recovery.restore_plan import RestorePlan
 from esper.tolaria.recovery.snapshot_cache import (
     RestoreError,
@@ -186,8 +186,9 @@ class TamiyoParticipant:
 
 
 def _restore_group_hyper(optimizer: torch.optim.Optimizer, saved_groups: list[dict[str, Any]]) -> None:
-    """Put back each group's saved hyperparameters (not the LR: the LR controller owns it)."""
+    """Put back each group's saved hyperparameters: not the LR (the LR controller owns it), and not the
+    implementation flags (fused, foreach, ...), which are the live optimizer's choice for its device."""
     for group, saved in zip(optimizer.param_groups, saved_groups, strict=True):
         for key, value in saved["hyper"].items():
-            if group.get(key) != value:
+            if key not in IMPLEMENTATION_KEYS and group.get(key) != value:
                 group[key] = value
