@@ -46,8 +46,10 @@ def seed_states(
     modules: Mapping[str, nn.Module],
     slots: Sequence[str],
     val_loss: float | None,
+    attribution: Mapping[str, Mapping[str, float]] | None = None,
 ) -> list[SeedState]:
-    """DORMANT states for free slots (seed_id = slot name, layer_depth = slot index), then the seeds."""
+    """DORMANT states for free slots (seed_id = slot name, layer_depth = slot index), then the seeds;
+    a seed with a measured attribution carries it as `attribution_<name>` metrics."""
     states = [
         SeedState(seed_id=slot, stage=SEED_STAGE_DORMANT, layer_depth=index, metrics={"slot_index": float(index)})
         for index, slot in free_slots
@@ -66,6 +68,8 @@ def seed_states(
             "in_evaluation": 1.0 if record.in_evaluation else 0.0,
             "slot_index": float(index),
         }
+        for name, value in (attribution or {}).get(record.seed_id, {}).items():
+            metrics[f"attribution_{name}"] = value
         state = SeedState(
             seed_id=record.seed_id, gradient_norm=grads[record.seed_id], layer_depth=index, metrics=metrics,
             age_epochs=record.age_epochs,

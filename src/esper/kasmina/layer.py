@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -22,6 +23,7 @@ from esper.contracts import ApplyResult, SeedLossTerm
 from esper.kasmina.alpha import alpha_at
 from esper.kasmina.blueprints import BlueprintError, BlueprintSpec, build_blueprint, resolve_blueprint
 from esper.kasmina.config import KasminaConfig
+from esper.kasmina.counterfactual import CounterfactualPlan
 from esper.kasmina.export import seed_states
 from esper.kasmina.lifecycle import (
     APPLIED_STAGES,
@@ -118,6 +120,8 @@ class KasminaLayer:
         self._hooks: dict[str, RemovableHandle] = {}
         self._chains: dict[str, list[tuple[str, SeedModule, bool]]] = {s: [] for s in self._slots}
         self._own_loss: SeedRecord | None = None
+        self._plan: CounterfactualPlan | None = None  # set only inside `counterfactual()`
+        self._attribution: dict[str, dict[str, float]] = {}  # the last validation's, by seed id
         self._probes = {s: m.register_forward_hook(self._make_probe(s)) for s, m in self._slot_modules.items()}
         if example_input is not None:
             self._probe_once(example_input)
@@ -347,6 +351,8 @@ class KasminaLayer:
                 return None
             if not isinstance(output, torch.Tensor):
                 raise TypeError(f"Kasmina slot {slot!r} outputs {type(output).__name__}; seeds need a tensor output")
+            if self._plan is not None:
+                return self._counterfactual_blend(self._plan, slot, chain, output)
             h = output
             for seed_id, seed, blend in chain:
                 if own is not None and seed_id == own.seed_id:
@@ -358,6 +364,47 @@ class KasminaLayer:
             return h
 
         return hook
+
+    @staticmethod
+    def _counterfactual_blend(plan: CounterfactualPlan, slot: str, chain: list[tuple[str, SeedModule, bool]],
+                              h: torch.Tensor) -> torch.Tensor:
+        """The slot's blend with the plan's seeds switched off per case (see counterfactual.py)."""
+        if plan.switches_off([seed_id for seed_id, _, _ in chain]):
+            h = plan.spread(slot, h)
+        for seed_id, seed, blend in chain:
+            h = h + plan.gate(seed_id, seed.alpha * seed(h) if blend else seed(h))
+        return h
+
+    # ------------------------------------------------------------------ counterfactuals and attribution
+
+    def attributable_seeds(self) -> tuple[str, ...]:
+        """Live seeds the main forward applies (BLENDING, SHADOWING, PROBATIONARY): those whose
+        removal changes the model's output now."""
+        return tuple(r.seed_id for r in self._records.values() if r.live and r.stage in APPLIED_STAGES)
+
+    @contextmanager
+    def counterfactual(self, off: Sequence[str | None]) -> Iterator[None]:
+        """Inside, each model forward runs `len(off)` cases: case `c` with seed `off[c]` switched off
+        (None: every seed on). One case is the plain forward with that seed off; several are fused
+        into one forward whose output rows are case-major (counterfactual.py says how, and when a
+        model cannot be fused: `CounterfactualError`)."""
+        known = set(self.attributable_seeds())
+        unknown = [s for s in off if s is not None and s not in known]
+        if unknown:
+            raise ValueError(f"counterfactual: {unknown} are not applied live seeds; choose from {sorted(known)}")
+        plan = CounterfactualPlan(off)
+        handle = self._model.register_forward_pre_hook(lambda *_: plan.begin_forward())
+        self._plan = plan
+        try:
+            yield
+        finally:
+            self._plan = None
+            handle.remove()
+
+    def record_attribution(self, attribution: Mapping[str, Mapping[str, float]]) -> None:
+        """The last validation's attribution per seed id (name -> value); exported in each seed's
+        metrics as `attribution_<name>` until the next call."""
+        self._attribution = {sid: {k: float(v) for k, v in values.items()} for sid, values in attribution.items()}
 
     # ------------------------------------------------------------------ training-time calls
 
@@ -427,7 +474,7 @@ class KasminaLayer:
         free = [(i, s) for i, s in enumerate(self._slots) if self.live_seed(s) is None]
         seeds = [r for r in self._records.values() if r.stage != SEED_STAGE_CULLED]
         modules = {r.seed_id: self._seed_module(r.seed_id) for r in seeds}
-        return seed_states(free, seeds, modules, self._slots, self._last_val_loss)
+        return seed_states(free, seeds, modules, self._slots, self._last_val_loss, self._attribution)
 
     def seeds_summary(self) -> list[dict[str, Any]]:
         """Every seed ever germinated with its stage history by epoch (for Tolaria's summary.json)."""
@@ -484,6 +531,7 @@ class KasminaLayer:
         for seed_id, module in built.items():
             self._container[seed_id] = module
         self._records = {r.seed_id: r for r in parsed.records}
+        self._attribution = {}  # measured on another structure; the next validation measures again
         self._seed_counter, self._epoch, self._last_val_loss = parsed.seed_counter, parsed.epoch, parsed.last_val_loss
         self._shapes.update(parsed.shapes)
         self._sync_modules_to_records()
