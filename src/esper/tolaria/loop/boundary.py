@@ -59,6 +59,7 @@ class BoundaryReport:
     val_loss: float
     val_accuracy: float  # the task's score: its primary metric, higher is better
     val_metrics: dict[str, float] = field(default_factory=dict)
+    attribution: dict[str, dict[str, float]] = field(default_factory=dict)  # Validation.attribution
     command: AdaptationCommand | None = None
     fallback: str = ""
     applied: bool = False
@@ -107,7 +108,7 @@ class EpochBoundary:
             val_loss, val_acc = validation.loss, validation.score
             self.lr.report_validation(val_loss)
         self.kasmina.on_epoch_end(epoch, val_loss, val_acc)
-        report = BoundaryReport(epoch, val_loss, val_acc, validation.metrics)
+        report = BoundaryReport(epoch, val_loss, val_acc, validation.metrics, validation.attribution)
         with span("boundary.state_assembly"), phase("state_assembly"):
             packet = self.assemble(epoch, train_loss, validation)
         with span("boundary.tamiyo"), phase("tamiyo"):

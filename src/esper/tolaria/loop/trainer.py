@@ -20,7 +20,7 @@ from esper.tolaria.drills import DrillRig, DrillTargets, FaultPlan
 from esper.tolaria.loop import wiring
 from esper.tolaria.loop.batches import EpochBatches
 from esper.tolaria.loop.boundary import BoundaryReport, param_count, seed_stages
-from esper.tolaria.loop.evaluate import Validation, evaluate
+from esper.tolaria.loop.evaluate import Validation, attributable, evaluate
 from esper.tolaria.loop.hooks import HookPoint
 from esper.tolaria.loop.precision import Precision, resolve_device
 from esper.tolaria.loop.run_state import TrainerSection, register_state, resume_run
@@ -235,7 +235,7 @@ class TolariaTrainer:
         command = report.command.annotations.get("reason", "") if report.command is not None else ""
         record = EpochRecord(epoch, self.state.global_step, train_loss, report.val_loss, report.val_accuracy,
                              self.lr.current(), param_count(self.model), self.conservative.active, seconds,
-                             report.own_ms, command, report.val_metrics)
+                             report.own_ms, command, report.val_metrics, report.attribution)
         self.log.add_epoch(record)
         self.telemetry.publish_epoch(record)
 
@@ -247,7 +247,8 @@ class TolariaTrainer:
 
     # ---------------------------------------------------------------- the run's ends and reports
     def validate(self) -> Validation:
-        return evaluate(self.model, self.val_loader, self.task, place=self.place, autocast=self.precision.autocast)
+        return evaluate(self.model, self.val_loader, self.task, place=self.place, autocast=self.precision.autocast,
+                        seeds=attributable(self.kasmina))  # each applied seed's attribution, in the same pass
 
     def resume_from(self, directory: Path, *, name: str | None = None) -> None:
         """Restore the newest valid committed checkpoint in `directory` (or exactly the committed
