@@ -9,6 +9,7 @@ Owns: what is on disk and whether it can be trusted. May import `state`, `esper.
 """
 
 from esper.tolaria.checkpoint.atomic import atomic_write_bytes, fsync_dir
+from esper.tolaria.checkpoint.best import BEST, BestScore
 from esper.tolaria.checkpoint.inspect import corrupt_latest, inspect, list_checkpoints
 from esper.tolaria.checkpoint.layout import CheckpointStateError
 from esper.tolaria.checkpoint.recovery import (
@@ -29,6 +30,8 @@ from esper.tolaria.checkpoint.store import (
 from esper.tolaria.checkpoint.wal import RecordType, WalCorruption, WalCorruptionError, WriteAheadLog, replay
 
 __all__ = [
+    "BEST",
+    "BestScore",
     "CheckpointInfo",
     "CheckpointNotFound",
     "CheckpointStateError",

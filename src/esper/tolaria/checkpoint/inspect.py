@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from esper.tolaria.checkpoint.best import ranked_best
 from esper.tolaria.checkpoint.layout import (
     MODEL_FILE,
     STATE_FILE,
@@ -28,11 +29,16 @@ def list_checkpoints(directory: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """Every checkpoint dir under `directory`, newest first (by txn, then step), verified against the WAL.
 
     Each entry: name, path, epoch, step, txn (also as txn_id), committed, size_bytes, files
-    {name: size}, seeds [{seed_id, stage}], status ("ok", "uncommitted", or "corrupt: <file> <problem>").
+    {name: size}, seeds [{seed_id, stage}], status ("ok", "uncommitted", or "corrupt: <file> <problem>"),
+    best (None, or {rank, metric, mode, value, epoch} when `checkpoint.keep_best` keeps it; `epoch` is
+    the finished epoch the value is of, numbered from 0).
     """
     root = Path(directory)
     commits = {e.name: e for e in committed_index(replay(root).records)}
-    described = [_describe(path, commits.get(path.name)) for path in checkpoint_dirs(root)]
+    dirs = checkpoint_dirs(root)
+    ranks = {e.name: rank for rank, e in enumerate(ranked_best(commits[p.name] for p in dirs if p.name in commits), 1)}
+    described = [{**_describe(path, commits.get(path.name)), "best": _best(commits.get(path.name), ranks)}
+                 for path in dirs]
     return sorted(described, key=lambda c: (c["txn"] or 0, c["step"]), reverse=True)
 
 
@@ -81,6 +87,12 @@ def corrupt_latest(directory: str | os.PathLike[str], file_name: str = MODEL_FIL
         f.flush()
         os.fsync(f.fileno())
     return victim
+
+
+def _best(commit: CommitEntry | None, ranks: dict[str, int]) -> dict[str, Any] | None:
+    if commit is None or commit.best is None or commit.name not in ranks:
+        return None
+    return {"rank": ranks[commit.name], **{k: v for k, v in commit.best.as_dict().items() if k != "top_k"}}
 
 
 def _describe(path: Path, commit: CommitEntry | None) -> dict[str, Any]:

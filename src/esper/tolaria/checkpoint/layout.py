@@ -32,6 +32,8 @@ import crc32c
 import numpy as np
 import torch
 
+from esper.tolaria.checkpoint.best import BestScore, score_from_dict
+
 MODEL_FILE = "model.pt"
 STATE_FILE = "state.pt"
 MANIFEST_FILE = "manifest.pb"
@@ -153,10 +155,14 @@ class CommitInfo:
 
     name: str
     manifest_sha256: str
+    best: BestScore | None = None  # the watched metric, when `checkpoint.keep_best` scored it
 
 
 def encode_commit(info: CommitInfo) -> bytes:
-    return json.dumps({"checkpoint": info.name, "manifest_sha256": info.manifest_sha256}).encode()
+    payload: dict[str, Any] = {"checkpoint": info.name, "manifest_sha256": info.manifest_sha256}
+    if info.best is not None:
+        payload["best"] = info.best.as_dict()
+    return json.dumps(payload).encode()
 
 
 def decode_commit(payload: bytes) -> CommitInfo | None:
@@ -165,7 +171,7 @@ def decode_commit(payload: bytes) -> CommitInfo | None:
     is only CRC-protected, so a forged one could otherwise point a delete outside the run."""
     try:
         data = json.loads(payload)
-        info = CommitInfo(str(data["checkpoint"]), str(data["manifest_sha256"]))
+        info = CommitInfo(str(data["checkpoint"]), str(data["manifest_sha256"]), score_from_dict(data.get("best")))
     except (ValueError, KeyError, TypeError):
         return None
     if not is_checkpoint_name(info.name):

@@ -21,6 +21,7 @@ from typing import Any
 from google.protobuf.message import DecodeError
 
 from esper.leyline import CheckpointFile, CheckpointManifest
+from esper.tolaria.checkpoint.best import BEST, BestScore, ranked_best
 from esper.tolaria.checkpoint.layout import (
     DATA_FILES,
     FILE_NAME_RE,
@@ -58,6 +59,7 @@ class CommitEntry:
     step: int
     manifest_sha256: str
     record_index: int  # position of the COMMIT in the replayed records
+    best: BestScore | None = None  # the score `checkpoint.keep_best` gave it, if any
 
 
 @dataclass
@@ -111,7 +113,8 @@ def committed_index(records: list[WalRecord], events: MutableSequence[str] | Non
                 events.append(f"{rec.segment} offset {rec.offset}: {exc}; ignored (the WAL was damaged or forged)")
             continue
         if info is not None and (info.name not in latest or rec.txn_id > latest[info.name].txn_id):
-            latest[info.name] = CommitEntry(info.name, rec.txn_id, rec.epoch, rec.step, info.manifest_sha256, i)
+            latest[info.name] = CommitEntry(info.name, rec.txn_id, rec.epoch, rec.step, info.manifest_sha256, i,
+                                            info.best)
     return sorted(latest.values(), key=lambda e: e.txn_id, reverse=True)
 
 
@@ -249,7 +252,8 @@ def _check_mapped(path: Path, entry: CheckpointFile) -> str:
 
 def recover(directory: str | os.PathLike[str], *, clean: bool = True, name: str | None = None) -> RecoveryResult:
     """Load the newest valid committed checkpoint under `directory` (the highest committed txn),
-    or with `name` exactly that one (raises CheckpointNotFound naming those that exist).
+    or with `name` exactly that one (raises CheckpointNotFound naming those that exist); `name`
+    "best" is the best kept checkpoint (`checkpoint.keep_best`) that verifies.
 
     `events` holds a sentence for every WAL problem and for every newer checkpoint passed over
     (corrupt file, missing, uncommitted). With `clean`, temp leftovers are removed, and so are
@@ -263,7 +267,9 @@ def recover(directory: str | os.PathLike[str], *, clean: bool = True, name: str 
     present = {p.name for p in checkpoint_dirs(root)}
     chosen: LoadedCheckpoint | None
     failures: list[str] = []
-    if name is not None:
+    if name == BEST:
+        chosen, failures = _load_best(root, entries, present)
+    elif name is not None:
         chosen = _load_named(root, name, entries, present)
     else:
         chosen, failures = _load_newest(root, entries, present)
@@ -304,6 +310,23 @@ def _load_named(root: Path, name: str, entries: list[CommitEntry], present: set[
         raise CheckpointNotFound(f"{name} does not verify: {name}/{result.problem}; other committed checkpoints: "
                                  f"{others}")
     return result
+
+
+def _load_best(root: Path, entries: list[CommitEntry], present: set[str]) -> tuple[LoadedCheckpoint, list[str]]:
+    """The best kept checkpoint that verifies (a corrupt best one is passed over, and said so)."""
+    kept = ranked_best([e for e in entries if e.name in present])
+    if not kept:
+        raise CheckpointNotFound(
+            f"--from best: no checkpoint in {root} is kept as best (none carries a keep_best score); set "
+            "checkpoint.keep_best = {top_k = 1} in the config (`--set checkpoint.keep_best.top_k=1`) so runs keep "
+            f"their best checkpoint, or name one of those `tolaria inspect {root}` lists")
+    failures: list[str] = []
+    for entry in kept:
+        result = verify_and_load(root / entry.name, entry)
+        if isinstance(result, LoadedCheckpoint):
+            return result, failures
+        failures.append(f"best checkpoint {entry.name}/{result.problem}")
+    raise CheckpointNotFound(f"--from best: no best checkpoint verifies: {'; '.join(failures)}")
 
 
 def load_for_rollback(directory: str | os.PathLike[str]) -> dict[str, Any]:

@@ -4,7 +4,7 @@ Write protocol for one snapshot (txn = next transaction id):
 
     WAL BEGIN(txn) -> write model.pt, state.pt, manifest.pb atomically into `.ckpt-<step>.<txn>.tmp/`
     -> fsync that directory -> rename it to its name -> fsync the root -> WAL COMMIT(txn, name)
-    -> retire superseded checkpoints (same step, then beyond `keep_last`)
+    -> retire superseded checkpoints (same step, then beyond `keep_last`, never the `keep_best` best)
 
 The name is `ckpt-<step:012d>`, or `ckpt-<step:012d>.t<txn>` when that name is taken (the step was
 checkpointed before, e.g. reached again after a rollback): a committed checkpoint is never moved,
@@ -39,6 +39,7 @@ from pathlib import Path
 
 from esper.leyline import AdaptationCommand, CheckpointFile, CheckpointManifest, now_timestamp, serialize
 from esper.tolaria.checkpoint.atomic import CrashPoint, atomic_write_bytes, fsync_dir
+from esper.tolaria.checkpoint.best import BestScore, ranked_best
 from esper.tolaria.checkpoint.layout import (
     MANIFEST_FILE,
     MODEL_FILE,
@@ -86,12 +87,13 @@ class CheckpointInfo:
     epoch: int
     step: int
     size_bytes: int
+    best: BestScore | None = None  # its keep_best score, carried in its COMMIT
 
 
 class CheckpointStore:
     """The single writer of a checkpoint directory (one store per directory at a time)."""
 
-    def __init__(self, directory: str | os.PathLike[str], *, keep_last: int = 3,
+    def __init__(self, directory: str | os.PathLike[str], *, keep_last: int = 3, keep_best: int = 0,
                  wal_max_bytes: int = 16 * 1024 * 1024, fsync: bool = True, fault: FaultFn | None = None,
                  run_id: str = "", config_sha256: str = "", world_size: int = 1,
                  crash_point: CrashPoint | None = None) -> None:
@@ -100,6 +102,7 @@ class CheckpointStore:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.keep_last = keep_last
+        self.keep_best = keep_best  # best-scored checkpoints retention never retires (0: none)
         self.fsync = fsync
         self.fault = fault
         self.run_id = run_id
@@ -115,7 +118,7 @@ class CheckpointStore:
         self._wal = WriteAheadLog(self.directory, max_bytes=wal_max_bytes, fsync=fsync)
         self._write_lock = threading.Lock()
         self._cond = threading.Condition()
-        self._pending: tuple[Snapshot, Future[CheckpointInfo]] | None = None
+        self._pending: tuple[Snapshot, BestScore | None, Future[CheckpointInfo]] | None = None
         self._busy = False
         self._closed = False
         self._thread: threading.Thread | None = None
@@ -123,25 +126,27 @@ class CheckpointStore:
 
     # ------------------------------------------------------------------ public
 
-    def save(self, snapshot: Snapshot) -> CheckpointInfo:
-        """Write `snapshot` durably on the calling thread; raises CheckpointWriteError."""
+    def save(self, snapshot: Snapshot, best: BestScore | None = None) -> CheckpointInfo:
+        """Write `snapshot` durably on the calling thread; raises CheckpointWriteError. `best`, its
+        keep_best score, is committed with it (see best.py)."""
         if self._closed:
             raise ValueError("CheckpointStore is closed; open a new store to write checkpoints")
         with self._write_lock:
-            return self._save(snapshot)
+            return self._save(snapshot, best)
 
-    def save_async(self, snapshot: Snapshot) -> Future[CheckpointInfo]:
-        """Queue `snapshot` for the writer thread and return at once (newest queued request wins)."""
+    def save_async(self, snapshot: Snapshot, best: BestScore | None = None) -> Future[CheckpointInfo]:
+        """Queue `snapshot` (and its score) for the writer thread and return at once (newest queued
+        request wins)."""
         future: Future[CheckpointInfo] = Future()
         with self._cond:
             if self._closed:
                 raise ValueError("CheckpointStore is closed; open a new store to write checkpoints")
             if self._pending is not None:
-                _, older = self._pending
+                *_, older = self._pending
                 if not older.done():  # the caller may have cancelled it already
                     superseded = f"superseded by the snapshot of step {snapshot.global_step}"
                     older.set_exception(CheckpointSuperseded(superseded))
-            self._pending = (snapshot, future)
+            self._pending = (snapshot, best, future)
             self._ensure_writer()
             self._cond.notify_all()
         return future
@@ -183,7 +188,11 @@ class CheckpointStore:
 
     # ------------------------------------------------------------------ the write
 
-    def _save(self, snapshot: Snapshot) -> CheckpointInfo:
+    def best(self) -> list[CheckpointInfo]:
+        """The committed checkpoints kept as best, best first (at most `keep_best`)."""
+        return ranked_best(self._committed.values(), self.keep_best) if self.keep_best else []
+
+    def _save(self, snapshot: Snapshot, best: BestScore | None) -> CheckpointInfo:
         snapshot.wait_ready()  # its host buffers are complete only then (copy-behind; a CUDA copy's event)
         blobs = _serialize(snapshot)  # CheckpointStateError here touches no file and no WAL record
         txn = self._next_txn
@@ -206,7 +215,7 @@ class CheckpointStore:
                 fsync_dir(self.directory)
             self._crash("wal-append COMMIT")
             self._wal.append(RecordType.COMMIT, txn, epoch, step,
-                             encode_commit(CommitInfo(name, sha256_hex(manifest_bytes))))
+                             encode_commit(CommitInfo(name, sha256_hex(manifest_bytes), best)))
         except OSError as exc:
             self.last_error = CheckpointWriteError(name, exc)
             self._undo(name, txn, epoch, step, staging, final)
@@ -215,7 +224,7 @@ class CheckpointStore:
             self._undo(name, txn, epoch, step, staging, final)  # e.g. a drill's InjectedFault
             raise
         size = sum(len(b) for b in blobs.values()) + len(manifest_bytes)
-        info = CheckpointInfo(name, final, txn, epoch, step, size)
+        info = CheckpointInfo(name, final, txn, epoch, step, size, best)
         self._committed[name] = info
         self._taken.add(name)
         self.last_error = None
@@ -269,10 +278,14 @@ class CheckpointStore:
 
     def _retain(self) -> None:
         """Retire what the new COMMIT superseded (it is durable now): an older checkpoint of the same
-        step, then the oldest beyond `keep_last` (by txn, so an abandoned branch goes first)."""
+        step, then the oldest beyond `keep_last` (by txn, so an abandoned branch goes first), except
+        the best kept ones. A same-step checkpoint goes even when best: the step was reached again
+        after a rollback or branch, so its history was abandoned."""
         newest = self.committed()
         same_step = [c for c in newest[1:] if c.step == newest[0].step]
-        beyond = [c for c in newest if c not in same_step][self.keep_last:]
+        others = [c for c in newest if c not in same_step]
+        kept_best = {c.name for c in ranked_best(others, self.keep_best)} if self.keep_best else set()
+        beyond = [c for c in others[self.keep_last:] if c.name not in kept_best]
         for info in (*same_step, *beyond):
             self._retire(info)
         self._remove_leftovers()
@@ -300,7 +313,7 @@ class CheckpointStore:
         for entry in entries:
             if entry.name in present:
                 self._committed[entry.name] = CheckpointInfo(
-                    entry.name, self.directory / entry.name, entry.txn_id, entry.epoch, entry.step, 0)
+                    entry.name, self.directory / entry.name, entry.txn_id, entry.epoch, entry.step, 0, entry.best)
 
     def _remove_leftovers(self) -> None:
         for path in self.directory.iterdir():
@@ -318,21 +331,21 @@ class CheckpointStore:
                 self._cond.wait_for(lambda: self._pending is not None or self._closed)
                 if self._pending is None:
                     return
-                snapshot, future = self._pending
+                snapshot, best, future = self._pending
                 self._pending = None
                 self._busy = True
-            self._run_one(snapshot, future)
+            self._run_one(snapshot, best, future)
             del snapshot  # the store keeps no reference to a written snapshot
             with self._cond:
                 self._busy = False
                 self._cond.notify_all()
 
-    def _run_one(self, snapshot: Snapshot, future: Future[CheckpointInfo]) -> None:
+    def _run_one(self, snapshot: Snapshot, best: BestScore | None, future: Future[CheckpointInfo]) -> None:
         if not future.set_running_or_notify_cancel():
             return
         try:
             with self._write_lock:
-                future.set_result(self._save(snapshot))
+                future.set_result(self._save(snapshot, best))
         except (CheckpointWriteError, CheckpointStateError) as exc:
             future.set_exception(exc)  # the writer carries on; the caller's breaker decides
         except BaseException as exc:  # noqa: BLE001 - a bug must reach the caller's future, not kill the thread
