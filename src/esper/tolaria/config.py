@@ -156,10 +156,29 @@ class OonaConfig(Section):
                              "the ESPER_LEYLINE_SECRET environment variable. Never commit the secret.")
 
 
+class KeepBestConfig(Section):
+    top_k: int = Field(0, ge=0, description="Keep the checkpoints of the top_k epochs by the metric beside the last "
+                       "keep_last; retention never deletes them (0: off). `tolaria resume RUN --from best` "
+                       "continues from the best.")
+    metric: str = Field("", description="The validation metric ranked (empty: the task's primary metric; any name "
+                        "the task reports, e.g. loss, perplexity, r2).")
+    mode: Literal["auto", "max", "min"] = Field("auto", description="max or min is better; auto: the task's "
+                                                "direction for its primary metric, min for loss.")
+
+    @model_validator(mode="after")
+    def _on_when_configured(self) -> KeepBestConfig:
+        if self.top_k == 0 and (self.metric or self.mode != "auto"):
+            raise ValueError("checkpoint.keep_best names a metric or mode but top_k is 0 (off): set "
+                             "checkpoint.keep_best.top_k to how many best checkpoints to keep, e.g. 1")
+        return self
+
+
 class CheckpointConfig(Section):
     enabled: bool = Field(True, description="Write durable checkpoints to RUN_DIR/checkpoints.")
     every_epochs: int = Field(1, ge=1, description="Checkpoint cadence in epochs.")
     keep_last: int = Field(3, ge=1, description="Committed checkpoints kept on disk.")
+    keep_best: KeepBestConfig = Field(default_factory=KeepBestConfig, description="The best checkpoints by a "
+                                      "validation metric, kept beside the last keep_last: {top_k, metric, mode}.")
 
 
 class EarlyStoppingConfig(Section):
