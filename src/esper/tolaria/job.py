@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from esper.tolaria.checkpoint.best import BEST
 from esper.tolaria.checkpoint.layout import CKPT_RE
 from esper.tolaria.config import TolariaConfig, config_from_dict
 from esper.tolaria.distributed import World
@@ -134,15 +135,15 @@ def resume_job(run_dir: Path, *, epochs: int | None = None, progress: bool = Tru
 
 
 def checkpoint_name(run_dir: Path, checkpoint: str) -> str:
-    """The name of `checkpoint` (`ckpt-...` as `tolaria inspect` lists it, or a path to one of
-    RUN_DIR's checkpoints); raises ValueError for anything else."""
-    if CKPT_RE.match(checkpoint):
+    """The name of `checkpoint` (`ckpt-...` as `tolaria inspect` lists it, a path to one of RUN_DIR's
+    checkpoints, or `best`, which recovery resolves); raises ValueError for anything else."""
+    if checkpoint == BEST or CKPT_RE.match(checkpoint):
         return checkpoint
     given = Path(checkpoint)
     if CKPT_RE.match(given.name) and given.parent.resolve() == (run_dir / "checkpoints").resolve():
         return given.name
     raise ValueError(f"--from {checkpoint}: name one of {run_dir}'s checkpoints, as `tolaria inspect {run_dir}` "
-                     f"lists them (ckpt-...), or give the path {run_dir / 'checkpoints'}/ckpt-...")
+                     f"lists them (ckpt-...), give the path {run_dir / 'checkpoints'}/ckpt-..., or say `best`")
 
 
 def _write_report(run_dir: Path) -> None:
