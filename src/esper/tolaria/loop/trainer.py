@@ -119,6 +119,7 @@ class TolariaTrainer:
                                    accumulate=cfg.optimizer.accumulate_steps,
                                    defer_reads=defers_reads(cfg.run.loss_readback, self.device, self.world.size),
                                    reduce=self.world.reduce_gradients if self.world.distributed else None)
+        self.flops = wiring.build_flops(cfg, kasmina, self.task, train_loader, val_loader, self.place, self.precision)
         self.resumed_from, self._closed = "", False  # the snapshot id a resume started from
 
     # ---------------------------------------------------------------- the loop
@@ -152,6 +153,7 @@ class TolariaTrainer:
             epoch = self.state.epoch
             try:
                 self._fire(HookPoint.EPOCH_BEGIN, epoch=epoch)
+                self.flops.observe()  # counts only a structure it has not just counted
                 started = time.perf_counter()
                 train_loss = self._train_epoch()
                 if self.stop.requested:
@@ -236,6 +238,7 @@ class TolariaTrainer:
         record = EpochRecord(epoch, self.state.global_step, train_loss, report.val_loss, report.val_accuracy,
                              self.lr.current(), param_count(self.model), self.conservative.active, seconds,
                              report.own_ms, command, report.val_metrics, report.attribution)
+        record.flops = self.flops.total(self.log.last_epoch, self.state.global_step)
         self.log.add_epoch(record)
         self.telemetry.publish_epoch(record)
 
@@ -274,6 +277,7 @@ class TolariaTrainer:
                 "telemetry": self.telemetry.summary(), "safety": self.safety.summary(),
                 "resumed_from": self.resumed_from, "world_size": self.world.size,
                 "drills": self.drills.plan.summary(), "lr": {"current": self.lr.current()},
+                "flops": self.flops.summary(self.log.last_epoch),
                 "aggregation": {"mode": self.aggregator.config.mode,
                                 "nonfinite_steps": self.aggregator.nonfinite_steps}, **self.compute.summary(),
                 "compile": self.compiled.compiled.summary() if self.compiled else None})

@@ -9,6 +9,7 @@ are checked here, once, as protocols.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -32,7 +33,9 @@ from esper.tolaria.loop.apply import CommandApplier
 from esper.tolaria.loop.boundary import BoundaryReport, EpochBoundary, TamiyoConsult
 from esper.tolaria.loop.compile import RecompileOnGrowth, compile_host
 from esper.tolaria.loop.evaluate import Validation
+from esper.tolaria.loop.flops import TrainingFlops, rows_per_step
 from esper.tolaria.loop.handshake import TamiyoHandshake
+from esper.tolaria.loop.precision import Precision
 from esper.tolaria.observe.profiling import Profiler
 from esper.tolaria.observe.runlog import RunLog
 from esper.tolaria.observe.timing import EventFactory, MonotonicTimer
@@ -46,7 +49,7 @@ from esper.tolaria.recovery.safety import Safety
 from esper.tolaria.recovery.snapshots import Snapshots
 from esper.tolaria.state.position import RunIdentity, StopRequest, TrainerState
 from esper.tolaria.state.registry import StateRegistry
-from esper.tolaria.tasks import move_batch
+from esper.tolaria.tasks import Task, move_batch
 
 OptimizerFactory = Callable[[list[dict[str, Any]]], torch.optim.Optimizer]
 
@@ -206,6 +209,17 @@ def _schedule_steps(config: TolariaConfig, loader: Iterable[Any]) -> int:
             "has no len(); set lr.total_steps to the number of optimizer steps of the whole run") from None
     k = config.optimizer.accumulate_steps
     return max(1, config.run.epochs * -(-per_epoch // k))
+
+
+def build_flops(config: TolariaConfig, kasmina: ExecutionLayer, task: Task, train_loader: Iterable[Any],
+                val_loader: Iterable[Any], place: Callable[[Any], Any] | None, precision: Precision) -> TrainingFlops:
+    """The run's compute accounting: counted on the first validation batch, scaled to a training step of
+    every rank (`WORLD_SIZE` from torchrun's environment, as `World` reads it)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rows = rows_per_step(train_loader, accumulate=config.optimizer.accumulate_steps, world_size=world_size,
+                         fallback=config.data.batch_size)
+    return TrainingFlops(model=kasmina.model, kasmina=kasmina, task=task, batches=val_loader, place=place,
+                         rows_per_step=rows, morphogenesis=config.run.morphogenesis, autocast=precision.autocast)
 
 
 def batch_placer(device: torch.device, loader: Iterable[Any]) -> Callable[[Any], Any] | None:

@@ -169,6 +169,7 @@ class TelemetryCollector:
             "tolaria.epoch.duration_ms": record.epoch_seconds * 1e3, "tolaria.boundary.latency_ms": record.boundary_ms,
             "tolaria.train.loss": record.train_loss, "tolaria.val.loss": record.val_loss,
             "tolaria.val.accuracy": record.val_accuracy, "tolaria.model.params": float(record.param_count),
+            "tolaria.train.flops": record.flops,
             **{f"tolaria.val.{k}": v for k, v in record.val_metrics.items()}}
         metrics.update({f"tolaria.lr_controller.lr.{k}": v for k, v in record.lr.items()})
         self.publish(self.packet(metrics, attributes={"epoch": str(record.epoch)}), MESSAGE_PRIORITY_NORMAL)
