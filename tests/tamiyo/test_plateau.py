@@ -77,11 +77,11 @@ def test_a_phase_without_any_progress_is_left_to_the_relative_test() -> None:
     [
         ([1.0, 1.0], None, True, "noop: conservative mode blocks germination"),
         ([1.0, 1.0], [SeedState(seed_id="seed1", stage=SEED_STAGE_TRAINING)], False,
-         "noop: 1 live seed(s) (max_live_seeds 1) waiting for their next gate"),
+         "noop: live seeds: 1 live seed(s) (max_live_seeds 1) waiting for their next gate"),
         ([1.0, 1.0], [], False, "noop: no free slot (no DORMANT seed state in the packet)"),
-        ([1.0, 1.0], None, False, "noop: 2 of the 4 epochs of val loss the plateau test needs"),
+        ([1.0, 1.0], None, False, "noop: no plateau: 2 of the 4 epochs of val loss the plateau test needs"),
         ([1.0, 0.5, 0.3, 0.2], None, False,
-         "noop: val loss still improving: 0.8000 relative over 3 epochs >= plateau_threshold 0.01, "
+         "noop: no plateau: val loss still improving: 0.8000 relative over 3 epochs >= plateau_threshold 0.01, "
          "and 1.0000 of the progress since the growth phase began >= progress_threshold 0.01"),
     ],
 )

@@ -47,11 +47,15 @@ def seed_states(
     slots: Sequence[str],
     val_loss: float | None,
     attribution: Mapping[str, Mapping[str, float]] | None = None,
+    germination_params: Mapping[str, int] | None = None,
 ) -> list[SeedState]:
-    """DORMANT states for free slots (seed_id = slot name, layer_depth = slot index), then the seeds;
-    a seed with a measured attribution carries it as `attribution_<name>` metrics."""
+    """DORMANT states for free slots (seed_id = slot name, layer_depth = slot index, and the parameters
+    a germination there would add as `germination_params`), then the seeds; a seed with a measured
+    attribution carries it as `attribution_<name>` metrics."""
+    costs = germination_params or {}
     states = [
-        SeedState(seed_id=slot, stage=SEED_STAGE_DORMANT, layer_depth=index, metrics={"slot_index": float(index)})
+        SeedState(seed_id=slot, stage=SEED_STAGE_DORMANT, layer_depth=index, metrics={
+            "slot_index": float(index), **({"germination_params": float(costs[slot])} if slot in costs else {})})
         for index, slot in free_slots
     ]
     grads = gradient_norms(modules)

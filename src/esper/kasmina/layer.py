@@ -122,6 +122,7 @@ class KasminaLayer:
         self._own_loss: SeedRecord | None = None
         self._plan: CounterfactualPlan | None = None  # set only inside `counterfactual()`
         self._attribution: dict[str, dict[str, float]] = {}  # the last validation's, by seed id
+        self._costs: dict[tuple[str, str], int] = {}  # (slot, blueprint) -> parameters a germination adds
         self._probes = {s: m.register_forward_hook(self._make_probe(s)) for s, m in self._slot_modules.items()}
         if example_input is not None:
             self._probe_once(example_input)
@@ -191,6 +192,23 @@ class KasminaLayer:
             if record.slot == slot and record.live:
                 return record
         return None
+
+    def germination_params(self, slot: str, blueprint: str = "") -> int | None:
+        """Parameters a GERMINATE of `blueprint` (empty: the default) in `slot` would add, or None where
+        it cannot germinate (unknown slot, no shape yet, no blueprint fits). Built once per slot and
+        blueprint, from a private generator: the run's random streams are untouched."""
+        shape = self._shapes.get(slot)
+        if slot not in self._slot_modules or shape is None:
+            return None
+        try:
+            name = resolve_blueprint(blueprint or self._config.default_blueprint, shape)
+        except BlueprintError:
+            return None
+        key = (slot, name)
+        if key not in self._costs:
+            module = build_blueprint(name, shape, self._spec(), torch.Generator().manual_seed(0))
+            self._costs[key] = sum(p.numel() for p in module.parameters())
+        return self._costs[key]
 
     # ------------------------------------------------------------------ commands
 
@@ -474,7 +492,9 @@ class KasminaLayer:
         free = [(i, s) for i, s in enumerate(self._slots) if self.live_seed(s) is None]
         seeds = [r for r in self._records.values() if r.stage != SEED_STAGE_CULLED]
         modules = {r.seed_id: self._seed_module(r.seed_id) for r in seeds}
-        return seed_states(free, seeds, modules, self._slots, self._last_val_loss, self._attribution)
+        costs = {s: self.germination_params(s) for _, s in free}
+        return seed_states(free, seeds, modules, self._slots, self._last_val_loss, self._attribution,
+                           {s: c for s, c in costs.items() if c is not None})
 
     def seeds_summary(self) -> list[dict[str, Any]]:
         """Every seed ever germinated with its stage history by epoch (for Tolaria's summary.json)."""

@@ -4,19 +4,28 @@ Each epoch it reads a SystemStatePacket and answers exactly one AdaptationComman
 priority order (the first that fires wins; seeds are considered oldest first, ties by seed id):
 
 1. Cull harm: a seed in BLENDING, SHADOWING or PROBATIONARY whose `val_loss_delta` metric
-   (relative val-loss change since blending began) exceeds `cull_tolerance` is culled.
+   (relative val-loss change since blending began) exceeds `cull_tolerance` is culled; so is a
+   seed at full strength (SHADOWING, PROBATIONARY) whose counterfactual attribution says the
+   model is better without it: `attribution_loss` (val loss without the seed minus with it)
+   below `-cull_attribution` x the val loss; and a PROBATIONARY seed still not paying
+   (`attribution_loss <= fossilize_attribution` x val loss) `probation_patience` epochs after
+   its probation ended.
 2. Advance the lifecycle of a live seed:
    GERMINATED -> START_TRAINING at once;
    TRAINING -> START_GRAFTING once `epochs_in_stage >= min_training_epochs`;
    BLENDING -> STABILIZE once metric `alpha >= 1`;
    SHADOWING -> FINE_TUNE once `epochs_in_stage >= shadow_epochs`;
-   PROBATIONARY -> FOSSILIZE once `epochs_in_stage >= probation_epochs` and
-   `val_loss_delta <= fossilize_tolerance` (no harm).
+   PROBATIONARY -> FOSSILIZE once `epochs_in_stage >= probation_epochs`,
+   `val_loss_delta <= fossilize_tolerance` (no harm) and, where the packet carries it, the
+   seed's `attribution_loss > fossilize_attribution` x val loss (it pays for itself).
 3. Germinate: if validation loss has plateaued, fewer than `max_live_seeds` seeds are live,
    `cooldown_epochs` have passed since the last germination, the packet is not in conservative
-   mode, and a slot is free (a DORMANT SeedState, whose seed_id is the slot name): GERMINATE the
-   free slot with the lowest layer_depth, with `default_blueprint` (empty: Kasmina picks by the
-   slot's activation shape). Plateaued means either, with `gain` = the loss of the epoch before
+   mode, and a slot is free (a DORMANT SeedState, whose seed_id is the slot name) whose seed fits
+   the parameter budget (`max_params`: the packet's `param_count` plus the slot's
+   `germination_params`): GERMINATE the fitting free slot where the fewest seeds were culled
+   (a culled seed is the attribution's verdict on its slot), then the lowest layer_depth, with
+   `default_blueprint` (empty: Kasmina picks by the slot's activation shape). Plateaued means
+   either, with `gain` = the loss of the epoch before
    the last `plateau_window` epochs minus the best loss of those epochs:
    - `gain / that loss < plateau_threshold` (the loss has stalled), or
    - `gain < progress_threshold * (phase start loss - best of the window)`: returns have
@@ -24,7 +33,9 @@ priority order (the first that fires wins; seeds are considered oldest first, ti
      epoch, then each germination). Why both: a loss falling towards 0 (a CNN fitting digits)
      keeps improving a few percent relative to its own size for hundreds of epochs, so the first
      test alone never fires on it, while the second is blind to the loss's scale.
-4. Otherwise a no-op command whose reason names what blocked germination, with the numbers.
+4. Otherwise a no-op command whose reason starts with the condition that blocked germination
+   (conservative mode, live seeds, no free slot, over budget, cooling down, no plateau) and gives
+   the numbers.
 
 Conservative mode only blocks germination; culling and advancing still happen, since they
 reduce or settle risk. Output depends only on the packets seen (history is `state_dict()`).
@@ -65,6 +76,7 @@ _LIVE = frozenset(
     {SEED_STAGE_GERMINATED, SEED_STAGE_TRAINING, SEED_STAGE_BLENDING, SEED_STAGE_SHADOWING, SEED_STAGE_PROBATIONARY}
 )
 _APPLIED = frozenset({SEED_STAGE_BLENDING, SEED_STAGE_SHADOWING, SEED_STAGE_PROBATIONARY})
+_FULL = frozenset({SEED_STAGE_SHADOWING, SEED_STAGE_PROBATIONARY})  # applied at alpha 1
 
 
 class TamiyoConfig(BaseModel):
@@ -106,9 +118,34 @@ class TamiyoConfig(BaseModel):
     cull_tolerance: float = Field(default=0.05, ge=0.0)
     """Cull an applied seed whose val_loss_delta exceeds this (harm)."""
 
+    cull_attribution: float = Field(default=0.02, ge=0.0)
+    """Cull a full-strength seed whose removal lowers val loss by more than this fraction of it."""
+
+    fossilize_attribution: float = Field(default=0.0, ge=0.0)
+    """FOSSILIZE only a seed whose removal raises val loss by more than this fraction of it."""
+
+    probation_patience: int = Field(default=4, ge=0)
+    """Epochs past `probation_epochs` a seed that does not pay may wait before it is culled."""
+
+    max_params: int = Field(default=0, ge=0)
+    """Parameter budget of the grown model: no germination that would exceed it (0: no budget)."""
+
 
 def _metric(seed: SeedState, name: str, default: float = 0.0) -> float:
     return seed.metrics[name] if name in seed.metrics else default
+
+
+def _attribution_share(seed: SeedState, val_loss: float) -> float | None:
+    """The seed's loss attribution as a fraction of the val loss; None where the packet has none."""
+    if "attribution_loss" not in seed.metrics:
+        return None
+    return seed.metrics["attribution_loss"] / max(abs(val_loss), 1e-12)
+
+
+def _pays(seed: SeedState, val_loss: float, threshold: float) -> bool:
+    """Removing the seed raises val loss by more than `threshold` of it (True where unmeasured)."""
+    share = _attribution_share(seed, val_loss)
+    return share is None or share > threshold
 
 
 def _name(op: int) -> str:
@@ -123,6 +160,7 @@ class HeuristicTamiyo:
         self._val_losses: list[float] = []
         self._last_germination_epoch: int | None = None
         self._phase_start_loss: float | None = None  # val loss when the current growth phase began
+        self._slot_culls: dict[int, int] = {}  # slot index -> seeds culled there
 
     @property
     def config(self) -> TamiyoConfig:
@@ -132,7 +170,7 @@ class HeuristicTamiyo:
         """One command for this epoch's packet (records the packet's val loss in the history)."""
         self._record(packet.validation_loss)
         seeds = sorted((s for s in packet.seed_states if s.stage in _LIVE), key=lambda s: (-s.age_epochs, s.seed_id))
-        command = self._cull(seeds) or self._advance(seeds)
+        command = self._cull(seeds, packet.validation_loss) or self._advance(seeds, packet.validation_loss)
         if command is not None:
             return command
         blocker = self._germination_blocker(packet, seeds)
@@ -147,15 +185,33 @@ class HeuristicTamiyo:
         # Only the last window (+1 reference epoch) is ever read.
         del self._val_losses[: -(self._config.plateau_window + 1)]
 
-    def _cull(self, seeds: Sequence[SeedState]) -> AdaptationCommand | None:
+    def _cull(self, seeds: Sequence[SeedState], val_loss: float) -> AdaptationCommand | None:
         for seed in seeds:
-            delta = _metric(seed, "val_loss_delta")
-            if seed.stage in _APPLIED and delta > self._config.cull_tolerance:
-                reason = f"cull: val_loss_delta {delta:.4f} > cull_tolerance {self._config.cull_tolerance}"
+            reason = self._cull_reason(seed, val_loss)
+            if reason is not None:
+                self._slot_culls[int(_metric(seed, "slot_index"))] = \
+                    self._slot_culls.get(int(_metric(seed, "slot_index")), 0) + 1
                 return self._seed_op(SEED_OP_CULL, seed.seed_id, reason)
         return None
 
-    def _advance(self, seeds: Sequence[SeedState]) -> AdaptationCommand | None:
+    def _cull_reason(self, seed: SeedState, val_loss: float) -> str | None:
+        cfg, delta = self._config, _metric(seed, "val_loss_delta")
+        if seed.stage in _APPLIED and delta > cfg.cull_tolerance:
+            return f"cull: val_loss_delta {delta:.4f} > cull_tolerance {cfg.cull_tolerance}"
+        share = _attribution_share(seed, val_loss)
+        if share is None or seed.stage not in _FULL:
+            return None
+        if share < -cfg.cull_attribution:
+            return (f"cull: without it val loss is {-share:.4f} of itself lower (attribution_loss "
+                    f"{_metric(seed, 'attribution_loss'):.6g}), beyond cull_attribution {cfg.cull_attribution}")
+        waited = _metric(seed, "epochs_in_stage") - cfg.probation_epochs
+        if seed.stage == SEED_STAGE_PROBATIONARY and share <= cfg.fossilize_attribution \
+                and waited >= cfg.probation_patience:
+            return (f"cull: does not pay: attribution {share:.4f} of val loss <= fossilize_attribution "
+                    f"{cfg.fossilize_attribution} for {waited:.0f} epochs past probation")
+        return None
+
+    def _advance(self, seeds: Sequence[SeedState], val_loss: float) -> AdaptationCommand | None:
         cfg = self._config
         for seed in seeds:
             epochs = _metric(seed, "epochs_in_stage")
@@ -172,6 +228,7 @@ class HeuristicTamiyo:
                 seed.stage == SEED_STAGE_PROBATIONARY
                 and epochs >= cfg.probation_epochs
                 and _metric(seed, "val_loss_delta") <= cfg.fossilize_tolerance
+                and _pays(seed, val_loss, cfg.fossilize_attribution)
             ):
                 op = SEED_OP_FOSSILIZE
             if op is not None:
@@ -185,12 +242,24 @@ class HeuristicTamiyo:
         if packet.conservative_mode:
             return "conservative mode blocks germination"
         if len(seeds) >= cfg.max_live_seeds:
-            return f"{len(seeds)} live seed(s) (max_live_seeds {cfg.max_live_seeds}) waiting for their next gate"
+            return f"live seeds: {len(seeds)} live seed(s) (max_live_seeds {cfg.max_live_seeds}) waiting for their next gate"
         if not any(s.stage == SEED_STAGE_DORMANT for s in packet.seed_states):
             return "no free slot (no DORMANT seed state in the packet)"
+        if not self._fitting_slots(packet):
+            return (f"over budget: every free slot's seed would take param_count "
+                    f"{packet.training_metrics.get('param_count', 0.0):.0f} past max_params {cfg.max_params}")
         if last is not None and packet.current_epoch - last < cfg.cooldown_epochs:
             return f"cooling down: last germination at epoch {last}, cooldown_epochs {cfg.cooldown_epochs}"
-        return self._plateau_blocker()
+        blocker = self._plateau_blocker()
+        return None if blocker is None else f"no plateau: {blocker}"
+
+    def _fitting_slots(self, packet: SystemStatePacket) -> list[SeedState]:
+        """Free slots whose seed fits `max_params`, best first: fewest culls there, then shallowest."""
+        free = [s for s in packet.seed_states if s.stage == SEED_STAGE_DORMANT]
+        if self._config.max_params:
+            have = packet.training_metrics.get("param_count", 0.0)
+            free = [s for s in free if have + _metric(s, "germination_params") <= self._config.max_params]
+        return sorted(free, key=lambda s: (self._slot_culls.get(s.layer_depth, 0), s.layer_depth))
 
     def _plateau_blocker(self) -> str | None:
         """None once the loss has plateaued by either test of the module docstring, else why not."""
@@ -214,7 +283,7 @@ class HeuristicTamiyo:
 
     def _germinate(self, packet: SystemStatePacket) -> AdaptationCommand:
         cfg, window = self._config, self._config.plateau_window
-        free = sorted((s for s in packet.seed_states if s.stage == SEED_STAGE_DORMANT), key=lambda s: s.layer_depth)
+        free = self._fitting_slots(packet)
         reference, best = self._val_losses[-(window + 1)], min(self._val_losses[-window:])
         reason = (
             f"germinate: val loss plateaued (best of the last {window} epochs {best:.6g}, "
@@ -233,7 +302,7 @@ class HeuristicTamiyo:
     def state_dict(self) -> dict[str, Any]:
         return {
             "val_losses": list(self._val_losses), "last_germination_epoch": self._last_germination_epoch,
-            "phase_start_loss": self._phase_start_loss,
+            "phase_start_loss": self._phase_start_loss, "slot_culls": dict(self._slot_culls),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -244,3 +313,4 @@ class HeuristicTamiyo:
         self._last_germination_epoch = None if last is None else int(last)
         start = state.get("phase_start_loss", self._val_losses[0] if self._val_losses else None)
         self._phase_start_loss = None if start is None else float(start)
+        self._slot_culls = {int(k): int(v) for k, v in state.get("slot_culls", {}).items()}

@@ -1,0 +1,103 @@
+"""HeuristicTamiyo's fossilize, cull and slot choices from attribution and the parameter budget."""
+
+from __future__ import annotations
+
+from esper.leyline import (
+    COMMAND_SEED,
+    SEED_OP_CULL,
+    SEED_OP_FOSSILIZE,
+    SEED_OP_GERMINATE,
+    SEED_STAGE_DORMANT,
+    SEED_STAGE_PROBATIONARY,
+    SEED_STAGE_SHADOWING,
+    AdaptationCommand,
+    SeedState,
+    SystemStatePacket,
+    is_noop,
+    system_state_packet,
+)
+from esper.tamiyo import HeuristicTamiyo, TamiyoConfig
+
+CONFIG = TamiyoConfig(plateau_window=2, cooldown_epochs=0, probation_epochs=2, probation_patience=3,
+                      cull_attribution=0.02, fossilize_attribution=0.0)
+
+
+def _seed(stage: int, *, slot: int = 0, **metrics: float) -> SeedState:
+    state = SeedState(seed_id="seed1", age_epochs=5,
+                      metrics={"alpha": 1.0, "val_loss_delta": 0.0, "slot_index": float(slot), **metrics})
+    state.stage = stage  # type: ignore[assignment]
+    return state
+
+
+def _free(slot: str, depth: int, cost: float | None = None) -> SeedState:
+    metrics = {"slot_index": float(depth), **({"germination_params": cost} if cost is not None else {})}
+    return SeedState(seed_id=slot, stage=SEED_STAGE_DORMANT, layer_depth=depth, metrics=metrics)
+
+
+def _packet(epoch: int, seeds: list[SeedState], *, val_loss: float = 1.0, params: float = 1000.0) -> SystemStatePacket:
+    return system_state_packet(epoch=epoch, global_step=epoch, training_loss=val_loss, validation_loss=val_loss,
+                               validation_accuracy=0.5, seed_states=seeds, training_metrics={"param_count": params})
+
+
+def _op(command: AdaptationCommand) -> tuple[int, str]:
+    assert command.command_type == COMMAND_SEED, command.annotations["reason"]
+    return command.seed_operation.operation, command.target_seed_id
+
+
+def test_a_seed_that_pays_is_fossilized() -> None:
+    seed = _seed(SEED_STAGE_PROBATIONARY, epochs_in_stage=2, attribution_loss=0.05)
+    assert _op(HeuristicTamiyo(CONFIG).evaluate_epoch(_packet(0, [seed]))) == (SEED_OP_FOSSILIZE, "seed1")
+
+
+def test_a_seed_the_model_is_better_without_is_culled_not_fossilized() -> None:
+    for stage in (SEED_STAGE_SHADOWING, SEED_STAGE_PROBATIONARY):
+        seed = _seed(stage, epochs_in_stage=2, attribution_loss=-0.03)
+        command = HeuristicTamiyo(CONFIG).evaluate_epoch(_packet(0, [seed]))
+        assert _op(command) == (SEED_OP_CULL, "seed1")
+        assert "attribution_loss -0.03" in command.annotations["reason"]
+
+
+def test_a_seed_that_contributes_nothing_waits_in_probation_then_is_culled() -> None:
+    tamiyo = HeuristicTamiyo(CONFIG)
+    waiting = _seed(SEED_STAGE_PROBATIONARY, epochs_in_stage=4, attribution_loss=0.0)
+    assert is_noop(tamiyo.evaluate_epoch(_packet(0, [waiting])))  # never fossilized without paying
+    late = _seed(SEED_STAGE_PROBATIONARY, epochs_in_stage=5, attribution_loss=0.0)
+    command = tamiyo.evaluate_epoch(_packet(1, [late]))
+    assert _op(command) == (SEED_OP_CULL, "seed1") and "does not pay" in command.annotations["reason"]
+
+
+def test_without_attribution_in_the_packet_fossilize_follows_the_loss_rule_alone() -> None:
+    seed = _seed(SEED_STAGE_PROBATIONARY, epochs_in_stage=2)
+    assert _op(HeuristicTamiyo(CONFIG).evaluate_epoch(_packet(0, [seed])))[0] == SEED_OP_FOSSILIZE
+
+
+def _germinate(tamiyo: HeuristicTamiyo, slots: list[SeedState], *, params: float = 1000.0) -> AdaptationCommand:
+    command = None
+    for epoch in range(3):  # a flat loss: plateaued at the third epoch
+        command = tamiyo.evaluate_epoch(_packet(epoch, slots, params=params))
+    assert command is not None
+    return command
+
+
+def test_germination_skips_a_slot_whose_seed_would_exceed_the_parameter_budget() -> None:
+    tamiyo = HeuristicTamiyo(CONFIG.model_copy(update={"max_params": 1500}))
+    command = _germinate(tamiyo, [_free("deep", 1, 300.0), _free("shallow", 0, 800.0)])
+    assert _op(command) == (SEED_OP_GERMINATE, "deep")
+
+
+def test_no_germination_when_no_seed_fits_the_budget() -> None:
+    tamiyo = HeuristicTamiyo(CONFIG.model_copy(update={"max_params": 1500}))
+    command = _germinate(tamiyo, [_free("a", 0, 800.0), _free("b", 1, 600.0)])
+    assert is_noop(command)
+    assert command.annotations["reason"].startswith("noop: over budget: ")
+
+
+def test_a_slot_whose_seed_was_culled_is_chosen_after_the_others() -> None:
+    tamiyo = HeuristicTamiyo(CONFIG)
+    bad = _seed(SEED_STAGE_SHADOWING, slot=0, attribution_loss=-0.5)
+    assert _op(tamiyo.evaluate_epoch(_packet(0, [bad, _free("b", 1)])))[0] == SEED_OP_CULL
+    command = _germinate(tamiyo, [_free("a", 0), _free("b", 1)])
+    assert _op(command) == (SEED_OP_GERMINATE, "b")
+    restored = HeuristicTamiyo(CONFIG)
+    restored.load_state_dict(tamiyo.state_dict())  # the slot's record survives a snapshot
+    assert restored.state_dict()["slot_culls"] == {0: 1}
