@@ -222,6 +222,13 @@ class EmergencyConfig(Section):
                             "runs of one config in different directories never collide).")
 
 
+class DistributedConfig(Section):
+    timeout_s: float = Field(600.0, gt=0, description="Under torchrun: the longest any collective waits for the "
+                             "other ranks. A peer that is dead or hung longer makes every surviving rank flush its "
+                             "checkpoint writes and exit with status 75; `torchrun --max-restarts N` then resumes "
+                             "the job from rank 0's last committed checkpoint.")
+
+
 class ExportersConfig(Section):
     prometheus_port: int = Field(0, ge=0, le=65535, description="Serve Prometheus metrics on 127.0.0.1:PORT "
                                  "while the run is live (0: off).")
@@ -294,6 +301,7 @@ class TolariaConfig(Section):
     early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig)
     snapshots: SnapshotConfig = Field(default_factory=SnapshotConfig)
     emergency: EmergencyConfig = Field(default_factory=EmergencyConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     profile: ProfileConfig = Field(default_factory=ProfileConfig)
     exporters: ExportersConfig = Field(default_factory=ExportersConfig)
     loggers: LoggersConfig = Field(default_factory=LoggersConfig)
