@@ -128,8 +128,8 @@ def test_inspect_json_lists_every_checkpoint_in_the_documented_shape(run: Path,
     listing = json.loads(capsys.readouterr().out)
     assert listing["format"] == "tolaria.inspect/1" and set(listing) == {"format", "directory", "checkpoints", "wal"}
     newest, older, start = listing["checkpoints"]  # newest first; a new run checkpoints its starting state
-    keys = {"name", "path", "epoch", "step", "txn", "committed", "verified", "status", "size_bytes", "seeds"}
-    assert set(newest) == set(older) == keys
+    keys = {"name", "path", "epoch", "step", "txn", "committed", "verified", "status", "size_bytes", "seeds", "best"}
+    assert set(newest) == set(older) == keys and newest["best"] is None  # keep_best is off
     assert (newest["epoch"], newest["step"], newest["committed"], newest["verified"]) == (2, 40, True, False)
     assert newest["status"].startswith("corrupt")
     assert (older["name"], older["epoch"], older["step"], older["verified"], older["status"]) == \

@@ -220,29 +220,45 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    # Epochs are numbered from 0, as the console and --inject number them: a checkpoint written after
+    # epoch 2 resumes at epoch 3, and its best score is epoch 2's.
     table = Table(title=f"checkpoints in {args.path}")
-    for col in ("checkpoint", "epoch", "step", "size", "seeds", "status"):
+    for col in ("checkpoint", "resumes at epoch", "step", "size", "seeds", "kept as best", "status"):
         table.add_column(col)
     for c in info.get("checkpoints", []):
         seeds = ", ".join(f"{s.get('seed_id')}:{s.get('stage')}" for s in c.get("seeds", [])) or "-"
         table.add_row(str(c.get("name")), str(c.get("epoch")), str(c.get("step")),
-                      f"{c.get('size_bytes', 0) / 1e6:.2f} MB", seeds, str(c.get("status")))
-    Console().print(table)
+                      f"{c.get('size_bytes', 0) / 1e6:.2f} MB", seeds, _best_cell(c.get("best")), str(c.get("status")))
+    console = Console()
+    if not console.is_terminal:  # piped into a file or a log: one unwrapped line per checkpoint
+        console = Console(width=200)
+    console.print(table)
     return ok
+
+
+def _best_cell(best: dict[str, Any] | None) -> str:
+    """`best 1: accuracy 0.9500 (epoch 3)`: its rank among the kept best, the metric, the epoch it is of."""
+    if not best:
+        return "-"
+    return f"best {best['rank']}: {best['metric']} {best['value']:.4f} (epoch {best['epoch']})"
 
 
 def _inspect_json(info: dict[str, Any]) -> dict[str, Any]:
     """`tolaria inspect --json`, format tolaria.inspect/1 (new keys may be added, none renamed):
     {"format", "directory", "checkpoints": [{"name", "path", "epoch", "step", "txn", "committed",
-    "verified", "status", "size_bytes", "seeds": [{"seed_id", "stage"}]}], "wal": {"segments",
+    "verified", "status", "size_bytes", "seeds": [{"seed_id", "stage"}], "best"}], "wal": {"segments",
     "records", "events"}}, checkpoints newest first. `status` is "ok", "uncommitted" or
-    "corrupt: <file> <problem>"; `verified` is status == "ok"; epoch/txn are null when unreadable."""
+    "corrupt: <file> <problem>"; `verified` is status == "ok"; epoch/txn are null when unreadable.
+    `epoch` is the epoch the checkpoint resumes at, numbered from 0 (after epoch 2 it is 3). `best` is
+    null, or {"rank", "metric", "mode", "value", "epoch"} for a checkpoint kept by checkpoint.keep_best,
+    `epoch` there being the finished epoch the value is of."""
     def one(c: dict[str, Any]) -> dict[str, Any]:
         return {"name": c.get("name"), "path": str(c.get("path", "")), "epoch": c.get("epoch"),
                 "step": c.get("step"), "txn": c.get("txn", c.get("txn_id")), "committed": bool(c.get("committed")),
                 "verified": c.get("status") == "ok", "status": str(c.get("status")),
                 "size_bytes": int(c.get("size_bytes") or 0),
-                "seeds": [{"seed_id": s.get("seed_id"), "stage": s.get("stage")} for s in c.get("seeds", [])]}
+                "seeds": [{"seed_id": s.get("seed_id"), "stage": s.get("stage")} for s in c.get("seeds", [])],
+                "best": c.get("best")}
 
     wal = info.get("wal", {})
     return {"format": INSPECT_FORMAT, "directory": str(info.get("directory", "")),

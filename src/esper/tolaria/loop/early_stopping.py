@@ -14,6 +14,7 @@ from typing import Any
 from esper.tolaria.config import EarlyStoppingConfig
 
 STOP_PREFIX = "early stopping"
+KEY = "early_stopping"  # the config section its messages name
 
 
 class EarlyStopping:
@@ -22,10 +23,10 @@ class EarlyStopping:
     def __init__(self, config: EarlyStoppingConfig, task: Any) -> None:
         self.config = config
         self.metric = config.metric or task.primary_metric
-        self.higher = _higher_is_better(config.mode, self.metric, task)
+        self.higher = higher_is_better(config.mode, self.metric, task, key=KEY)
 
     def on_boundary_end(self, trainer: Any, epoch: int, report: Any) -> None:
-        values = [_value(rec, self.metric) for rec in trainer.log.epochs]
+        values = [metric_value(rec, self.metric, key=KEY) for rec in trainer.log.epochs]
         reason = self.reason(values, [rec.epoch for rec in trainer.log.epochs])
         if reason is not None:
             trainer.request_stop(reason)
@@ -49,20 +50,24 @@ class EarlyStopping:
                 f"(best {values[best_at]:.4f} at epoch {epochs[best_at]})")
 
 
-def _higher_is_better(mode: str, metric: str, task: Any) -> bool:
+def higher_is_better(mode: str, metric: str, task: Any, *, key: str) -> bool:
+    """Whether a larger `metric` is better under `mode` (auto: known for the task's primary metric and
+    for losses); a ValueError naming `key`.mode otherwise. Shared with `checkpoint.keep_best`."""
     if mode != "auto":
         return mode == "max"
     if metric == task.primary_metric:
         return bool(task.higher_is_better)
     if metric in ("loss", "perplexity", "mse"):
         return False
-    raise ValueError(f"early_stopping.metric = {metric!r} is not the task's primary metric: set "
-                     "early_stopping.mode to 'max' or 'min' to say which direction is better")
+    raise ValueError(f"{key}.metric = {metric!r} is not the task's primary metric: set "
+                     f"{key}.mode to 'max' or 'min' to say which direction is better")
 
 
-def _value(record: Any, metric: str) -> float:
+def metric_value(record: Any, metric: str, *, key: str) -> float:
+    """`metric` of one history record (an `EpochRecord`); a ValueError naming `key`.metric when the
+    task does not report it."""
     if metric in record.val_metrics:
         return float(record.val_metrics[metric])
     if metric == "loss":
         return float(record.val_loss)
-    raise ValueError(f"early_stopping.metric = {metric!r}: the task reports {sorted(record.val_metrics)}")
+    raise ValueError(f"{key}.metric = {metric!r}: the task reports {sorted(record.val_metrics)}")

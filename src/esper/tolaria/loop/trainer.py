@@ -95,7 +95,7 @@ class TolariaTrainer:
                     "tamiyo": tamiyo_state, "precision": self.precision if self.precision.scaler else None})
         r = wiring.build_recovery(
             cfg, run_dir=self.run_dir, store_fault=self.drills.disk_fault(lambda: self.state.epoch),
-            identity=self.identity, position=self.state, world=self.world, registry=self.registry,
+            identity=self.identity, position=self.state, world=self.world, registry=self.registry, task=self.task,
             kasmina=kasmina, tamiyo=tamiyo_state, control=c, monitors=self.monitors, log=self.log,
             events=self.events, publish_emergency=self.telemetry.publish_emergency, timer=self.timer,
             profiler=self.profiler, skip_batch=self.batches.skip if self.batches.sampler else None, stop=self.stop)

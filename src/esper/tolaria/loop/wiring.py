@@ -35,6 +35,7 @@ from esper.tolaria.loop.compile import RecompileOnGrowth, compile_host
 from esper.tolaria.loop.evaluate import Validation
 from esper.tolaria.loop.flops import TrainingFlops, rows_per_step
 from esper.tolaria.loop.handshake import TamiyoHandshake
+from esper.tolaria.loop.keep_best import best_scorer
 from esper.tolaria.loop.precision import Precision
 from esper.tolaria.observe.profiling import Profiler
 from esper.tolaria.observe.runlog import RunLog
@@ -125,7 +126,8 @@ def open_store(config: TolariaConfig, directory: Path | None, world: World, iden
     """Rank 0 writes checkpoints; every rank reads them for a full rollback or a resume."""
     if directory is None or not world.is_leader:
         return None
-    return CheckpointStore(directory, keep_last=config.checkpoint.keep_last, run_id=identity.run_id,
+    return CheckpointStore(directory, keep_last=config.checkpoint.keep_last,
+                           keep_best=config.checkpoint.keep_best.top_k, run_id=identity.run_id,
                            config_sha256=identity.config_sha256, fault=fault, world_size=world.size)
 
 
@@ -142,12 +144,12 @@ def build_recovery(config: TolariaConfig, *, run_dir: Path | None, store_fault: 
                    kasmina: ExecutionLayer, tamiyo: StatefulComponent | None, control: Control,
                    monitors: MonitorSet, log: RunLog, events: EventSink, publish_emergency: Callable[[Any], None],
                    timer: MonotonicTimer, profiler: Profiler, skip_batch: Callable[[tuple[int, int]], None] | None,
-                   stop: StopRequest) -> Recovery:
+                   stop: StopRequest, task: Any) -> Recovery:
     directory = run_dir / "checkpoints" if config.checkpoint.enabled and run_dir is not None else None
     store = open_store(config, directory, world, identity, store_fault)
     journal = CommandJournal(store, events)
-    checkpoints = Checkpoints(directory, store, breaker=control.breakers["checkpoint"], journal=journal,
-                              world=world, log=log, events=events)
+    checkpoints = Checkpoints(directory, store, breaker=control.breakers["checkpoint"], journal=journal, world=world,
+                              log=log, events=events, scorer=best_scorer(config.checkpoint.keep_best, task, log))
     model, optim = kasmina.model, control.optim
     snapshots = Snapshots(config.snapshots, registry=registry, model=model, optimizer=lambda: optim.optimizer,
                           position=position, profiler=profiler, timer=timer, events=events)

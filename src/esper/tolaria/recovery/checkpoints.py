@@ -9,6 +9,7 @@ snapshot the RAM cache holds, the stop checkpoint a host copy made by the same c
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 from esper.contracts import EventSink
 from esper.leyline import MESSAGE_PRIORITY_HIGH, TELEMETRY_LEVEL_ERROR
 from esper.tolaria.checkpoint import (
+    BestScore,
     CheckpointInfo,
     CheckpointStore,
     CheckpointSuperseded,
@@ -28,13 +30,18 @@ from esper.tolaria.distributed import World
 from esper.tolaria.observe.runlog import RunLog
 from esper.tolaria.state.snapshot import Snapshot
 
+# The keep_best score of a checkpoint that resumes at the given epoch (None: not scored).
+Scorer = Callable[[int], BestScore | None]
+
 
 class Checkpoints:
     def __init__(self, directory: Path | None, store: CheckpointStore | None, *, breaker: CircuitBreaker,
-                 journal: CommandJournal, world: World, log: RunLog, events: EventSink) -> None:
+                 journal: CommandJournal, world: World, log: RunLog, events: EventSink,
+                 scorer: Scorer | None = None) -> None:
         self.directory = directory  # None: checkpoints are off
         self.store = store  # None on ranks other than 0, or when checkpoints are off
         self.breaker, self.journal, self.world, self.log, self.events = breaker, journal, world, log, events
+        self.scorer = scorer  # checkpoint.keep_best; None: off
         self._pending: list[Future[CheckpointInfo]] = []
         self.committed: list[dict[str, Any]] = []
 
@@ -44,8 +51,10 @@ class Checkpoints:
 
     # ---------------------------------------------------------------- writing
     def save_async(self, snapshot: Snapshot) -> None:
+        """A boundary's checkpoint, written behind training, with its keep_best score when that is on."""
         if self.store is not None:
-            self._pending.append(self.store.save_async(snapshot))
+            best = self.scorer(snapshot.epoch) if self.scorer is not None else None
+            self._pending.append(self.store.save_async(snapshot, best))
 
     def save_now(self, snapshot: Snapshot, reason: str) -> None:
         """A synchronous checkpoint (e.g. on SIGTERM), after the async writes still in flight."""
@@ -135,9 +144,11 @@ class Checkpoints:
             self.store.run_id = run_id
 
     def summary(self) -> dict[str, Any]:
+        best = [_described(info) for info in self.store.best()] if self.store is not None else []
         return {"checkpoints": self.committed, "checkpoint_dir": str(self.directory or ""),
-                "recovery_events": self.log.recovery_events}
+                "best_checkpoints": best, "recovery_events": self.log.recovery_events}
 
 
 def _described(info: CheckpointInfo) -> dict[str, Any]:
-    return {"name": info.name, "epoch": info.epoch, "step": info.step, "size_bytes": info.size_bytes}
+    return {"name": info.name, "epoch": info.epoch, "step": info.step, "size_bytes": info.size_bytes,
+            "best": info.best.as_dict() if info.best is not None else None}
