@@ -9,7 +9,7 @@ failed fast rollback is escalated by the emergency protocol to a full rollback f
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -34,6 +34,20 @@ def _manifest_json(manifest: Any) -> str:
     return json.dumps(manifest, sort_keys=True, default=str)
 
 
+def _same_structure(live: Mapping[str, Any], saved: Mapping[str, Any]) -> bool:
+    """Whether the live manifest is the saved one. Slot shapes are observations, not state: Kasmina
+    learns a slot's shape at the first forward that reaches it and keeps what it learned through any
+    restore, so a snapshot taken before that forward (a user model's birth snapshot) lacks shapes the
+    live layer has. It is the same structure when everything else is equal and every saved shape is
+    the one observed."""
+    live_shapes, saved_shapes = dict(live.get("shapes") or {}), dict(saved.get("shapes") or {})
+    if any(_manifest_json(live_shapes.get(k)) != _manifest_json(v) for k, v in saved_shapes.items()):
+        return False
+    rest_live = {k: v for k, v in live.items() if k != "shapes"}
+    rest_saved = {k: v for k, v in saved.items() if k != "shapes"}
+    return rest_live == rest_saved or _manifest_json(rest_live) == _manifest_json(rest_saved)  # tuples vs lists
+
+
 class KasminaParticipant:
     name = "kasmina"
 
@@ -50,12 +64,11 @@ class KasminaParticipant:
         # The manifest is Kasmina's whole state: when the live one equals the target's there is
         # nothing to rebuild (the common fast rollback, within one structure).
         live, self._prepared = self._prepared, None
-        if live is None or live != target.state["kasmina"]["manifest"]:
+        if live is None or not _same_structure(live, target.state["kasmina"]["manifest"]):
             self.kasmina.load_state_dict(target.state["kasmina"])
 
     def confirm(self, target: Snapshot) -> bool:
-        live, saved = self.kasmina.manifest(), target.state["kasmina"]["manifest"]
-        return live == saved or _manifest_json(live) == _manifest_json(saved)  # JSON: tuples vs lists
+        return _same_structure(self.kasmina.manifest(), target.state["kasmina"]["manifest"])
 
     def abort(self, target: Snapshot) -> None:
         """Nothing to undo that would help: the escalation restores from disk."""
