@@ -83,6 +83,9 @@ class ModelConfig(Section):
     slots: list[str] = Field(default_factory=list, description="Module names where Kasmina attaches seed slots.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout probability after each hidden activation of "
                            "the host MLP (0: none). Must be in [0, 1).")
+    initial_manifest: str = Field("", description="A structure manifest JSON (a grown run's `final_manifest` in "
+                                  "summary.json, as `tolaria study` writes it): its seeds are built into the host at "
+                                  "birth as fixed parts at full strength, trained from step 0 (the static baseline).")
 
     @model_validator(mode="after")
     def _widths_positive(self) -> ModelConfig:
@@ -279,6 +282,23 @@ class ProfileConfig(Section):
     enabled: bool = Field(False, description="Record spans and write RUN_DIR/trace.json (Chrome trace).")
 
 
+class GrowthConfig(Section):
+    """Growth safety: what Tolaria refuses to apply, and when a mutation counts as a collapse."""
+
+    max_params: int = Field(0, ge=0, description="Refuse a GERMINATE that would grow the model past this many "
+                            "parameters (0: no budget).")
+    max_memory_mb: float = Field(0.0, ge=0, description="Refuse a GERMINATE whose model would need more than this "
+                                 "many MiB for parameters, gradients and two optimizer moments (4 copies of every "
+                                 "parameter at its element size; 0: no budget).")
+    veto_unpaid_fossilize: bool = Field(True, description="Refuse FOSSILIZE of a seed whose last counterfactual "
+                                        "attribution is negative (validation is better without it).")
+    collapse_fraction: float = Field(0.9, gt=0, le=1, description="Validation loss at or above this fraction of the "
+                                     "chance loss ln(classes), after it was below collapse_below of it, is a "
+                                     "collapse: a MAJOR incident and a rollback.")
+    collapse_below: float = Field(0.5, gt=0, lt=1, description="How far below the chance loss (as a fraction of it) "
+                                  "validation must have been for a return near it to count as a collapse.")
+
+
 class TolariaConfig(Section):
     task: str = Field("classification", description="What a step computes: classification, regression, "
                       "language_model, or `package.module:Class` implementing esper.tolaria.tasks.Task.")
@@ -295,6 +315,7 @@ class TolariaConfig(Section):
     handshake: HandshakeConfig = Field(default_factory=HandshakeConfig)
     breakers: BreakerConfig = Field(default_factory=BreakerConfig)
     conservative: ConservativeConfig = Field(default_factory=ConservativeConfig)
+    growth: GrowthConfig = Field(default_factory=GrowthConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     oona: OonaConfig = Field(default_factory=OonaConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)

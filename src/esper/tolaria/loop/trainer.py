@@ -83,7 +83,7 @@ class TolariaTrainer:
             c.lr, c.optim, c.aggregator, c.breakers, c.conservative
         device_events = event_factory(self.device)  # CUDA timing events on a CUDA run, else the wall clock
         self.timer = wiring.boundary_timer(cfg, device_events)
-        self.telemetry = TelemetryCollector(self.bus, queue_size=cfg.telemetry.queue_size)
+        self.telemetry = TelemetryCollector(self.bus, queue_size=cfg.telemetry.queue_size, run_id=self.identity.run_id)
         self.events = self.telemetry.emit_event
         self.profiler = Profiler(cfg.profile.enabled, trace_path=self.run_dir / "trace.json" if self.run_dir else None,
                                  events=device_events)
@@ -129,15 +129,21 @@ class TolariaTrainer:
         records = self.run_dir if self.world.is_leader else None  # where config.json and summary.json go
         if records is not None:
             write_config(self.config, records)  # `tolaria report/inspect/resume` read the directory alike
+        self.telemetry.run_started(self.run_id, epoch=self.state.epoch, step=self.state.global_step,
+                                   epochs=self.config.run.epochs, resumed_from=self.resumed_from)
         try:
             self._fire(HookPoint.FIT_BEGIN)
             with stop_on_signals(self.stop):
                 self._run_epochs()
-        except BaseException:
+        except BaseException as exc:
             self._fire(HookPoint.FIT_END)
+            self.telemetry.run_ended("failed", epoch=self.state.epoch, step=self.state.global_step,
+                                     reason=f"{type(exc).__name__}: {exc}")
             self.close()
             raise
         self._fire(HookPoint.FIT_END)
+        self.telemetry.run_ended("stopped" if self.stop.requested else "finished", epoch=self.state.epoch,
+                                 step=self.state.global_step, reason=self.stop.reason or "")
         self.safety.flush()
         self.telemetry.flush()
         summary = {**self.summary(), "stopped": self.stop.reason or ""}  # before close: components still open

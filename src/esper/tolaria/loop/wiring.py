@@ -175,9 +175,17 @@ def build_boundary(config: TolariaConfig, *, position: TrainerState, identity: R
     breakers, conservative = control.breakers, control.conservative
     consult = TamiyoConsult(handshake=handshake, breaker=breakers["tamiyo"], conservative=conservative, world=world,
                             config=config, log=log, events=events)
-    applier = CommandApplier(kasmina, control.optim, breakers["kasmina"], journal, log, events, position)
+    applier = CommandApplier(kasmina, control.optim, breakers["kasmina"], journal, log, events, position,
+                             config.growth)
+
+    def validate_and_note() -> Validation:  # the veto judges a FOSSILIZE by this boundary's attribution
+        validation = validate()
+        applier.attribution = validation.attribution
+        return validation
+
     return EpochBoundary(
-        config=config, position=position, identity=identity, validate=validate, kasmina=kasmina, consult=consult,
+        config=config, position=position, identity=identity, validate=validate_and_note, kasmina=kasmina,
+        consult=consult,
         applier=applier, journal=journal, breakers=breakers, conservative=conservative, lr=control.lr,
         nonfinite_steps=lambda: control.aggregator.nonfinite_steps, world=world, timer=timer, profiler=profiler,
         log=log, events=events, on_check=on_check)

@@ -42,6 +42,7 @@ def build_summary(*, identity: RunIdentity, config: TolariaConfig, log: RunLog, 
         "final_state_sha256": final_state_sha256,
         "history": [asdict(r) for r in log.epochs],
         "seeds": _seeds(log, kasmina),
+        "final_manifest": kasmina.manifest(),  # the grown structure: `tolaria study` builds it at birth
         "boundary_ms": {
             "total": {k: timing.get("total", {}).get(k, 0.0) for k in ("p50", "p99", "max")},
             "phases": {p: timing[p] for p in ("validate", *OWN_PHASES, "snapshot") if p in timing},

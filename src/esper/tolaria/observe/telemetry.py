@@ -4,6 +4,12 @@ Normal packets enter a bounded queue drained by one background publisher thread,
 never waits on the bus. When the queue is full the lowest-priority packet goes first (the
 oldest of that priority); every drop is counted by priority. Emergency-priority packets bypass
 the queue and are published on the caller's thread to the emergency stream.
+
+Every envelope carries the run's id (`attributes["run_id"]`, the id when the packet was
+published), so viewers of a shared Redis can tell runs apart. A run's process publishes a
+`run_started` event when `fit()` begins (epoch, step, epochs, and the checkpoint it resumed
+from, if any) and a `run_ended` event when it leaves (status `finished`, `stopped` or `failed`,
+with the reason), both at HIGH priority, so a queue that drops packets drops them last.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from esper.leyline import (
     MESSAGE_PRIORITY_HIGH,
     MESSAGE_PRIORITY_LOW,
     MESSAGE_PRIORITY_NORMAL,
+    TELEMETRY_LEVEL_ERROR,
     TELEMETRY_LEVEL_INFO,
     BusEnvelope,
     EmergencySignal,
@@ -37,6 +44,9 @@ from esper.tolaria.observe.runlog import EpochRecord
 
 log = logging.getLogger(__name__)
 
+RUN_STARTED = "run_started"
+RUN_ENDED = "run_ended"
+RUN_ID = "run_id"  # the envelope attribute naming the run
 TELEMETRY_STREAM = "oona.telemetry"
 EMERGENCY_STREAM = "oona.emergency"
 _PRIORITIES = (MESSAGE_PRIORITY_LOW, MESSAGE_PRIORITY_NORMAL, MESSAGE_PRIORITY_HIGH)
@@ -109,9 +119,11 @@ class TelemetryCollector:
     """Builds telemetry packets and hands them to the bus without blocking the training thread."""
 
     def __init__(self, bus: OonaBus, *, queue_size: int = 10_000, source: str = "tolaria",
-                 telemetry_stream: str = TELEMETRY_STREAM, emergency_stream: str = EMERGENCY_STREAM) -> None:
+                 telemetry_stream: str = TELEMETRY_STREAM, emergency_stream: str = EMERGENCY_STREAM,
+                 run_id: str = "") -> None:
         self.bus = bus  # its batching capability is checked once here (and when the bus is replaced)
         self.source = source
+        self.run_id = run_id  # stamped on each envelope; a resume may adopt the saved id (see run_started)
         self.telemetry_stream = telemetry_stream
         self.emergency_stream = emergency_stream
         self.queue = PriorityDropQueue(queue_size)
@@ -156,7 +168,7 @@ class TelemetryCollector:
             self._send(self.emergency_stream, BUS_MESSAGE_TYPE_TELEMETRY, packet.SerializeToString(),
                        priority, packet.packet_id)
             return
-        self.queue.put((packet, priority), priority)
+        self.queue.put((packet, priority, self.run_id), priority)  # the id now: the publisher sends later
 
     def publish_step(self, step: int, loss: float, grad_norm: float) -> None:
         """One LOW-priority packet of a step's loss and gradient norm (every telemetry.step_interval steps)."""
@@ -174,6 +186,18 @@ class TelemetryCollector:
         metrics.update({f"tolaria.lr_controller.lr.{k}": v for k, v in record.lr.items()})
         self.publish(self.packet(metrics, attributes={"epoch": str(record.epoch)}), MESSAGE_PRIORITY_NORMAL)
 
+    def run_started(self, run_id: str, *, epoch: int, step: int, epochs: int, resumed_from: str = "") -> None:
+        """The run-start marker; from here on envelopes carry `run_id` (a resume adopts the saved id)."""
+        self.run_id = run_id
+        self.emit_event(RUN_STARTED, TELEMETRY_LEVEL_INFO, MESSAGE_PRIORITY_HIGH, run_id=run_id, epoch=epoch,
+                        step=step, epochs=epochs, resumed_from=resumed_from)
+
+    def run_ended(self, status: str, *, epoch: int, step: int, reason: str = "") -> None:
+        """The run-end marker: `status` is finished, stopped or failed; `reason` says why it stopped."""
+        level = TELEMETRY_LEVEL_ERROR if status == "failed" else TELEMETRY_LEVEL_INFO
+        self.emit_event(RUN_ENDED, level, MESSAGE_PRIORITY_HIGH, run_id=self.run_id, status=status, epoch=epoch,
+                        step=step, reason=reason)
+
     def emit_event(self, description: str, level: int = TELEMETRY_LEVEL_INFO,
                    priority: int = MESSAGE_PRIORITY_NORMAL, **attributes: object) -> None:
         self.publish(self.packet(events=[self.event(description, level, **attributes)], level=level), priority)
@@ -184,10 +208,14 @@ class TelemetryCollector:
                       MESSAGE_PRIORITY_CRITICAL, new_id()):
             self.emergency_published += 1
 
-    def _envelope(self, message_type: int, payload: bytes, priority: int, event_id: str) -> BusEnvelope:
+    def _envelope(self, message_type: int, payload: bytes, priority: int, event_id: str,
+                  run_id: str | None = None) -> BusEnvelope:
         envelope = BusEnvelope(message_type=message_type, payload=payload)  # type: ignore[arg-type]
         envelope.attributes.update({"event_id": event_id, "priority": MessagePriority.Name(priority),  # type: ignore[arg-type]
                                     "source_subsystem": self.source})
+        run = self.run_id if run_id is None else run_id
+        if run:
+            envelope.attributes[RUN_ID] = run
         return envelope
 
     @property
@@ -229,7 +257,7 @@ class TelemetryCollector:
                 batch.append(more)  # whatever else is already queued goes in the same round trip
             try:
                 envelopes = [self._envelope(BUS_MESSAGE_TYPE_TELEMETRY, packet.SerializeToString(), priority,
-                                            packet.packet_id) for packet, priority in batch]
+                                            packet.packet_id, run_id) for packet, priority, run_id in batch]
                 sent = self._send_batch(self.telemetry_stream, envelopes)
             finally:
                 self.queue.done(len(batch))
