@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import base64
 import json
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
-
-from matplotlib.axes import Axes
 
 from esper.tolaria.config import flat_keys
 from esper.tolaria.observe.report import (
@@ -26,19 +23,19 @@ from esper.tolaria.observe.report import (
     escape,
     html_table,
     load_summary,
+    mark_seed_events,
     new_axes,
     primary_metric,
+    read_run_config,
     save_figure,
 )
-
-EVENT_MARKERS = {"GERMINATED": ("^", "germinated"), "FOSSILIZED": ("*", "fossilized"), "CULLED": ("x", "culled")}
 
 
 def compare_runs(run_dirs: Sequence[Path], out: Path) -> Path:
     """Write `out/index.html` comparing `run_dirs` (two or more); returns its path."""
     if len(run_dirs) < 2:
         raise ValueError("a comparison needs two or more run directories; `tolaria report RUN` reports one")
-    runs = [(_label(Path(d)), RunView.of(load_summary(Path(d)))) for d in run_dirs]
+    runs = [(_label(Path(d)), RunView.of(load_summary(Path(d)), Path(d))) for d in run_dirs]
     metrics = {primary_metric(run.summary) for _, run in runs}
     metric = metrics.pop() if len(metrics) == 1 else "accuracy"  # different tasks: the packet's common field
     out.mkdir(parents=True, exist_ok=True)
@@ -64,38 +61,14 @@ def _overlay(runs: Sequence[tuple[str, RunView]], path: Path, what: str, series:
         if not xs:
             continue
         (line,) = ax.plot(xs, ys, "-", lw=1.6, label=label)
-        _mark_seed_events(ax, run, dict(zip(xs, ys, strict=True)), line.get_color(), first=i == 0)
+        mark_seed_events(ax, run.seed_events, dict(zip(xs, ys, strict=True)), line.get_color(), legend=i == 0)
     ax.legend(loc="best", fontsize=8)
     return save_figure(fig, path)
 
 
-def _mark_seed_events(ax: Axes, run: RunView, at: Mapping[float, float], color: Any, *, first: bool) -> None:
-    """Each germination, fossilization and cull as a marker on this run's curve, at its epoch."""
-    labelled: set[str] = set()
-    for seed in (run.summary.get("seeds") or {}).values():
-        for change in seed.get("stage_history") or []:
-            marker = EVENT_MARKERS.get(str(change.get("stage")))
-            epoch = float(change.get("epoch", math.nan))
-            if marker is None or epoch not in at:
-                continue
-            symbol, name = marker
-            legend = name if first and name not in labelled else None
-            labelled.add(name)
-            ax.plot([epoch], [at[epoch]], symbol, ms=9, color=color, mec="black", mew=0.6, ls="none", label=legend)
-
-
-def _best(run: RunView, metric: str, higher: bool) -> tuple[float, float]:
-    xs, ys = run.metric_series(metric)
-    if not ys:
-        return math.nan, math.nan
-    k = max(range(len(ys)), key=lambda i: ys[i] if higher else -ys[i])
-    return ys[k], xs[k]
-
-
 def _row(label: str, run: RunView, metric: str) -> dict[str, Any]:
     s = run.summary
-    higher = bool((s.get("task") or {}).get("higher_is_better", True))
-    best, at = _best(run, metric, higher)
+    best, at = run.best(metric)
     final = (s.get("final_val_metrics") or {}).get(metric, s.get("final_val_accuracy"))
     seconds = sum(float(h.get("epoch_seconds") or 0.0) for h in run.history)
     stages = [seed.get("stage") for seed in (s.get("seeds") or {}).values()]
@@ -109,18 +82,10 @@ def _row(label: str, run: RunView, metric: str) -> dict[str, Any]:
 
 def _config_differences(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:
     """The config keys whose values differ between runs (from each run's config.json)."""
-    flat = [flat_keys(_read_json(d / "config.json")) for d in run_dirs]
+    flat = [flat_keys(read_run_config(d)) for d in run_dirs]
     keys = sorted(set().union(*flat))
     return [{"key": k, **{_label(d): f.get(k, "-") for d, f in zip(run_dirs, flat, strict=True)}}
             for k in keys if len({json.dumps(f.get(k), sort_keys=True) for f in flat}) > 1]
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 def _html(runs: Sequence[tuple[str, RunView]], metric: str, pngs: Mapping[str, Path], run_dirs: Sequence[Path]) -> str:

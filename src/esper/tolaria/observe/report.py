@@ -10,6 +10,11 @@ Contract of `generate_report(run_dir)`:
   without data says so in the image. The HTML embeds each PNG as base64 and links the PNG
   file, so the folder works when copied and the page works alone.
 - When `run_dir/trace.json` (written by `--profile`) exists, a table of span timings is added.
+- The page covers the whole run, every segment of a resumed one (the history is restored with
+  each checkpoint), and marks each resume (`report_data.resume_points`) on the plots and in text.
+  Seed events are marked on the loss and metric curves and listed with their reasons; the best
+  epoch, the config (`run_dir/config.json`), the wall-clock per epoch and the step losses
+  (`steps.csv`, else the telemetry's step packets) are shown. The plots are static PNGs.
 - Missing keys mean "nothing of that kind" (a run without seeds, rollbacks or telemetry);
   unknown keys are ignored.
 """
@@ -36,12 +41,17 @@ from esper.leyline import (
     SEED_STAGE_TERMINATED,
     SeedLifecycleStage,
 )
+from esper.tolaria.config import flat_keys
+from esper.tolaria.observe.report_data import ResumePoint, SeedEvent, resume_points, seed_events, step_losses
 
 REPORT_DIR = "report"
 DPI = 110
 _ROLLBACK_COLOR = "#d62728"
 _EMERGENCY_COLOR = "#ff7f0e"
 _CONSERVATIVE_COLOR = "#ffdd57"
+_RESUME_COLOR = "#1f77b4"
+_BEST_COLOR = "#2ca02c"
+SEED_MARKERS = {"GERMINATED": ("^", "germinated"), "FOSSILIZED": ("*", "fossilized"), "CULLED": ("x", "culled")}
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -158,16 +168,36 @@ class RunView:
     rollbacks: list[dict[str, Any]]
     emergencies: list[dict[str, Any]]
     conservative_epochs: list[int]
+    seed_events: list[SeedEvent] = field(default_factory=list)
+    resumes: list[ResumePoint] = field(default_factory=list)  # filled from the run directory
+    step_losses: tuple[list[int], list[float]] = ([], [])
 
     @classmethod
-    def of(cls, summary: dict[str, Any]) -> RunView:
+    def of(cls, summary: dict[str, Any], run_dir: Path | None = None) -> RunView:
+        """The view of `summary`; with `run_dir`, also its resumes and step losses (files beside it)."""
         conservative = summary.get("conservative_mode") if isinstance(summary.get("conservative_mode"), dict) else {}
         history = _dicts(summary.get("history"))
         epochs = {int(e) for e in (conservative or {}).get("epochs", []) if isinstance(e, int)}
         epochs |= {int(_num(h.get("epoch"))) for h in history if h.get("conservative_mode") is True
                    and math.isfinite(_num(h.get("epoch")))}
         return cls(summary, history, _dicts(summary.get("rollbacks")), _dicts(summary.get("emergencies")),
-                   sorted(epochs))
+                   sorted(epochs), seed_events(summary),
+                   resume_points(run_dir, summary) if run_dir is not None else [],
+                   step_losses(run_dir) if run_dir is not None else ([], []))
+
+    @property
+    def higher_is_better(self) -> bool:
+        task = self.summary.get("task") if isinstance(self.summary.get("task"), dict) else {}
+        return bool((task or {}).get("higher_is_better", True))
+
+    def best(self, metric: str) -> tuple[float, float]:
+        """(best value, its epoch) of a validation metric in the task's direction; NaNs without data."""
+        xs, ys = self.metric_series(metric)
+        if not ys:
+            return math.nan, math.nan
+        sign = 1.0 if self.higher_is_better else -1.0
+        k = max(range(len(ys)), key=lambda i: sign * ys[i])  # the first epoch reaching the best
+        return ys[k], xs[k]
 
     def metric_series(self, name: str) -> tuple[list[float], list[float]]:
         """(epochs, values) of one validation metric; runs from before tasks carry only val_accuracy."""
@@ -228,6 +258,31 @@ def _mark_events(ax: Axes, run: RunView) -> None:
     if emergencies:  # markers along the top edge stay visible where a rollback line sits at the same epoch
         ax.plot(emergencies, [0.96] * len(emergencies), "v", ms=9, color=_EMERGENCY_COLOR, mec="black", mew=0.6,
                 transform=ax.get_xaxis_transform(), clip_on=False, label="emergency", ls="none")
+    _mark_resumes(ax, [p.epoch - 0.5 for p in run.resumes], run.resumes)
+
+
+def _mark_resumes(ax: Axes, xs: Sequence[float], resumes: Sequence[ResumePoint]) -> None:
+    """A vertical line where each resumed process began, with the checkpoint it started from."""
+    for i, (x, point) in enumerate(zip(xs, resumes, strict=True)):
+        ax.axvline(x, color=_RESUME_COLOR, ls=":", lw=1.6, label="resumed" if i == 0 else None)
+        ax.text(x, 0.02, f" resumed from {point.checkpoint}", rotation=90, va="bottom", ha="right", fontsize=7,
+                color=_RESUME_COLOR, transform=ax.get_xaxis_transform())
+
+
+def mark_seed_events(ax: Axes, events: Sequence[SeedEvent], at: Mapping[float, float], color: Any, *,
+                     legend: bool = True) -> None:
+    """Each germination, fossilization and cull as a marker on a curve (`at`: epoch -> value), at its
+    epoch; `legend` labels the first marker of each kind."""
+    labelled: set[str] = set()
+    for event in events:
+        epoch = float(event.epoch)
+        if event.stage not in SEED_MARKERS or epoch not in at:
+            continue
+        symbol, name = SEED_MARKERS[event.stage]
+        label = name if legend and name not in labelled else None
+        labelled.add(name)
+        ax.plot([epoch], [at[epoch]], symbol, ms=10, color=color, mec="black", mew=0.7, ls="none", label=label,
+                zorder=4)
 
 
 def save_figure(fig: Figure, path: Path) -> Path:
@@ -241,7 +296,9 @@ def plot_loss(run: RunView, path: Path) -> Path:
     for key, label, style in (("train_loss", "train loss", "-o"), ("val_loss", "validation loss", "-s")):
         xs, ys = run.series(key)
         if xs:
-            ax.plot(xs, ys, style, ms=3, label=label)
+            (line,) = ax.plot(xs, ys, style, ms=3, label=label)
+            if key == "val_loss":
+                mark_seed_events(ax, run.seed_events, dict(zip(xs, ys, strict=True)), line.get_color())
             plotted = True
     if not plotted:
         _no_data(ax, "losses")
@@ -260,6 +317,10 @@ def plot_accuracy(run: RunView, path: Path) -> Path:
         _no_data(ax, f"validation {name}")
         return save_figure(fig, path)
     ax.plot(xs, ys, "-o", ms=3, color="#2ca02c", label=f"validation {name}")
+    mark_seed_events(ax, run.seed_events, dict(zip(xs, ys, strict=True)), "#2ca02c")
+    best, at = run.best(name)
+    ax.plot([at], [best], "o", ms=14, mfc="none", mec=_BEST_COLOR, mew=2, ls="none",
+            label=f"best {best:.4g} at epoch {at:g}")
     _mark_events(ax, run)
     ax.legend(loc="best")
     return save_figure(fig, path)
@@ -304,6 +365,35 @@ def plot_params(run: RunView, path: Path) -> Path:
     ax.plot(xs, ys, "o", ms=3, color="#9467bd")
     ax.ticklabel_format(axis="y", style="plain", useOffset=False)
     _mark_events(ax, run)
+    ax.legend(loc="best")
+    return save_figure(fig, path)
+
+
+def plot_epoch_time(run: RunView, path: Path) -> Path:
+    fig, ax = new_axes("Wall-clock per epoch", "epoch", "seconds")
+    xs, ys = run.series("epoch_seconds")
+    if not xs:
+        _no_data(ax, "epoch times")
+        return save_figure(fig, path)
+    ax.bar(xs, ys, width=0.8, color="#8c8c8c", label=f"epoch (total {math.fsum(ys):.1f} s)")
+    _mark_events(ax, run)
+    ax.legend(loc="best")
+    return save_figure(fig, path)
+
+
+def plot_step_loss(run: RunView, path: Path) -> Path:
+    fig, ax = new_axes("Training loss per step", "global step", "loss")
+    steps, losses = run.step_losses
+    if not steps:
+        _no_data(ax, "step losses (set telemetry.step_log = true for every step)")
+        return save_figure(fig, path)
+    ax.plot(steps, losses, "-", lw=0.8, color="#1f77b4", label="step loss")
+    if all(v > 0 for v in losses) and max(losses) > 20 * min(losses):
+        ax.set_yscale("log")  # a spike or an early plunge would flatten the rest
+    for i, step in enumerate(_num(r.get("step")) for r in run.rollbacks):
+        if math.isfinite(step):
+            ax.axvline(step, color=_ROLLBACK_COLOR, ls="--", lw=1.3, label="rollback" if i == 0 else None)
+    _mark_resumes(ax, [float(p.step) for p in run.resumes], run.resumes)
     ax.legend(loc="best")
     return save_figure(fig, path)
 
@@ -432,6 +522,8 @@ PLOTS: dict[str, tuple[str, Callable[[RunView, Path], Path]]] = {
     "params": ("Parameter count", plot_params),
     "seeds": ("Seed lifecycle", plot_seeds),
     "boundary": ("Boundary timings", plot_boundary),
+    "time": ("Wall-clock per epoch", plot_epoch_time),
+    "steps": ("Step loss", plot_step_loss),
 }
 
 
@@ -490,6 +582,9 @@ def _header_rows(run: RunView, telemetry: TelemetryStats) -> list[tuple[str, Any
         (f"final validation {primary_metric(s)}", _num((s.get("final_val_metrics") or {}).get(
             primary_metric(s), s.get("final_val_accuracy")))),
         ("final validation loss", _num(s.get("final_val_loss"))),
+        (f"best validation {primary_metric(s)}", _best_text(run)),
+        ("training time", f"{math.fsum(run.series('epoch_seconds')[1]):.1f} s over {len(run.history)} epochs"),
+        ("resumed", _resumed_text(run)),
         ("parameters", s.get("param_count", "?")),
         ("morphogenesis", s.get("morphogenesis", "?")),
         ("seeds fossilized / culled / total", f"{stages['FOSSILIZED']} / {stages['CULLED']} / {len(seeds or {})}"),
@@ -501,6 +596,50 @@ def _header_rows(run: RunView, telemetry: TelemetryStats) -> list[tuple[str, Any
         ("drills", ", ".join(f"{d.get('kind')}@{d.get('epoch')}: {d.get('outcome')}" for d in drills) or "none"),
         ("final state sha256", str(s.get("final_state_sha256", ""))[:16]),
     ]
+
+
+def _best_text(run: RunView) -> str:
+    best, epoch = run.best(primary_metric(run.summary))
+    return "n/a" if math.isnan(best) else f"{best:.4g} at epoch {epoch:g}"
+
+
+def _resumed_text(run: RunView) -> str:
+    if not run.resumes:
+        return "no"
+    where = ", ".join(f"at epoch {p.epoch} (step {p.step}, from {p.checkpoint})" for p in run.resumes)
+    return f"yes, {len(run.resumes)}× ({where})"
+
+
+def _seed_event_sections(run: RunView) -> str:
+    rows = [{"epoch": e.epoch, "seed": e.seed_id, "event": e.stage.lower(), "reason": e.reason}
+            for e in run.seed_events]
+    culls = [e for e in run.seed_events if e.stage == "CULLED"]
+    cull_list = ("<ul>" + "".join(f"<li>{escape(e.seed_id)} at epoch {e.epoch}: {escape(e.reason)}</li>"
+                                  for e in culls) + "</ul>") if culls else '<p class="muted">No seed was culled.</p>'
+    return ('<h2 id="seed-events">Seed events</h2><p>Marked on the loss and metric curves: ▲ germinated, '
+            "★ fossilized, × culled. The reason is the boundary command's.</p>"
+            + html_table(rows, ["epoch", "seed", "event", "reason"], "No seed events.")
+            + f'<h2 id="cull-reasons">Cull reasons</h2>{cull_list}')
+
+
+def _resume_section(run: RunView) -> str:
+    first = run.series("epoch")[0]
+    covered = (f"The history covers epochs {first[0]:g} to {first[-1]:g}, every segment of the run."
+               if first else "No epochs recorded.")
+    if not run.resumes:
+        return f'<h2 id="resumes">Resumes</h2><p>Not resumed: one process ran the whole run. {covered}</p>'
+    rows = [{"segment": i + 1, "resumed at epoch": p.epoch, "from step": p.step, "checkpoint": p.checkpoint}
+            for i, p in enumerate(run.resumes)]
+    return (f'<h2 id="resumes">Resumes</h2><p>This run was resumed {len(run.resumes)}× ({covered}) Each resume '
+            "is a dotted blue line on the plots.</p>"
+            + html_table(rows, ["segment", "resumed at epoch", "from step", "checkpoint"], ""))
+
+
+def _config_section(config: Mapping[str, Any]) -> str:
+    rows = [{"key": k, "value": v} for k, v in sorted(flat_keys(config).items())]
+    return ('<h2 id="config">Config</h2><p>The effective config, from <a href="../config.json">config.json</a> '
+            "(the keys as <code>--set</code> spells them).</p>"
+            + html_table(rows, ["key", "value"], "No config.json in the run directory."))
 
 
 def _image(name: str, title: str, png: Path, embed: bool) -> str:
@@ -556,15 +695,27 @@ def _sections(run: RunView, telemetry: TelemetryStats) -> list[str]:
 
 
 def render_html(run: RunView, telemetry: TelemetryStats, pngs: Mapping[str, Path], *, embed: bool = True,
-                trace_rows: Sequence[Mapping[str, Any]] = (), trace_problem: str = "") -> str:
+                trace_rows: Sequence[Mapping[str, Any]] = (), trace_problem: str = "",
+                config: Mapping[str, Any] | None = None) -> str:
     """The report page; `pngs` maps plot name -> PNG path in the report folder."""
     title = f"Tolaria run {run.summary.get('run_id', '?')}"
     header = "".join(f"<tr><th>{escape(k)}</th>{_cell(v)}</tr>" for k, v in _header_rows(run, telemetry))
     images = "".join(_image(name, PLOTS[name][0], png, embed) for name, png in pngs.items())
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
             f"<style>{CSS}</style></head><body><h1>{escape(title)}</h1>"
-            f"<table>{header}</table><h2>Plots</h2>{images}{''.join(_sections(run, telemetry))}"
-            f"{_profile_section(trace_rows, trace_problem)}</body></html>")
+            f"<table>{header}</table>{_resume_section(run)}<h2>Plots</h2>"
+            '<p class="muted">Static PNGs drawn by matplotlib (no zoom); each links its file.</p>'
+            f"{images}{_seed_event_sections(run)}{''.join(_sections(run, telemetry))}"
+            f"{_config_section(config or {})}{_profile_section(trace_rows, trace_problem)}</body></html>")
+
+
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    """RUN_DIR/config.json, or {} when it is absent or unreadable (the report then says so)."""
+    try:
+        data = json.loads((Path(run_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _trace_rows(path: Path) -> tuple[list[dict[str, Any]], str]:
@@ -577,7 +728,7 @@ def _trace_rows(path: Path) -> tuple[list[dict[str, Any]], str]:
 def generate_report(run_dir: Path, *, embed_images: bool = True) -> Path:
     """Write `run_dir/report/index.html` and its PNGs; returns the HTML path (see module docstring)."""
     run_dir = Path(run_dir)
-    run = RunView.of(load_summary(run_dir))
+    run = RunView.of(load_summary(run_dir), run_dir)
     telemetry = read_telemetry(run_dir / "telemetry.jsonl")
     out = run_dir / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
@@ -585,7 +736,8 @@ def generate_report(run_dir: Path, *, embed_images: bool = True) -> Path:
     index = out / "index.html"
     tmp = index.with_suffix(".html.tmp")
     trace_rows, trace_problem = _trace_rows(run_dir / "trace.json")
-    page = render_html(run, telemetry, pngs, embed=embed_images, trace_rows=trace_rows, trace_problem=trace_problem)
+    page = render_html(run, telemetry, pngs, embed=embed_images, trace_rows=trace_rows, trace_problem=trace_problem,
+                       config=read_run_config(run_dir))
     tmp.write_text(page, encoding="utf-8")
     tmp.replace(index)  # a reader never sees half a page
     return index
