@@ -69,6 +69,15 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help="where a comparison is written (default: FIRST_RUN/report/compare)")
 
+    study = sub.add_parser("study", help="does growth pay? per seed: the host alone, the grown run, and the grown "
+                           "architecture trained statically from step 0, compared per unit of training FLOPs")
+    study.add_argument("config", type=Path, help="TOML or YAML config of the grown run, e.g. examples/digits_cnn.toml")
+    study.add_argument("--seeds", default="0-4", help="seeds to run: 0-4, 0,2,5 or 3 (default 0-4)")
+    study.add_argument("--json", type=Path, required=True, metavar="OUT", help="where the study is written")
+    study.add_argument("--run-root", type=Path, default=None, metavar="DIR",
+                       help="where the runs go, RUN_ROOT/seed<N>/{host,grown,static} (default runs/study-<name>)")
+    study.add_argument("--epochs", type=int, default=None, help="override run.epochs in every arm")
+
     bench = sub.add_parser("bench", help="measure every performance figure against its goal")
     bench.add_argument("--quick", action="store_true", help="small sizes and 3 trials (under 5 minutes on 2 cores)")
     bench.add_argument("--json", type=Path, default=None, metavar="OUT", help="write the figures as JSON")
@@ -93,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = _parser().parse_args(argv)
     handler = {"run": _cmd_run, "resume": _cmd_resume, "inspect": _cmd_inspect, "report": _cmd_report,
-               "bench": _cmd_bench, "watch": _cmd_watch, "drills": _cmd_drills}[args.command]
+               "study": _cmd_study, "bench": _cmd_bench, "watch": _cmd_watch, "drills": _cmd_drills}[args.command]
     try:
         return int(handler(args))
     except (ValueError, FileNotFoundError, SecretMissing, CheckpointNotFound) as exc:
@@ -271,12 +280,26 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from esper.tolaria.observe.report import generate_report
 
     runs: list[Path] = args.run_dir
+    if len(runs) == 1 and runs[0].suffix == ".json":  # a study, from `tolaria study --json`
+        from esper.tolaria.observe.study_report import write_study_report
+        print(f"study report: {write_study_report(runs[0], args.out)}")
+        return 0
     if len(runs) == 1:
         print(f"report: {generate_report(runs[0])}")
         return 0
     from esper.tolaria.observe.compare import compare_runs
 
     print(f"comparison: {compare_runs(runs, args.out or runs[0] / 'report' / 'compare')}")
+    return 0
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from esper.tolaria.study import format_table, parse_seeds, run_study
+
+    root = args.run_root or Path("runs") / f"study-{args.config.stem}"
+    study = run_study(args.config, parse_seeds(args.seeds), run_root=root, out=args.json, epochs=args.epochs)
+    print(format_table(study))
+    print(f"study: {args.json} (tolaria report {args.json} draws it)")
     return 0
 
 
