@@ -1,36 +1,69 @@
-"""Applying one command: journal it, apply it through Kasmina, rebuild the optimizer for what changed.
+"""Applying one command: journal it, check it against the growth budgets, apply it through Kasmina,
+rebuild the optimizer for what changed.
 
-A raise from the execution layer is recorded (run log, event, Kasmina's breaker) and the
-boundary goes on: the contract is that a failed apply leaves the model unchanged, and the
-structure is compared before and after to say whether it did.
+The veto runs before anything changes: a GERMINATE whose seed would take the model past
+`growth.max_params` parameters or `growth.max_memory_mb` (parameters, gradients and two optimizer
+moments), or a FOSSILIZE of a seed whose last attribution is negative, is refused with the reason
+in a `command_vetoed` event and the run log; the command stays journaled (it was decided), and a
+replay refuses it again from the same numbers. A raise from the execution layer is recorded (run
+log, event, Kasmina's breaker) and the boundary goes on: the contract is that a failed apply
+leaves the model unchanged, and the structure is compared before and after to say whether it did.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from torch import nn
 
 from esper.contracts import EventSink, ExecutionLayer
-from esper.leyline import TELEMETRY_LEVEL_ERROR, TELEMETRY_LEVEL_INFO, TELEMETRY_LEVEL_WARNING, AdaptationCommand
+from esper.leyline import (
+    COMMAND_SEED,
+    SEED_OP_FOSSILIZE,
+    SEED_OP_GERMINATE,
+    TELEMETRY_LEVEL_ERROR,
+    TELEMETRY_LEVEL_INFO,
+    TELEMETRY_LEVEL_WARNING,
+    AdaptationCommand,
+)
 from esper.tolaria.checkpoint.journal import CommandJournal
+from esper.tolaria.config import GrowthConfig
 from esper.tolaria.control.breakers import CircuitBreaker
 from esper.tolaria.control.optimizer import DynamicOptimizerManager
 from esper.tolaria.observe.runlog import ApplyFailure, RunLog
 from esper.tolaria.state.position import TrainerState
 
+# Parameter, gradient and two optimizer moments: what training holds per parameter (Adam's count).
+_COPIES_PER_PARAM = 4
+
+
+@runtime_checkable
+class GerminationCost(Protocol):
+    """An execution layer that says what a germination would add (`esper.kasmina.KasminaLayer`)."""
+
+    def germination_params(self, slot: str, blueprint: str = "") -> int | None: ...
+
 
 class CommandApplier:
     def __init__(self, kasmina: ExecutionLayer, optim: DynamicOptimizerManager, breaker: CircuitBreaker,
-                 journal: CommandJournal, log: RunLog, events: EventSink, position: TrainerState) -> None:
+                 journal: CommandJournal, log: RunLog, events: EventSink, position: TrainerState,
+                 growth: GrowthConfig | None = None) -> None:
         self.kasmina, self.optim, self.breaker = kasmina, optim, breaker
         self.journal, self.log, self.events, self.position = journal, log, events, position
+        self.growth = growth or GrowthConfig()
+        self.attribution: dict[str, dict[str, float]] = {}  # the last validation's (Validation.attribution)
 
     def apply(self, command: AdaptationCommand, epoch: int, *, journal: bool = True) -> tuple[bool, str]:
         """Apply `command`; returns (applied, reason). The command is journaled in the WAL first
         (durable), so a resume can replay it; a replay passes `journal=False`."""
         if journal:
             self.journal.record(command, epoch=epoch, step=self.position.global_step)
+        refused = self.veto(command)
+        if refused is not None:
+            self.log.add_apply_failure(ApplyFailure(epoch, command.command_id, refused, True))
+            self.events("command_vetoed", TELEMETRY_LEVEL_WARNING, command_id=command.command_id,
+                        seed_id=command.target_seed_id, reason=refused)
+            return False, refused
         before = structure_fingerprint(self.kasmina.model)
         try:
             result = self.kasmina.apply_command(command)
@@ -50,6 +83,38 @@ class CommandApplier:
         self.events("command_applied", TELEMETRY_LEVEL_INFO, command_id=command.command_id,
                     seed_id=result.seed_id, reason=result.reason)
         return True, result.reason
+
+    def veto(self, command: AdaptationCommand) -> str | None:
+        """Why `command` must not be applied (see the module docstring), or None. Changes nothing."""
+        if command.command_type != COMMAND_SEED or command.WhichOneof("payload") != "seed_operation":
+            return None
+        op, target = command.seed_operation.operation, command.target_seed_id
+        if op == SEED_OP_GERMINATE:
+            return self._over_budget(target, command.seed_operation.blueprint_id)
+        if op == SEED_OP_FOSSILIZE and self.growth.veto_unpaid_fossilize:
+            paid = self.attribution.get(target, {}).get("loss")
+            if paid is not None and paid < 0:
+                return (f"vetoed: FOSSILIZE {target}: its attribution_loss is {paid:.6g} < 0 (validation is better "
+                        "without it); cull it or keep it in probation (growth.veto_unpaid_fossilize)")
+        return None
+
+    def _over_budget(self, slot: str, blueprint: str) -> str | None:
+        g = self.growth
+        if not (g.max_params or g.max_memory_mb) or not isinstance(self.kasmina, GerminationCost):
+            return None
+        added = self.kasmina.germination_params(slot, blueprint)
+        if added is None:
+            return None  # Kasmina rejects it, with its own reason
+        params = list(self.kasmina.model.parameters())
+        after = sum(p.numel() for p in params) + added
+        if g.max_params and after > g.max_params:
+            return (f"vetoed: GERMINATE in {slot!r} would grow the model to {after:,} parameters (+{added:,}), past "
+                    f"growth.max_params {g.max_params:,}; raise the budget or grow a smaller blueprint")
+        mib = after * (params[0].element_size() if params else 4) * _COPIES_PER_PARAM / 2**20
+        if g.max_memory_mb and mib > g.max_memory_mb:
+            return (f"vetoed: GERMINATE in {slot!r} would need {mib:.1f} MiB for parameters, gradients and optimizer "
+                    f"state, past growth.max_memory_mb {g.max_memory_mb:g}")
+        return None
 
     def _record_failure(self, command: AdaptationCommand, epoch: int, exc: Exception, *, unchanged: bool) -> None:
         error = f"{type(exc).__name__}: {exc}"
