@@ -14,7 +14,7 @@ from esper.kasmina import KasminaLayer
 from esper.kasmina.birth import build_at_birth, read_manifest
 from esper.leyline import SEED_OP_GERMINATE, seed_command
 from esper.tolaria.cli import main
-from esper.tolaria.study import parse_seeds
+from esper.tolaria.study import parse_seeds, run_study
 
 TINY = """
 [run]
@@ -121,6 +121,21 @@ def test_report_refuses_a_json_that_is_not_a_study(tmp_path: Path, capsys: pytes
     other.write_text("{}")
     assert main(["report", str(other)]) == 2
     assert "is not a study" in capsys.readouterr().err
+
+
+def test_the_json_is_written_after_every_seed_so_an_interrupted_study_keeps_its_seeds(tmp_path: Path) -> None:
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY)
+    out = tmp_path / "study.json"
+    seen: list[list[int]] = []
+
+    def say(line: str) -> None:
+        if line.startswith("study: seed 1, host"):
+            seen.append([r["seed"] for r in json.loads(out.read_text())["seeds"]])
+
+    study = run_study(config, [0, 1], run_root=tmp_path / "runs", out=out, epochs=1, say=say)
+    assert seen == [[0]]  # seed 0 was on disk before seed 1 began
+    assert json.loads(out.read_text()) == study and study["seeds_requested"] == [0, 1]
 
 
 def test_seeds_parse_ranges_and_lists_and_refuse_the_rest() -> None:

@@ -62,6 +62,7 @@ def run_study(config_path: Path, seeds: Sequence[int], *, run_root: Path, out: P
         raise ValueError("a study needs at least one seed: --seeds 0-4")
     rows: list[dict[str, Any]] = []
     task: dict[str, Any] = {}
+    study: dict[str, Any] = {}
     for seed in seeds:
         arms: dict[str, dict[str, Any]] = {}
         base = run_root / f"seed{seed}"
@@ -74,11 +75,12 @@ def run_study(config_path: Path, seeds: Sequence[int], *, run_root: Path, out: P
             task = summary.get("task") or task
             arms[arm] = arm_result(summary, base / arm, _metric(summary))
         rows.append(seed_result(seed, arms, higher=bool(task.get("higher_is_better", True))))
-    study = {"format": STUDY_FORMAT, "config": str(config_path), "run_root": str(run_root),
-             "metric": task.get("primary_metric", "accuracy"), "higher_is_better": task.get("higher_is_better", True),
-             "seeds": rows, "median": medians(rows), "goals": goals(rows)}
-    if out is not None:
-        _write_json(out, study)
+        study = {"format": STUDY_FORMAT, "config": str(config_path), "run_root": str(run_root),
+                 "metric": task.get("primary_metric", "accuracy"),
+                 "higher_is_better": task.get("higher_is_better", True), "seeds_requested": list(seeds),
+                 "seeds": rows, "median": medians(rows), "goals": goals(rows)}
+        if out is not None:  # after every seed: an interrupted study keeps the seeds it finished
+            _write_json(out, study)
     return study
 
 
