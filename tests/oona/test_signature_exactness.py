@@ -1,0 +1,125 @@
+"""A signature verifies only as the exact base64 of the exact HMAC: every other spelling is forged.
+
+Truncated, extended and re-encoded signatures (other alphabets, whitespace, stray characters,
+missing padding, hex) carry the same or part of the same digest; accepting any of them would let
+a sender who never held the secret pass a command mangled in transit, or probe the comparison.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+import pytest
+
+from esper.leyline import SEED_OP_GERMINATE, AdaptationCommand, seed_command
+from esper.oona import CommandRejected, CommandVerifier, sign_command, sign_payload, verify_payload
+
+SECRET = b"s3cret"
+NOW = 1_000_000.0
+
+
+def _clock() -> float:
+    return NOW
+
+
+def _signed(issued_at: float = NOW, secret: bytes = SECRET) -> AdaptationCommand:
+    cmd = seed_command(SEED_OP_GERMINATE, issued_by="tamiyo", blueprint_id="bp")
+    cmd.issued_at.FromNanoseconds(int(issued_at * 1e9))
+    return sign_command(cmd, secret)
+
+
+def _respelled(signature: str) -> dict[str, str]:
+    """Spellings of `signature` that are not its exact standard base64 (most hold the same digest)."""
+    digest = base64.b64decode(signature)
+    return {
+        "truncated by one character": signature[:-2] + signature[-1:],
+        "padding dropped": signature.rstrip("="),
+        "last digest character dropped": signature[:-1],
+        "extended by a character": signature + "A",
+        "extended by a padded block": signature + "AAAA",
+        "digest plus one byte": base64.b64encode(digest + b"\x00").decode(),
+        "digest less one byte": base64.b64encode(digest[:-1]).decode(),
+        "url-safe alphabet": base64.urlsafe_b64encode(digest).decode().replace("=", "") + "=",
+        "newline inside": signature[:20] + "\n" + signature[20:],
+        "space inside": signature[:10] + " " + signature[10:],
+        "stray character": signature[:5] + "!" + signature[5:],
+        "hex digest": binascii.hexlify(digest).decode(),
+        "empty": "",
+    }
+
+
+def _reason(verifier: CommandVerifier, cmd: AdaptationCommand) -> str:
+    with pytest.raises(CommandRejected) as info:
+        verifier.verify(cmd)
+    return info.value.reason_code
+
+
+def test_the_exact_command_signature_verifies() -> None:
+    CommandVerifier(SECRET, clock=_clock).verify(_signed())
+
+
+@pytest.mark.parametrize("spelling", list(_respelled(_signed().annotations["signature"])))
+def test_a_command_signature_spelled_any_other_way_is_rejected(spelling: str) -> None:
+    cmd = _signed()
+    cmd.annotations["signature"] = _respelled(cmd.annotations["signature"])[spelling]
+    expected = "unsigned" if spelling == "empty" else "forged"
+    assert _reason(CommandVerifier(SECRET, clock=_clock), cmd) == expected
+
+
+def test_a_command_whose_signature_has_a_url_safe_character_is_forged() -> None:
+    # a signature holding '+' or '/' respelled in the url-safe alphabet decodes to other bytes, or fails
+    for n in range(50):
+        cmd = _signed(NOW - n)
+        signature = cmd.annotations["signature"]
+        if "+" in signature or "/" in signature:
+            cmd.annotations["signature"] = signature.replace("+", "-").replace("/", "_")
+            assert _reason(CommandVerifier(SECRET, clock=_clock), cmd) == "forged"
+            return
+    pytest.fail("no signature among 50 held '+' or '/'")
+
+
+def test_a_command_signed_with_a_secret_sharing_a_prefix_is_forged() -> None:
+    assert _reason(CommandVerifier(SECRET, clock=_clock), _signed(secret=SECRET + b"x")) == "forged"
+    assert _reason(CommandVerifier(SECRET, clock=_clock), _signed(secret=SECRET[:-1])) == "forged"
+
+
+def test_the_signature_is_checked_before_the_clock() -> None:
+    # an unsigned-traffic probe of the time window learns nothing: a bad signature is "forged" at any age
+    cmd = _signed(NOW - 3600)
+    cmd.annotations["signature"] = cmd.annotations["signature"][:-1]
+    assert _reason(CommandVerifier(SECRET, clock=_clock), cmd) == "forged"
+
+
+@pytest.mark.parametrize(("offset", "accepted"), [(5.0, True), (5.5, False), (-60.0, True), (-60.5, False)])
+def test_the_age_window_includes_its_limits(offset: float, accepted: bool) -> None:
+    verifier = CommandVerifier(SECRET, clock=_clock, max_future_s=5.0, max_age_s=60.0)
+    cmd = _signed(NOW + offset)
+    if accepted:
+        verifier.verify(cmd)
+    else:
+        assert _reason(verifier, cmd) == ("future" if offset > 0 else "stale")
+
+
+def test_the_oldest_nonce_is_evicted_first_when_memory_is_full() -> None:
+    verifier = CommandVerifier(SECRET, clock=_clock, max_nonces=2)
+    first, second, third = _signed(NOW - 3), _signed(NOW - 2), _signed(NOW - 1)
+    for cmd in (first, second, third):
+        verifier.verify(cmd)
+    assert _reason(verifier, third) == "replayed" and _reason(verifier, second) == "replayed"
+    verifier.verify(first)  # evicted: the one a full memory forgets is the oldest
+
+
+def test_a_payload_signature_spelled_any_other_way_is_rejected() -> None:
+    signature = sign_payload(b"payload", SECRET)
+    assert verify_payload(b"payload", signature, SECRET)
+    for spelling, other in _respelled(signature).items():
+        assert not verify_payload(b"payload", other, SECRET), spelling
+        assert not verify_payload(b"payload", other.encode(), SECRET), spelling
+
+
+def test_a_payload_signature_covers_every_byte() -> None:
+    signature = sign_payload(b"payload", SECRET)
+    for other in (b"payloa", b"payload\x00", b"", b"Payload"):
+        assert not verify_payload(other, signature, SECRET), other
+    assert not verify_payload(b"payload", signature, SECRET + b"x")
