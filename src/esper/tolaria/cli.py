@@ -15,7 +15,8 @@ from esper.oona.errors import SecretMissing
 INSPECT_FORMAT = "tolaria.inspect/1"
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(figures: str = "") -> argparse.ArgumentParser:
+    """The command line; `figures`, the bench figure names `bench --only` lists in its help."""
     p = argparse.ArgumentParser(prog="tolaria", description="Tolaria: the training orchestrator of Esper.")
     p.add_argument("--version", action="version", version=f"tolaria {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -37,8 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, default=None, help="override run.seed")
     run.add_argument("--epochs", type=int, default=None, help="override run.epochs")
     run.add_argument("--no-morphogenesis", action="store_true", help="train the host alone (no growth)")
-    run.add_argument("--inject", action="append", default=[], metavar="KIND@epoch=N[,step=M]",
-                     help="fault drill (repeatable); `tolaria drills` lists them")
+    run.add_argument("--inject", action="append", default=[], metavar="KIND@epoch=N[,step=M][,rank=R]",
+                     help="fault drill (repeatable): at epoch N (counted from 0, as the console counts), at batch M "
+                     "of that epoch if given, on torchrun rank R only if given (default: every rank); `tolaria "
+                     "drills` lists the kinds")
     run.add_argument("--oona", default=None, metavar="redis://HOST:PORT/DB", help="publish over Redis Streams")
     run.add_argument("--remote-tamiyo", action="store_true", help="ask a `tamiyo serve` worker over --oona")
     run.add_argument("--profile", action="store_true", help="record spans and write RUN_DIR/trace.json")
@@ -46,19 +49,23 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bars")
 
     resume = sub.add_parser("resume", help="continue a run from its newest valid committed checkpoint")
-    resume.add_argument("run_dir", type=Path)
+    resume.add_argument("run_dir", type=Path, metavar="RUN_DIR",
+                        help="a run directory written by `tolaria run` (it holds config.json and checkpoints/)")
     resume.add_argument("--from", dest="checkpoint", default=None, metavar="CHECKPOINT",
                         help="branch from this committed checkpoint (ckpt-... as `tolaria inspect` lists it, "
-                             "or its path)")
+                             "or its path), or `best`: the best one checkpoint.keep_best kept")
     resume.add_argument("--run-dir", dest="into", type=Path, default=None, metavar="NEW_DIR",
                         help="continue into this folder (absent or empty; gets RUN_DIR's config.json), not RUN_DIR")
     resume.add_argument("--overwrite", action="store_true", help="NEW_DIR holds a run: replace it")
-    resume.add_argument("--epochs", type=int, default=None, help="train up to this many epochs in total")
-    resume.add_argument("--quiet", action="store_true")
+    resume.add_argument("--epochs", type=int, default=None,
+                        help="train up to this many epochs in total (default: the run's run.epochs); raise it to "
+                        "train a finished run further")
+    resume.add_argument("--quiet", action="store_true", help="no progress bars")
     resume.add_argument("--no-report", action="store_true", help="skip the HTML report at the end")
 
     inspect = sub.add_parser("inspect", help="list and verify the checkpoints of a run or one checkpoint")
-    inspect.add_argument("path", type=Path)
+    inspect.add_argument("path", type=Path, metavar="PATH",
+                         help="a run directory, its checkpoints/ folder, or one ckpt-* folder")
     inspect.add_argument("--json", action="store_true",
                          help=f"print JSON instead of a table ({INSPECT_FORMAT}, see `_inspect_json`)")
 
@@ -82,16 +89,24 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="small sizes and 3 trials (under 5 minutes on 2 cores)")
     bench.add_argument("--json", type=Path, default=None, metavar="OUT", help="write the figures as JSON")
     bench.add_argument("--oona", default=None, metavar="redis://HOST:PORT/DB", help="also run the Redis figures")
-    bench.add_argument("--only", action="append", default=None, metavar="FIGURE", help="run only these figures")
+    bench.add_argument("--only", action="append", default=None, metavar="FIGURE",
+                       help="run only this figure (repeatable): " + (figures or "see `tolaria bench --help`"))
     bench.add_argument("--compare", type=Path, default=None, metavar="OLD.json", help="flag regressions vs OLD")
     bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                        help="cpu: the CPU figures (default); cuda: the GPU figures (step overhead at 10M/100M "
                        "parameters, fast rollback, checkpoint stall, snapshot GPU bytes), on a machine with CUDA")
 
     watch = sub.add_parser("watch", help="tail telemetry and emergencies from Redis Streams")
-    watch.add_argument("url", metavar="redis://HOST:PORT/DB")
+    watch.add_argument("url", metavar="redis://HOST:PORT/DB", help="the Redis the run publishes to (its --oona)")
     watch.add_argument("--count", type=int, default=None, help="stop after this many messages")
     watch.add_argument("--from-start", action="store_true", help="replay the streams from their start")
+    watch.add_argument("--run", default=None, metavar="RUN_ID", help="show only this run's entries (its run id, "
+                       "as in summary.json and each line's run=)")
+    watch.add_argument("--level", default=None, metavar="LEVEL", help="show only entries at or above this severity: "
+                       "info, warning, error, critical (or notice, elevated, conservative, halt); run markers stay")
+    watch.add_argument("--stream", action="append", default=None, metavar="NAME", help="read this stream "
+                       "(telemetry, emergency, normal, policy, deadletter, or a full name); repeat for several "
+                       "(default: telemetry and emergency)")
 
     sub.add_parser("drills", help="list the fault drills `--inject` accepts")
     return p
@@ -100,7 +115,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from esper.tolaria.checkpoint import CheckpointNotFound
 
-    args = _parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    asks_bench_help = "bench" in words and ("-h" in words or "--help" in words)
+    args = _parser(_bench_figures() if asks_bench_help else "").parse_args(words)
     handler = {"run": _cmd_run, "resume": _cmd_resume, "inspect": _cmd_inspect, "report": _cmd_report,
                "study": _cmd_study, "bench": _cmd_bench, "watch": _cmd_watch, "drills": _cmd_drills}[args.command]
     try:
@@ -127,6 +144,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         deterministic_cublas()  # before NCCL or anything else starts CUDA: cuBLAS reads it once
     world = World.from_env(config.run.device)
     faults = FaultPlan.parse(args.inject, rank=world.rank)
+    if world.is_leader:
+        for warning in _unreachable_drills(faults, config.run.epochs):
+            print(f"tolaria run: warning: {warning}", file=sys.stderr)
+    if args.resume and (done := _already_trained(run_dir, None, config.run.epochs)):
+        world.close()
+        if world.is_leader:
+            print(f"{done}; to train further: tolaria run {args.config} --run-dir {run_dir} --resume --epochs N")
+        return 0
     try:
         # user code named in the config (model.factory, task, ...) lives next to it or in the cwd
         with on_sys_path(user_import_roots(args.config)):
@@ -137,6 +162,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if world.is_leader:
         _print_result(summary, run_dir)
     return _exit_status(summary)
+
+
+def _bench_figures() -> str:
+    """The registered bench figures by device, for `bench --only`'s help (importing the figure
+    modules takes seconds, so only `bench --help` asks)."""
+    from esper.tolaria.bench import registry
+    from esper.tolaria.bench.harness import discover
+
+    discover()
+    by_device = {device: ", ".join(sorted(n for n, spec in registry.FIGURES.items() if spec.device == device))
+                 for device in ("cpu", "cuda")}
+    return f"{by_device['cpu']}; with --device cuda: {by_device['cuda']}"
 
 
 def _run_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -160,6 +197,13 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     from esper.tolaria.job import resume_job
 
     world = World.from_env(_saved_device(args.run_dir))
+    refused = args.overwrite and args.into is None  # the job refuses to overwrite the run it resumes: say that
+    if not refused and (done := _already_trained(args.run_dir, args.checkpoint,
+                                                 args.epochs or _saved_epochs(args.run_dir))):
+        world.close()
+        if world.is_leader:
+            print(f"{done}; to train further: tolaria resume {args.run_dir} --epochs N")
+        return 0
     try:
         with on_sys_path(user_import_roots(None)):  # the run's config.json names user code relative to the cwd
             summary = resume_job(args.run_dir, epochs=args.epochs, progress=not args.quiet,
@@ -170,6 +214,41 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     if world.is_leader:
         _print_result(summary, args.into or args.run_dir)
     return _exit_status(summary)
+
+
+def _unreachable_drills(faults: Any, epochs: int) -> list[str]:
+    """A sentence for each drill scheduled at or after `epochs` (epochs count from 0): it never fires."""
+    return [f"drill {d.kind}@epoch={d.epoch} never fires: the run's last epoch is {epochs - 1} (epochs count from 0; "
+            f"this run trains {epochs}); schedule it at an epoch below {epochs} or raise --epochs"
+            for d in faults.drills if d.epoch >= epochs]
+
+
+def _already_trained(run_dir: Path, checkpoint: str | None, epochs: int | None) -> str:
+    """What to say when the checkpoint a resume would start from has trained every one of `epochs`
+    already (resuming it would train nothing); "" otherwise, or when the resume itself will report
+    what is wrong (no run, no checkpoint, a bad name)."""
+    from esper.tolaria.checkpoint import CheckpointNotFound, recover
+    from esper.tolaria.job import checkpoint_name
+
+    if epochs is None or not (run_dir / "checkpoints").is_dir():
+        return ""
+    try:
+        name = checkpoint_name(run_dir, checkpoint) if checkpoint else None
+        found = recover(run_dir / "checkpoints", clean=False, name=name).checkpoint
+    except (CheckpointNotFound, ValueError):
+        return ""
+    if found is None or found.epoch < epochs:
+        return ""
+    return (f"{run_dir} has already trained all {epochs} of its epochs ({found.name} resumes at epoch {found.epoch}, "
+            "epochs counting from 0): nothing to train")
+
+
+def _saved_epochs(run_dir: Path) -> int | None:
+    """The resumed run's `run.epochs`, from its config.json when readable."""
+    try:
+        return int(json.loads((run_dir / "config.json").read_text())["run"]["epochs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _saved_device(run_dir: Path) -> str:
@@ -321,7 +400,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_watch(args: argparse.Namespace) -> int:
     from esper.oona.watch import run_watch
 
-    return int(run_watch(args.url, count=args.count, from_start=args.from_start))
+    return int(run_watch(args.url, count=args.count, from_start=args.from_start, run=args.run, level=args.level,
+                         streams=args.stream))
 
 
 def _cmd_drills(args: argparse.Namespace) -> int:
