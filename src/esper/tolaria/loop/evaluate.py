@@ -13,6 +13,7 @@ fails) is evaluated one case per pass: the same numbers, K more passes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -21,8 +22,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from esper.tolaria.tasks import Task, score
-from esper.tolaria.tasks.batch import model_loss
+from esper.tolaria.tasks import ClassificationTask, Task, score
+from esper.tolaria.tasks.batch import model_loss, prediction
 
 
 @runtime_checkable
@@ -51,6 +52,7 @@ class Validation:
     score: float
     metrics: dict[str, float] = field(default_factory=dict)
     attribution: dict[str, dict[str, float]] = field(default_factory=dict)
+    chance_loss: float | None = None  # ln(classes) for a classifier (a uniform guess's loss), else None
 
 
 class _Unsplittable(Exception):
@@ -65,12 +67,13 @@ def evaluate(model: nn.Module, loader: Iterable[Any], task: Task, *, place: Call
     false). The model is left in training mode."""
     off = seeds.attributable_seeds() if seeds is not None else ()
     plan: tuple[str | None, ...] = (None, *off)
+    widths: list[int] = []  # the prediction's last dimension, from the first batch
     model.eval()
     try:
         with torch.no_grad():
-            cases = _fused_cases(model, loader, task, place, autocast, seeds, plan) if off and fuse else None
+            cases = _fused_cases(model, loader, task, place, autocast, seeds, plan, widths) if off and fuse else None
             if cases is None:  # one pass per case; the first is the plain model
-                cases = [_sums(model, loader, task, place, autocast, seeds if case else None, (case,))[0]
+                cases = [_sums(model, loader, task, place, autocast, seeds if case else None, (case,), widths)[0]
                          for case in plan]
     finally:
         model.train()
@@ -78,7 +81,7 @@ def evaluate(model: nn.Module, loader: Iterable[Any], task: Task, *, place: Call
     base = results[0]
     validation = Validation(base["loss"], score(task, base), base, {
         seed_id: {"loss": r["loss"] - base["loss"], "score": score(task, base) - score(task, r)}
-        for seed_id, r in zip(off, results[1:], strict=True)})
+        for seed_id, r in zip(off, results[1:], strict=True)}, _chance_loss(task, widths))
     if seeds is not None:
         seeds.record_attribution(validation.attribution)
     return validation
@@ -86,18 +89,19 @@ def evaluate(model: nn.Module, loader: Iterable[Any], task: Task, *, place: Call
 
 def _fused_cases(model: nn.Module, loader: Iterable[Any], task: Task, place: Callable[[Any], Any] | None,
                  autocast: Callable[[], Any] | None, seeds: Attributable | None,
-                 plan: tuple[str | None, ...]) -> list[dict[str, torch.Tensor]] | None:
+                 plan: tuple[str | None, ...], widths: list[int]) -> list[dict[str, torch.Tensor]] | None:
     """Every case in one fused pass, or None where the model cannot be fused (see the module docstring)."""
     try:
-        return _sums(model, loader, task, place, autocast, seeds, plan)
+        return _sums(model, loader, task, place, autocast, seeds, plan, widths)
     except (_Unsplittable, RuntimeError):  # RuntimeError: a layer refused K+1 times the rows
         return None
 
 
 def _sums(model: nn.Module, loader: Iterable[Any], task: Task, place: Callable[[Any], Any] | None,
           autocast: Callable[[], Any] | None, seeds: Attributable | None,
-          plan: tuple[str | None, ...]) -> list[dict[str, torch.Tensor]]:
-    """Per case, the task's sums over the loader, on the device (not read)."""
+          plan: tuple[str | None, ...], widths: list[int]) -> list[dict[str, torch.Tensor]]:
+    """Per case, the task's sums over the loader, on the device (not read); `widths` gets the
+    prediction's last dimension (a shape: no device read)."""
     cases: list[dict[str, torch.Tensor]] = [{} for _ in plan]
     switched = seeds.counterfactual(plan) if seeds is not None else nullcontext()
     with switched:
@@ -107,6 +111,8 @@ def _sums(model: nn.Module, loader: Iterable[Any], task: Task, place: Callable[[
             with autocast() if autocast is not None else nullcontext():
                 output = task.forward(model, batch)
             parts = _split(output, len(plan)) if len(plan) > 1 else [output]
+            if not widths and isinstance(task, ClassificationTask):
+                widths.append(int(prediction(parts[0]).shape[-1]))
             for sums, part in zip(cases, parts, strict=True):
                 for name, value in task.metric_sums(part, batch).items():
                     value = value.detach().double()
@@ -138,6 +144,13 @@ def _read(cases: list[dict[str, torch.Tensor]]) -> list[dict[str, float]]:
     flat = [sums[n].reshape(()) for sums, ns in zip(cases, names, strict=True) for n in ns]
     values = iter(torch.stack(flat).tolist() if flat else [])
     return [{n: next(values) for n in ns} for ns in names]
+
+
+def _chance_loss(task: Task, widths: list[int]) -> float | None:
+    """ln(classes) for a classification task (classes: the width of its prediction), else None."""
+    if not isinstance(task, ClassificationTask) or not widths or widths[0] < 2:
+        return None
+    return math.log(widths[0])
 
 
 def _metrics(task: Task, totals: dict[str, float]) -> dict[str, float]:

@@ -104,7 +104,7 @@ class TolariaTrainer:
         self.boundary = wiring.build_boundary(
             cfg, position=self.state, identity=self.identity, kasmina=kasmina, handshake=self.handshake, control=c,
             journal=self.journal, validate=self.validate, timer=self.timer, profiler=self.profiler, log=self.log,
-            events=self.events, world=self.world,
+            events=self.events, world=self.world, monitors=self.monitors,
             on_check=lambda epoch, report: self._fire(HookPoint.BOUNDARY_CHECK, epoch=epoch, report=report))
         targets = DrillTargets(
             position=self.state, model=self.model, optimizer=lambda: self.optim.optimizer, lr_now=self.lr.current,

@@ -106,7 +106,8 @@ def compile_watch(config: TolariaConfig, kasmina: ExecutionLayer) -> RecompileOn
 
 def build_monitors(config: TolariaConfig) -> MonitorSet:
     e = config.emergency
-    return MonitorSet(spike_factor=e.spike_factor, accuracy_drop=e.accuracy_drop, budget_ms=config.boundary.total_ms)
+    return MonitorSet(spike_factor=e.spike_factor, accuracy_drop=e.accuracy_drop, budget_ms=config.boundary.total_ms,
+                      collapse_fraction=config.growth.collapse_fraction, collapse_below=config.growth.collapse_below)
 
 
 def build_handshake(config: TolariaConfig, tamiyo: TamiyoClient,
@@ -171,7 +172,8 @@ def build_recovery(config: TolariaConfig, *, run_dir: Path | None, store_fault: 
 def build_boundary(config: TolariaConfig, *, position: TrainerState, identity: RunIdentity, kasmina: ExecutionLayer,
                    handshake: TamiyoHandshake, control: Control, journal: CommandJournal,
                    validate: Callable[[], Validation], timer: MonotonicTimer, profiler: Profiler, log: RunLog,
-                   events: EventSink, world: World, on_check: Callable[[int, BoundaryReport], None]) -> EpochBoundary:
+                   events: EventSink, world: World, on_check: Callable[[int, BoundaryReport], None],
+                   monitors: MonitorSet | None = None) -> EpochBoundary:
     breakers, conservative = control.breakers, control.conservative
     consult = TamiyoConsult(handshake=handshake, breaker=breakers["tamiyo"], conservative=conservative, world=world,
                             config=config, log=log, events=events)
@@ -181,6 +183,8 @@ def build_boundary(config: TolariaConfig, *, position: TrainerState, identity: R
     def validate_and_note() -> Validation:  # the veto judges a FOSSILIZE by this boundary's attribution
         validation = validate()
         applier.attribution = validation.attribution
+        if monitors is not None:  # judged with the boundary's other monitors, after the apply
+            monitors.collapse.note(validation.loss, validation.chance_loss)
         return validation
 
     return EpochBoundary(

@@ -5,6 +5,7 @@
 | LossMonitor      | NaN/Inf loss; loss > spike_factor x running baseline | SEVERE |
 | GradientMonitor  | non-finite gradients (flag or total norm)          | SEVERE   |
 | AccuracyMonitor  | validation accuracy collapse (drop vs best, floor) | MAJOR    |
+| CollapseMonitor  | validation loss back near chance ln(classes)       | MAJOR    |
 | TimingMonitor    | a phase over budget N times in a row               | MINOR    |
 | Watchdog         | no step heartbeat for deadline_s (a hung step)     | CRITICAL |
 
@@ -128,6 +129,48 @@ class AccuracyMonitor:
         self.best = state["best"]
 
 
+class CollapseMonitor:
+    """Validation loss back near chance after it was well below it → MAJOR (a mutation broke the model).
+
+    Chance is the loss of a uniform guess, ln(classes) (`Validation.chance_loss`). The loss counts
+    as collapsed at `fraction` x chance or above, or non-finite, once it was at `below` x chance or
+    less; a task without a chance loss (regression) is never judged. `note` takes the boundary's
+    validation, `observe` judges it at the boundary's monitors (the accuracy monitor's point), so
+    the response is the accuracy collapse's: a rollback to the last healthy snapshot, from before
+    a mutation applied at the previous boundary."""
+
+    def __init__(self, fraction: float = 0.9, below: float = 0.5) -> None:
+        if not 0 < below < fraction <= 1:
+            raise ValueError(f"CollapseMonitor below={below}, fraction={fraction}: need 0 < below < fraction <= 1")
+        self.fraction, self.below = fraction, below
+        self.best_ratio: float | None = None  # the lowest val loss / chance seen
+        self._pending: tuple[float, float] | None = None  # (val loss, chance) noted, not yet judged
+
+    def note(self, val_loss: float, chance_loss: float | None) -> None:
+        self._pending = (val_loss, chance_loss) if chance_loss is not None and chance_loss > 0 else None
+
+    def observe(self, epoch: int, step: int) -> Incident | None:
+        if self._pending is None:
+            return None
+        (loss, chance), self._pending = self._pending, None
+        ratio = loss / chance if math.isfinite(loss) else math.inf
+        best = self.best_ratio
+        if best is not None and best <= self.below and ratio >= self.fraction:
+            return Incident(MAJOR, "loss_collapse",
+                            f"validation loss {loss:.4g} is back near chance ln(classes) = {chance:.4g} "
+                            f"({ratio:.2f} of it; it was {best:.2f})", epoch, step,
+                            {"val_loss": f"{loss:.6g}", "chance_loss": f"{chance:.6g}", "best_ratio": f"{best:.6g}"})
+        self.best_ratio = ratio if best is None else min(best, ratio)
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best_ratio": self.best_ratio}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.best_ratio = state["best_ratio"]
+        self._pending = None
+
+
 class TimingMonitor:
     """A timed phase (e.g. the epoch boundary) over budget `consecutive` times in a row → MINOR.
 
@@ -238,18 +281,22 @@ class Watchdog:
 class MonitorSet:
     """The step and boundary monitors of one run, as one snapshot section ("monitors")."""
 
-    def __init__(self, *, spike_factor: float, accuracy_drop: float, budget_ms: float) -> None:
+    def __init__(self, *, spike_factor: float, accuracy_drop: float, budget_ms: float,
+                 collapse_fraction: float = 0.9, collapse_below: float = 0.5) -> None:
         self.loss = LossMonitor(spike_factor=spike_factor)
         self.grads = GradientMonitor()
         self.accuracy = AccuracyMonitor(max_drop=accuracy_drop)
+        self.collapse = CollapseMonitor(fraction=collapse_fraction, below=collapse_below)
         self.timing = TimingMonitor(budget_ms=budget_ms)
 
     def state_dict(self) -> dict[str, Any]:
         return {"loss": self.loss.state_dict(), "grads": self.grads.state_dict(),
-                "accuracy": self.accuracy.state_dict(), "timing": self.timing.state_dict()}
+                "accuracy": self.accuracy.state_dict(), "collapse": self.collapse.state_dict(),
+                "timing": self.timing.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.loss.load_state_dict(state["loss"])
         self.grads.load_state_dict(state["grads"])
         self.accuracy.load_state_dict(state["accuracy"])
+        self.collapse.load_state_dict(state.get("collapse", {"best_ratio": None}))  # older snapshots lack it
         self.timing.load_state_dict(state["timing"])

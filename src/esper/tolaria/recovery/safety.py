@@ -200,6 +200,7 @@ class Safety:
         p = self.position
         self.checkpoints.collect()
         incidents = [i for i in (self.monitors.accuracy.observe(val_accuracy, epoch, p.global_step),
+                                 self.monitors.collapse.observe(epoch, p.global_step),
                                  self.monitors.timing.observe(own_ms, epoch, p.global_step)) if i is not None]
         if not self.world.parameters_match(self.model):
             incidents.append(Incident(MAJOR, "rank_divergence", "state digests (parameters and buffers) differ "

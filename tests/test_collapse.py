@@ -1,0 +1,68 @@
+"""Collapse detection: validation loss back near chance after it was well below it is MAJOR and rolls back."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from trainer_fixtures import MemoryBus, small_config  # type: ignore[import-not-found]
+
+from esper.tolaria.loop.build import build_trainer
+from esper.tolaria.recovery.emergency import MAJOR
+from esper.tolaria.recovery.monitors import CollapseMonitor
+
+CHANCE = math.log(10)
+
+
+def _judge(monitor: CollapseMonitor, loss: float, chance: float | None = CHANCE) -> Any:
+    monitor.note(loss, chance)
+    return monitor.observe(epoch=0, step=0)
+
+
+def test_a_loss_back_near_chance_after_it_was_well_below_is_major() -> None:
+    monitor = CollapseMonitor(fraction=0.9, below=0.5)
+    assert _judge(monitor, 0.95 * CHANCE) is None  # near chance from the start: untrained, not collapsed
+    assert _judge(monitor, 0.3 * CHANCE) is None
+    incident = _judge(monitor, 0.92 * CHANCE)
+    assert incident is not None and incident.level == MAJOR and incident.kind == "loss_collapse"
+    assert "back near chance" in incident.reason
+    assert _judge(monitor, float("nan")).kind == "loss_collapse"
+    assert _judge(monitor, 0.6 * CHANCE) is None  # worse, but not near chance
+
+
+def test_a_loss_that_never_went_well_below_chance_is_not_a_collapse() -> None:
+    monitor = CollapseMonitor(fraction=0.9, below=0.5)
+    for ratio in (0.95, 0.7, 0.6, 0.95):
+        assert _judge(monitor, ratio * CHANCE) is None
+    assert _judge(CollapseMonitor(), 0.1, chance=None) is None  # no chance loss (regression): never judged
+    restored = CollapseMonitor()
+    restored.load_state_dict(monitor.state_dict())
+    assert restored.best_ratio == monitor.best_ratio
+
+
+class _WreckAt:
+    """Zeroes the output layer before one boundary's validation: logits 0, loss exactly ln(10)."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch, self.fired = epoch, False
+
+    def on_boundary_begin(self, trainer: Any, epoch: int) -> None:
+        if epoch == self.epoch and not self.fired:
+            self.fired = True
+            last = [m for m in trainer.model.modules() if isinstance(m, torch.nn.Linear)][-1]
+            with torch.no_grad():
+                last.weight.zero_()
+                last.bias.zero_()
+
+
+def test_a_collapse_in_a_run_is_rolled_back_to_the_state_before_it(tmp_path: Path) -> None:
+    config = small_config(run={"epochs": 5, "morphogenesis": False}, emergency={"accuracy_drop": 1.0},
+                          model={"hidden": [32]}, optimizer={"lr": 0.05}, checkpoint={"enabled": True})
+    trainer = build_trainer(config, bus=MemoryBus(), callbacks=(_WreckAt(3),), run_dir=tmp_path)
+    result = trainer.fit()
+    rollbacks = result.summary["rollbacks"]
+    assert len(rollbacks) == 1 and "loss_collapse" in rollbacks[0]["reason"]
+    assert result.epochs_completed == 5
+    assert result.final_val_loss < 0.5 * CHANCE  # training went on from the healthy state
