@@ -9,7 +9,8 @@ RUN_DIR ?= runs/demo
 # pyproject.toml admits a range (a GPU machine installs over its own torch); development and CI pin this one.
 TORCH_VERSION := 2.13.0
 
-.PHONY: demo demo-cnn demo-lm test test-slow test-gpu bench bench-quick lint proto redis-installed clean
+.PHONY: demo demo-cnn demo-lm test test-slow test-gpu mutation mutation-changed bench bench-quick lint proto \
+	redis-installed clean
 
 $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,6 +52,16 @@ test-slow: $(DEV_STAMP) redis-installed
 # The CUDA suite (tests marked gpu); without CUDA every one of them is skipped. It needs no Redis.
 test-gpu: $(DEV_STAMP)
 	$(PY) -m pytest -q -m gpu
+
+# Mutation testing of the safety-critical modules (mutation.toml, docs/MUTATION.md), each against
+# its own tests, at the lowest CPU priority; killed / survived / timed out per module at the end.
+mutation: $(DEV_STAMP)
+	$(PY) scripts/mutation.py
+
+# Only the modules whose code or tests changed since a commit: make mutation-changed SINCE=origin/main
+mutation-changed: $(DEV_STAMP)
+	@test -n "$(SINCE)" || { echo "make mutation-changed needs SINCE=<commit>, e.g. SINCE=origin/main"; exit 2; }
+	$(PY) scripts/mutation.py --since "$(SINCE)"
 
 # The Redis figures sign their entries; a throwaway secret is fine for a private, local server.
 BENCH_SECRET = ESPER_LEYLINE_SECRET=$${ESPER_LEYLINE_SECRET:-bench-only-secret}
