@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from trainer_fixtures import MemoryBus, small_config  # type: ignore[import-not-found]
 
 from esper.leyline import TelemetryPacket, parse
 from esper.tolaria.loop.build import build_trainer
-from esper.tolaria.observe.telemetry import RUN_ENDED, RUN_ID, RUN_STARTED
+from esper.tolaria.observe.telemetry import RUN_ENDED, RUN_ID, RUN_STARTED, TelemetryCollector
 
 
 class StopAfter:
@@ -55,3 +56,26 @@ def test_a_resumed_run_marks_the_checkpoint_it_started_from_and_a_stop_says_why(
     start = _events(bus)[0]
     assert start[0] == RUN_STARTED and start[1]["resumed_from"] == resumed.resumed_from != ""
     assert start[1]["epoch"] == "1" and start[1]["run_id"] == first.run_id == resumed.run_id
+
+
+class SlowBus(MemoryBus):
+    """Each publish takes a while, so packets wait in the collector's queue."""
+
+    def publish(self, stream: str, envelope: Any) -> str:
+        time.sleep(0.02)
+        return super().publish(stream, envelope)
+
+
+def test_the_end_marker_is_sent_after_everything_queued_before_it() -> None:
+    bus = SlowBus()
+    collector = TelemetryCollector(bus, run_id="r1")
+    try:
+        for i in range(5):
+            collector.emit_event(f"event{i}")
+        collector.publish_step(3, 1.0, 1.0)  # LOW priority: sent after the NORMAL events
+        collector.run_ended("finished", epoch=1, step=4)
+        descriptions = [d for d, _ in _events(bus)]
+        assert descriptions == [*(f"event{i}" for i in range(5)), RUN_ENDED]
+        assert len(bus.messages) == 7, "the step packet too, before the marker"
+    finally:
+        collector.close()

@@ -142,9 +142,9 @@ class TolariaTrainer:
             self.close()
             raise
         self._fire(HookPoint.FIT_END)
+        self.safety.flush()
         self.telemetry.run_ended("stopped" if self.stop.requested else "finished", epoch=self.state.epoch,
                                  step=self.state.global_step, reason=self.stop.reason or "")
-        self.safety.flush()
         self.telemetry.flush()
         summary = {**self.summary(), "stopped": self.stop.reason or ""}  # before close: components still open
         self.close()

@@ -9,7 +9,8 @@ Every envelope carries the run's id (`attributes["run_id"]`, the id when the pac
 published), so viewers of a shared Redis can tell runs apart. A run's process publishes a
 `run_started` event when `fit()` begins (epoch, step, epochs, and the checkpoint it resumed
 from, if any) and a `run_ended` event when it leaves (status `finished`, `stopped` or `failed`,
-with the reason), both at HIGH priority, so a queue that drops packets drops them last.
+with the reason). The end marker is sent after everything queued before it and on the caller's
+thread, so it is the run's last packet even though the queue sends higher priorities first.
 """
 
 from __future__ import annotations
@@ -189,14 +190,18 @@ class TelemetryCollector:
     def run_started(self, run_id: str, *, epoch: int, step: int, epochs: int, resumed_from: str = "") -> None:
         """The run-start marker; from here on envelopes carry `run_id` (a resume adopts the saved id)."""
         self.run_id = run_id
-        self.emit_event(RUN_STARTED, TELEMETRY_LEVEL_INFO, MESSAGE_PRIORITY_HIGH, run_id=run_id, epoch=epoch,
+        self.emit_event(RUN_STARTED, TELEMETRY_LEVEL_INFO, MESSAGE_PRIORITY_NORMAL, run_id=run_id, epoch=epoch,
                         step=step, epochs=epochs, resumed_from=resumed_from)
 
     def run_ended(self, status: str, *, epoch: int, step: int, reason: str = "") -> None:
-        """The run-end marker: `status` is finished, stopped or failed; `reason` says why it stopped."""
+        """The run-end marker: `status` is finished, stopped or failed; `reason` says why it stopped.
+        Sent once the queue has drained (see the module docstring)."""
         level = TELEMETRY_LEVEL_ERROR if status == "failed" else TELEMETRY_LEVEL_INFO
-        self.emit_event(RUN_ENDED, level, MESSAGE_PRIORITY_HIGH, run_id=self.run_id, status=status, epoch=epoch,
-                        step=step, reason=reason)
+        packet = self.packet(events=[self.event(RUN_ENDED, level, run_id=self.run_id, status=status, epoch=epoch,
+                                                step=step, reason=reason)], level=level)
+        self.flush()
+        self._send(self.telemetry_stream, BUS_MESSAGE_TYPE_TELEMETRY, packet.SerializeToString(),
+                   MESSAGE_PRIORITY_HIGH, packet.packet_id)
 
     def emit_event(self, description: str, level: int = TELEMETRY_LEVEL_INFO,
                    priority: int = MESSAGE_PRIORITY_NORMAL, **attributes: object) -> None:
