@@ -51,7 +51,7 @@ def test_bench_only_help_lists_the_figures_and_an_unknown_figure_is_an_error_lis
         main(["bench", "--help"])
     out = "".join(capsys.readouterr().out.split())  # help wraps anywhere: compare without whitespace
     assert registry.FIGURES, "bench --help imported the figure modules"
-    for name, spec in registry.FIGURES.items():
+    for name in registry.FIGURES:
         assert name in out, name
     assert "with--devicecuda:" in out
     assert main(["bench", "--only", "no_such_figure", "--quick"]) == 2
@@ -135,3 +135,19 @@ def test_a_drill_after_the_last_epoch_is_a_warning_before_the_run_starts(
         "this run trains 2); schedule it at an epoch below 2 or raise --epochs\n"
         "tolaria run: warning: drill lr-tamper@epoch=9 never fires: the run's last epoch is 1 (epochs count from 0; "
         "this run trains 2); schedule it at an epoch below 2 or raise --epochs\n"]
+
+
+@pytest.mark.parametrize("command", ["run", "resume", "report"])
+def test_an_output_folder_below_a_file_is_a_clear_error_not_a_traceback(
+        command: str, finished: Path, run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("mine")
+    target = blocker / "out"
+    argv = {"run": ["run", str(finished / "job.toml"), "--run-dir", str(target), *QUIET],
+            "resume": ["resume", str(run), "--from", "ckpt-000000000020", "--run-dir", str(target), *QUIET],
+            "report": ["report", str(run), str(run), "--out", str(target)]}[command]
+    assert main(argv) == 2
+    flag = "--out" if command == "report" else "--run-dir"
+    assert capsys.readouterr().err == (f"tolaria {command}: error: {flag} {target} is inside {blocker}, which is a "
+                                       "file, not a directory: pass a folder path\n")
+    assert blocker.read_text() == "mine"

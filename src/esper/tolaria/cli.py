@@ -140,6 +140,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if names_user_code and not config.run.import_paths:  # in config.json: `tolaria resume` finds the code too
         config.run.import_paths = [str(args.config.resolve().parent)]
     run_dir = args.run_dir or Path("runs") / config.run.name
+    _check_folder(run_dir, "--run-dir")
     if config.run.deterministic:
         deterministic_cublas()  # before NCCL or anything else starts CUDA: cuBLAS reads it once
     world = World.from_env(config.run.device)
@@ -196,6 +197,8 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     from esper.tolaria.imports import on_sys_path, user_import_roots
     from esper.tolaria.job import resume_job
 
+    if args.into is not None:
+        _check_folder(args.into, "--run-dir")
     world = World.from_env(_saved_device(args.run_dir))
     refused = args.overwrite and args.into is None  # the job refuses to overwrite the run it resumes: say that
     if not refused and (done := _already_trained(args.run_dir, args.checkpoint,
@@ -214,6 +217,16 @@ def _cmd_resume(args: argparse.Namespace) -> int:
     if world.is_leader:
         _print_result(summary, args.into or args.run_dir)
     return _exit_status(summary)
+
+
+def _check_folder(path: Path, flag: str) -> None:
+    """A ValueError naming `flag` when `path` cannot become a folder: it, or a folder above it, is a file."""
+    for where in (path, *path.parents):
+        if where.exists():
+            if not where.is_dir():
+                whose = "is a file" if where == path else f"is inside {where}, which is a file"
+                raise ValueError(f"{flag} {path} {whose}, not a directory: pass a folder path")
+            return
 
 
 def _unreachable_drills(faults: Any, epochs: int) -> list[str]:
@@ -368,7 +381,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
         return 0
     from esper.tolaria.observe.compare import compare_runs
 
-    print(f"comparison: {compare_runs(runs, args.out or runs[0] / 'report' / 'compare')}")
+    out = args.out or runs[0] / "report" / "compare"
+    _check_folder(out, "--out")
+    print(f"comparison: {compare_runs(runs, out)}")
     return 0
 
 
