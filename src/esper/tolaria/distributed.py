@@ -16,18 +16,46 @@ device, is compared at every boundary (`state_digest`).
 Devices: the collectives' tensors live on `World.device`, `cuda:LOCAL_RANK` under NCCL (bound
 with `torch.cuda.set_device` before the group is created, so `cuda` means this rank's GPU
 everywhere), the CPU under gloo.
+
+Faults: every collective runs under the group's timeout (`distributed.timeout_s`). A collective that
+times out (a hung peer) or fails (a dead one) raises `PeerLost`: the group can never be used again,
+so this rank leaves (`leave`) and rank 0's last committed checkpoint is where the job goes on from.
+`World.sync` records when this rank last completed a collective: a rank told to stop that has not
+been in step with its peers for a long while is the hung one (recovery/agreement.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import os
-from collections.abc import Sequence
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+PEER_LOST_EXIT = 75  # EX_TEMPFAIL: the job failed for now; a restart resumes it from the last checkpoint
+
+
+class PeerLost(RuntimeError):
+    """A collective failed: a peer rank is dead, or hung past the group's timeout. The group cannot be
+    used again, so this rank must leave (`leave`); nothing may catch this and carry on."""
+
+
+@dataclass
+class SyncClock:
+    """When this rank last completed a collective with its peers (monotonic seconds)."""
+
+    at: float = field(default_factory=time.monotonic)
+
+    def since(self) -> float:
+        return time.monotonic() - self.at
 
 
 @dataclass(frozen=True)
@@ -41,6 +69,8 @@ class World:
     size: int = 1
     backend: str = ""
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    timeout_s: float = 0.0  # every collective's limit; 0: torch's default (30 min gloo, 10 min NCCL)
+    sync: SyncClock = field(default_factory=SyncClock, compare=False)
 
     @property
     def is_leader(self) -> bool:
@@ -51,26 +81,50 @@ class World:
         return self.size > 1
 
     @classmethod
-    def from_env(cls, device: str = "auto") -> World:
+    def from_env(cls, device: str = "auto", timeout_s: float = 0.0) -> World:
         """Join the process group torchrun describes in the environment, if there is one.
 
         NCCL when the run trains on CUDA (`device` is `run.device`: `auto` means CUDA when torch
         sees it), gloo otherwise. Under NCCL each rank binds its own GPU (`LOCAL_RANK`) before the
-        group exists: a rank that does not would run its collectives and every `cuda` tensor on GPU 0."""
+        group exists: a rank that does not would run its collectives and every `cuda` tensor on GPU 0.
+        `timeout_s` (`distributed.timeout_s`; 0: torch's default) bounds every collective."""
         size = int(os.environ.get("WORLD_SIZE", "1"))
         if size <= 1:
             return cls()
         on_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
         backend = "nccl" if on_cuda else "gloo"
         where = torch.device("cpu")
+        limit: dict[str, Any] = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
         if backend == "nccl":
             where = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(where)
             if not dist.is_initialized():
-                dist.init_process_group(backend=backend, device_id=where)
+                dist.init_process_group(backend=backend, device_id=where, **limit)
         elif not dist.is_initialized():
-            dist.init_process_group(backend=backend)
-        return cls(rank=dist.get_rank(), size=dist.get_world_size(), backend=backend, device=where)
+            dist.init_process_group(backend=backend, **limit)
+        return cls(rank=dist.get_rank(), size=dist.get_world_size(), backend=backend, device=where,
+                   timeout_s=timeout_s)
+
+    def with_timeout(self, timeout_s: float) -> World:
+        """This world with every collective bounded by `timeout_s` (for a group that was created without
+        it, e.g. by a caller that had not read the config yet); one process is returned unchanged."""
+        if not self.distributed or timeout_s == self.timeout_s:
+            return self
+        from torch.distributed.distributed_c10d import _set_pg_timeout  # no public setter for a live group
+
+        _set_pg_timeout(datetime.timedelta(seconds=timeout_s))
+        return dataclasses.replace(self, timeout_s=timeout_s)
+
+    @contextmanager
+    def _collective(self, what: str) -> Iterator[None]:
+        """Run one collective: a failure (timeout, closed connection) is `PeerLost`; success is a sync."""
+        try:
+            yield
+        except RuntimeError as exc:  # gloo and NCCL raise RuntimeError (DistBackendError) for both
+            first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            limit = f" (limit {self.timeout_s:g} s)" if self.timeout_s else ""
+            raise PeerLost(f"{what} failed on rank {self.rank} of {self.size}{limit}: {first}") from exc
+        self.sync.at = time.monotonic()
 
     # ---------------------------------------------------------------- collectives
     def broadcast_object(self, obj: Any) -> Any:
@@ -78,7 +132,8 @@ class World:
         if not self.distributed:
             return obj
         box = [obj if self.is_leader else None]
-        dist.broadcast_object_list(box, src=0, device=self.device)
+        with self._collective("broadcast from rank 0"):
+            dist.broadcast_object_list(box, src=0, device=self.device)
         return box[0]
 
     def gather_objects(self, obj: Any) -> list[Any]:
@@ -86,23 +141,40 @@ class World:
         if not self.distributed:
             return [obj]
         found: list[Any] = [None] * self.size
-        dist.all_gather_object(found, obj)  # NCCL: on the current device, which from_env bound
+        with self._collective("gather"):
+            dist.all_gather_object(found, obj)  # NCCL: on the current device, which from_env bound
         return found
 
     def agree_step(self, finite: bool, incident_level: int, local_rows: int) -> tuple[bool, int, int]:
         """One small all-gather per step: all finite?, worst incident level, global rows (one read)."""
         if not self.distributed:
             return finite, incident_level, local_rows
-        ranks = self._all_gather(self._ints(0 if finite else 1, incident_level, local_rows)).tolist()
+        ranks = self.vote(0 if finite else 1, incident_level, local_rows)
         return (all(r[0] == 0 for r in ranks), max(r[1] for r in ranks), sum(r[2] for r in ranks))
+
+    def vote(self, *values: int, prefix: torch.Tensor | None = None) -> list[list[int]]:
+        """Every rank's `values` (small integers, the same count everywhere), in rank order: one
+        all-gather and one read. `prefix` (int64 on `device`, e.g. a `state_digest`) travels in front
+        of them in the same collective, so a decision and a digest cost one round trip."""
+        parts = [prefix.to(self.device, torch.int64)] if prefix is not None else []
+        row = torch.cat([*parts, self._ints(*values)]) if values else parts[0]
+        if not self.distributed:
+            return [row.tolist()]
+        with self._collective("vote"):
+            return self._all_gather(row).tolist()  # type: ignore[no-any-return]
 
     def agree_flag(self, flag: bool) -> bool:
         """True on every rank if it is True on any rank."""
+        return self.agree_any(flag)[0]
+
+    def agree_any(self, *flags: bool) -> tuple[bool, ...]:
+        """Each flag True on every rank if it is True on any rank: one all-reduce for all of them."""
         if not self.distributed:
-            return flag
-        t = self._ints(1 if flag else 0)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+            return flags
+        t = self._ints(*(1 if f else 0 for f in flags))
+        with self._collective("agreement"):
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return tuple(bool(v) for v in t.tolist())
 
     def _ints(self, *values: int) -> torch.Tensor:
         """`values` as int64 on `device`, filled there: `torch.tensor(values, device="cuda")` would copy
@@ -138,7 +210,8 @@ class World:
         flat = torch.cat([*(g.reshape(-1).to(dtype) for g in grads), counts])
         values = flat[:-counts.numel()]
         values.mul_(local_rows)
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        with self._collective("gradient all-reduce"):
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         rows = flat[-counts.numel()]
         present = flat[-len(live):][missing].tolist() if missing else []  # the one read, only when needed
         reached = {i for i, n in zip(missing, present, strict=True) if n > 0}
@@ -171,11 +244,13 @@ class World:
             floating = dtype.is_floating_point  # gloo reduces no bool and no bf16: the wire is fp32+ or int64
             wire = torch.promote_types(dtype, torch.float32) if floating else torch.int64
             flat = torch.cat([b.detach().reshape(-1).to(self.device, wire) for b in buffers])
+            with self._collective("buffer sync"):
+                if floating:
+                    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+                else:
+                    dist.broadcast(flat, src=0)
             if floating:
-                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
                 flat.div_(self.size)
-            else:
-                dist.broadcast(flat, src=0)
             offset = 0
             with torch.no_grad():
                 for b in buffers:
@@ -187,20 +262,46 @@ class World:
         `state_digest`), compared as one all-gather of four integers per rank."""
         if not self.distributed:
             return True
-        ranks = self._all_gather(state_digest(model, self.device))
-        return bool((ranks == ranks[0]).all().item())
+        return digests_match(self.vote(prefix=state_digest(model, self.device)))
 
     def barrier(self) -> None:
         if not self.distributed:
             return
-        if self.backend == "nccl":
-            dist.barrier(device_ids=[self.device.index])  # this rank's GPU, not a guessed one
-        else:
-            dist.barrier()
+        with self._collective("barrier"):
+            if self.backend == "nccl":
+                dist.barrier(device_ids=[self.device.index])  # this rank's GPU, not a guessed one
+            else:
+                dist.barrier()
 
     def close(self) -> None:
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def digests_match(rows: Sequence[Sequence[int]], width: int = 4) -> bool:
+    """Whether every rank's first `width` numbers (its `state_digest`) equal rank 0's."""
+    return all(list(r[:width]) == list(rows[0][:width]) for r in rows)
+
+
+def leave(message: str, code: int = PEER_LOST_EXIT) -> NoReturn:
+    """Print `message` as one line and end this process now, without the interpreter's shutdown.
+
+    Why `os._exit` and not `sys.exit`: after a peer is lost the process group is broken, and a
+    normal exit waits on what cannot finish: `destroy_process_group` and gloo's teardown talk to the
+    dead or hung peer, and threads blocked in a collective (or a hung drill's sleep) never return to
+    be joined. What must survive is already on disk: the caller has flushed the async checkpoint
+    writes (committed atomically, so a write cut short is never mistaken for a checkpoint), and the
+    output streams are flushed here."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    try:
+        os.write(2, (message.rstrip("\n") + "\n").encode())
+    except OSError:
+        pass
+    os._exit(code)
 
 
 def _buffer_dtype(grads: Sequence[torch.Tensor]) -> torch.dtype:

@@ -191,18 +191,23 @@ class EpochBoundary:
             breaches["total"] = report.own_ms
         report.breaches = breaches
         timing = self.breakers["boundary_timing"]
-        if self.world.agree_flag(bool(breaches)):  # a breach on any rank counts on all, so states stay equal
+        # One vote (under torchrun): a breach on any rank counts on all, and a breaker open on any rank
+        # (the checkpoint breaker is rank 0's alone) puts every rank in conservative mode. The timing
+        # breaker is left out of the second flag: the first one makes it the same on every rank.
+        others_open = any(n != "boundary_timing" for n in self.breakers.open_names())
+        breached, peer_open = self.world.agree_any(bool(breaches), others_open)
+        if breached:
             what = ", ".join(f"{k} {v:.1f} ms > {budgets[k]:.1f} ms" for k, v in breaches.items()) or "on another rank"
             timing.record_failure(f"epoch {epoch}: {what}")
             self.events("boundary_budget_breach", TELEMETRY_LEVEL_WARNING, epoch=epoch, phases=what)
         else:
             timing.record_success()
-        self._decide_conservative(epoch)
+        self._decide_conservative(epoch, peer_open)
 
-    def _decide_conservative(self, epoch: int) -> None:
+    def _decide_conservative(self, epoch: int, peer_open: bool) -> None:
         open_names = self.breakers.open_names()
         reasons = [f"{n}: {self.breakers[n].last_reason}" for n in open_names]
-        if self.world.agree_flag(bool(open_names)) and not open_names:  # ranks enter and leave together
+        if peer_open and not open_names:  # ranks enter and leave together
             open_names, reasons = ["peer"], ["a breaker is open on another rank"]
         change = self.conservative.update(epoch, open_names, reasons)
         if change == "entered":

@@ -133,7 +133,7 @@ class TolariaTrainer:
                                    epochs=self.config.run.epochs, resumed_from=self.resumed_from)
         try:
             self._fire(HookPoint.FIT_BEGIN)
-            with stop_on_signals(self.stop):
+            with stop_on_signals(self.safety.signals):  # under torchrun, served at the next vote
                 self._run_epochs()
         except BaseException as exc:
             self._fire(HookPoint.FIT_END)
@@ -210,14 +210,14 @@ class TolariaTrainer:
         safety.watchdog.heartbeat(self.state.epoch, step)
         params = self.optim.trainable()
         result = self.compute.run(micro, params, self.host_loss, safety.grad_check_due(step))
-        stats, local_rows = result.stats, result.rows
+        stats = result.stats
         scaler = self.precision.scaler
         overflow = scaler is not None and stats.grad_overflow  # the scaler's business: skipped, scale lowered
         with prof.span("step.monitors"):
             incident = safety.step_incident(stats, indices, overflow_ok=scaler is not None)
             finite, level = stats.finite, incident.level if incident else 0
-            if world.distributed:
-                finite, level, _ = world.agree_step(finite, level, local_rows)
+            if world.distributed:  # every rank's vote: the same incident, stop and freeze for all
+                finite, level = safety.agree_step(finite, incident)
             if level:
                 self.optim.optimizer.zero_grad(set_to_none=True)
                 safety.respond_to_step(incident, level, indices)  # raises RolledBack after a rollback

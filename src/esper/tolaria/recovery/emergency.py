@@ -26,6 +26,11 @@ response escalates. True hangs are the `Watchdog`'s job (monitors.py): it fires 
 own thread, and `handle` holds no lock while a handler runs, so that call is never blocked by the
 hung one; work a handler waits on is bounded by its own timeouts (a checkpoint flush raises, which
 fails the handler).
+
+Under torchrun every rank handles the same incident at the same point; `handle(agree=...)` makes
+the outcome one verdict too: a response that failed on any rank fails on every rank, so all of them
+escalate together (a rank escalating alone would enter a collective the others never reach). The
+watchdog's CRITICAL, raised on its own thread, passes no `agree`: a collective must never run there.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from esper.leyline import (
     EmergencySignal,
     now_timestamp,
 )
+from esper.tolaria.distributed import PeerLost
 from esper.tolaria.recovery.signal import ChannelError, EmergencyChannel, signal_checksum
 
 log = logging.getLogger(__name__)
@@ -236,15 +242,17 @@ class EmergencyProtocol:
         self.signals: list[EmergencySignal] = []
         self._lock = threading.Lock()  # guards the lists only; never held while a handler runs
 
-    def handle(self, incident: Incident) -> IncidentRecord:
+    def handle(self, incident: Incident, agree: Callable[[bool], bool] | None = None) -> IncidentRecord:
         """Respond to `incident` and to every escalation it causes; returns the final record.
 
-        Raises `EmergencyAbort` if the CRITICAL response fails. Safe to call from the watchdog
-        thread while the training thread is inside another handler."""
+        `agree` turns this process's outcome into every rank's (`ok` on all ranks, or not); it is
+        asked after each level's handler, so escalations stay in step. Raises `EmergencyAbort` if
+        the CRITICAL response fails. Safe to call from the watchdog thread (without `agree`) while
+        the training thread is inside another handler."""
         _policy(incident.level)
         current = incident
         while True:
-            record = self._respond(current)
+            record = self._respond(current, agree)
             if record.escalated_to is None:
                 if current.level == CRITICAL and not record.ok:
                     raise EmergencyAbort(record)
@@ -264,13 +272,17 @@ class EmergencyProtocol:
         with self._lock:
             return len(self.records)
 
-    def _respond(self, incident: Incident) -> IncidentRecord:
+    def _respond(self, incident: Incident, agree: Callable[[bool], bool] | None = None) -> IncidentRecord:
         policy = _policy(incident.level)
         start = self.clock()
         signal = build_signal(incident, self.run_id)
         publish_error = self._publish(signal)
         seq, acked, unacked = self._broadcast(signal, start + policy.deadline_s)
         result = self._run_handler(incident)
+        if agree is not None:
+            everywhere = agree(result.ok)  # a collective: every rank asks, whatever its own outcome
+            if result.ok and not everywhere:
+                result = ActionResult(False, result.action, f"{result.detail}; failed on another rank")
         duration_ms = (self.clock() - start) * 1000.0
         record = IncidentRecord(
             level=incident.level, kind=incident.kind, reason=incident.reason, epoch=incident.epoch,
@@ -316,6 +328,8 @@ class EmergencyProtocol:
         handler = self.handlers[incident.level]
         try:
             return handler(incident)
+        except PeerLost:
+            raise  # not a failed response: the process group is gone, and this rank must leave
         except Exception as exc:  # noqa: BLE001 - a failing handler is exactly what escalation is for
             log.exception("emergency handler for %s raised", level_name(incident.level))
             return ActionResult(ok=False, action=getattr(handler, "__name__", "handler"),

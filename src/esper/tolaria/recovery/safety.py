@@ -18,6 +18,10 @@
   or saved. A late incident rolls back like any step incident; a late non-finite loss cannot tell
   its batch from an earlier unchecked update (the weights are already stepped), so the replay
   checks every step up to it and finds the offender as a synchronous run would.
+- Under torchrun every decision is voted before any rank acts (recovery/agreement.py): the step's
+  incident, freeze and stop in the step's vote (`agree_step`), the boundary's incidents, the state
+  digest and stop in one vote at the boundary, and every response's outcome, so all ranks roll
+  back, escalate, resume and stop together. One process votes nothing.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from esper.tolaria.config import TolariaConfig
 from esper.tolaria.control.aggregation import AggregationStats
 from esper.tolaria.distributed import World
 from esper.tolaria.observe.runlog import RunLog
+from esper.tolaria.recovery import agreement
 from esper.tolaria.recovery.checkpoints import Checkpoints
 from esper.tolaria.recovery.emergency import CRITICAL, MAJOR, MINOR, SEVERE, EmergencyProtocol, Incident, level_name
 from esper.tolaria.recovery.loss_readback import LossReadback, PendingLoss
@@ -74,6 +79,10 @@ class Safety:
         self._last_grad_check = -1  # the last global step whose whole gradient was read
         self._careful_until = -1  # check every step up to this global step (a replay after a rollback)
         self.late = LossReadback(next(model.parameters(), torch.empty(0)).device)  # deferred steps' losses
+        # Where signals land: the stop itself in one process; under torchrun a request the next vote serves.
+        self.signals: StopRequest = stop if not world.distributed else agreement.PendingStop(
+            rank=world.rank, since_sync=world.sync.since, hung_after_s=world.timeout_s / 2)
+        self._verdict = agreement.StepVerdict(True, 0, False, None, False)  # the last step's vote
 
     # ---------------------------------------------------------------- the run's ends
     def start(self, *, resumed: bool) -> None:
@@ -146,16 +155,26 @@ class Safety:
             incident = incident or self.monitors.grads.observe(stats.finite, stats.grad_norm, epoch, step)
         return incident
 
+    def agree_step(self, finite: bool, local: Incident | None) -> tuple[bool, int]:
+        """Under torchrun: this step's verdict from every rank's vote (finite, worst level); a stop or a
+        freeze voted by any rank is taken by all (see agreement.py)."""
+        verdict = agreement.agree_step(self.world, finite=finite, incident=local, stop=self.signals.reason,
+                                       frozen=self.frozen.is_set())
+        if verdict.stop is not None and not self.stop.requested:
+            self.stop.request(verdict.stop)
+        self._verdict = verdict
+        return verdict.finite, verdict.level
+
     def respond_to_step(self, local: Incident | None, agreed_level: int, batches: Sequence[int]) -> None:
         """Run the agreed response (every rank does the same); raises RolledBack after a rollback."""
         if agreed_level == 0:
             return
         p = self.position
-        incident = local if local is not None and local.level == agreed_level else Incident(
-            agreed_level, "peer_incident", "another rank saw an incident at this step", p.epoch, p.global_step)
+        incident = local if local is not None and local.level == agreed_level else \
+            agreement.peer_incident(agreed_level, p.epoch, p.global_step)
         self.responses.offending = [(p.epoch, b) for b in batches]  # every micro-batch of the step
-        if incident.kind == "loss_nonfinite" and self._last_grad_check < p.global_step - 1 \
-                and not weights_finite(self.model):
+        nonfinite_loss = self._verdict.loss_nonfinite if self.world.distributed else incident.kind == "loss_nonfinite"
+        if nonfinite_loss and self._last_grad_check < p.global_step - 1 and not weights_finite(self.model):
             # An unchecked earlier gradient broke the weights; this batch is innocent.
             incident = self._replay_with_checks(incident, p.global_step, "; the weights are non-finite after "
                                                 "unchecked steps: replaying them with gradient checks")
@@ -185,8 +204,10 @@ class Safety:
         """A step that returned after the watchdog froze training resumes from the last healthy snapshot;
         with `snapshots.every_steps`, every N steps the window closes and a snapshot is taken."""
         p = self.position
-        if self.frozen.is_set() and not self.stop.requested:
+        frozen = self._verdict.frozen if self.world.distributed else self.frozen.is_set()  # voted, not seen
+        if frozen and not self.stop.requested:
             self.frozen.clear()
+            self._verdict = dataclasses.replace(self._verdict, frozen=False)
             self._handle(Incident(SEVERE, "resume_after_freeze", "training was frozen by a CRITICAL stall; "
                                   "resuming from the last healthy snapshot", p.epoch, p.global_step))
         every = self._every_steps
@@ -202,9 +223,11 @@ class Safety:
         incidents = [i for i in (self.monitors.accuracy.observe(val_accuracy, epoch, p.global_step),
                                  self.monitors.collapse.observe(epoch, p.global_step),
                                  self.monitors.timing.observe(own_ms, epoch, p.global_step)) if i is not None]
-        if not self.world.parameters_match(self.model):
-            incidents.append(Incident(MAJOR, "rank_divergence", "state digests (parameters and buffers) differ "
-                                      "across ranks", epoch, p.global_step))
+        if self.world.distributed:  # one vote: digests, every rank's levels, a pending stop
+            verdict = agreement.agree_boundary(self.world, self.model, incidents, self.signals.reason)
+            if verdict.stop is not None and not self.stop.requested:
+                self.stop.request(verdict.stop)
+            incidents = agreement.boundary_incidents(verdict, incidents, epoch, p.global_step)
         for incident in sorted(incidents, key=lambda i: -i.level):
             self._handle(incident)  # a rollback raises out of here
         self._close_window()
@@ -224,7 +247,7 @@ class Safety:
         self.snapshots.window_clean = False
         self.responses.rolled_back = False
         first = self.protocol.record_count()
-        record = self.protocol.handle(incident)
+        record = self.protocol.handle(incident, agree=self._agree_outcome if self.world.distributed else None)
         for late in (r for r in self.protocol.records_since(first) if r.late):
             # Late but successful: reported, never escalated (a deadline bounds a hang, not a success).
             self.events("emergency_late", TELEMETRY_LEVEL_WARNING, MESSAGE_PRIORITY_HIGH,
@@ -234,6 +257,10 @@ class Safety:
             self.responses.rolled_back = False
             self.late.clear()  # losses still queued belong to steps the rollback discarded
             raise RolledBack(record.action)
+
+    def _agree_outcome(self, ok: bool) -> bool:
+        """A response succeeded only if it succeeded on every rank (else all escalate together)."""
+        return not self.world.agree_flag(not ok)
 
     def _on_hang(self, incident: Incident) -> None:
         try:
