@@ -98,6 +98,12 @@ def test_resuming_a_finished_run_says_so_and_how_to_train_further(run: Path,
     assert f"{run} has already trained all 2 of its epochs" in out and "nothing to train" in out
     assert f"to train further: tolaria resume {run} --epochs N" in out
     assert tree(run) == before, "nothing was trained or rewritten"
+    assert main(["resume", str(run), "--epochs", "1", *QUIET]) == 0
+    assert "has already trained 2 epochs, more than the 1 asked" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["resume", str(run), "--epochs", "0", *QUIET])
+    assert "argument --epochs: 0: train at least 1 epoch in total" in capsys.readouterr().err
+    assert tree(run) == before
     assert main(["resume", str(run), "--epochs", "3", *QUIET]) == 0
     assert json.loads((run / "summary.json").read_text())["epochs_completed"] == 3
 

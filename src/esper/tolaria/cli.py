@@ -57,7 +57,7 @@ def _parser(figures: str = "") -> argparse.ArgumentParser:
     resume.add_argument("--run-dir", dest="into", type=Path, default=None, metavar="NEW_DIR",
                         help="continue into this folder (absent or empty; gets RUN_DIR's config.json), not RUN_DIR")
     resume.add_argument("--overwrite", action="store_true", help="NEW_DIR holds a run: replace it")
-    resume.add_argument("--epochs", type=int, default=None,
+    resume.add_argument("--epochs", type=_epoch_count, default=None, metavar="N",
                         help="train up to this many epochs in total (default: the run's run.epochs); raise it to "
                         "train a finished run further")
     resume.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -201,8 +201,8 @@ def _cmd_resume(args: argparse.Namespace) -> int:
         _check_folder(args.into, "--run-dir")
     world = World.from_env(_saved_device(args.run_dir))
     refused = args.overwrite and args.into is None  # the job refuses to overwrite the run it resumes: say that
-    if not refused and (done := _already_trained(args.run_dir, args.checkpoint,
-                                                 args.epochs or _saved_epochs(args.run_dir))):
+    epochs = args.epochs if args.epochs is not None else _saved_epochs(args.run_dir)
+    if not refused and (done := _already_trained(args.run_dir, args.checkpoint, epochs)):
         world.close()
         if world.is_leader:
             print(f"{done}; to train further: tolaria resume {args.run_dir} --epochs N")
@@ -252,8 +252,21 @@ def _already_trained(run_dir: Path, checkpoint: str | None, epochs: int | None) 
         return ""
     if found is None or found.epoch < epochs:
         return ""
-    return (f"{run_dir} has already trained all {epochs} of its epochs ({found.name} resumes at epoch {found.epoch}, "
-            "epochs counting from 0): nothing to train")
+    trained = f"all {epochs} of its epochs" if found.epoch == epochs else \
+        f"{found.epoch} epochs, more than the {epochs} asked"
+    return (f"{run_dir} has already trained {trained} ({found.name} resumes at epoch {found.epoch}, epochs counting "
+            "from 0): nothing to train")
+
+
+def _epoch_count(text: str) -> int:
+    """`resume --epochs`: a whole number of epochs, at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of epochs") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: train at least 1 epoch in total")
+    return value
 
 
 def _saved_epochs(run_dir: Path) -> int | None:
