@@ -149,6 +149,8 @@ def mutmut_section(module: Module) -> str:
         f"also_copy = [{also}]\n"
         'process_isolation = "forkserver"\n'
         "use_git_change_detection = false\n"
+        # A hung mutant (a lost notify, a wait that never ends) is cut at about 3x its tests' time.
+        "timeout_multiplier = 6.0\n"
     )
 
 

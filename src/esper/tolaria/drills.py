@@ -1,5 +1,10 @@
 """Fault drills: `tolaria run --inject KIND@epoch=N[,step=M]` rehearses a failure on purpose.
 
+Under torchrun, `rank=R` limits any drill to one rank. `rank-kill` and `rank-hang` rehearse a lost
+peer (the others' collectives fail or time out, every rank leaves, `torchrun --max-restarts`
+resumes the job); they fire in a job's first attempt only, since the restarted one resumes from a
+checkpoint taken before them and must run on as if nothing had happened.
+
 Drills wrap the component they break (a Tamiyo that hangs, a Kasmina that raises, a bus that is
 down, a store whose disk fills or whose newest checkpoint rots, a host loss that turns NaN) or
 act as a callback at the loop's named hook points (`DrillRig`); production code has no drill
@@ -10,7 +15,10 @@ applies, the LR it restored) and lands in the summary's `drills` list.
 from __future__ import annotations
 
 import errno
+import os
 import re
+import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -44,7 +52,11 @@ DRILLS: dict[str, str] = {
     "hang-step": "this step stalls past the watchdog deadline: CRITICAL, freeze and broadcast",
     "accuracy-collapse": "validation accuracy collapses at this epoch: MAJOR, full rollback",
     "redis-down": "the Oona bus goes down from this epoch: publishing fails fast, drops counted, training goes on",
+    "rank-kill": "this rank is SIGKILLed at this step (torchrun): the others leave, a restart resumes the job",
+    "rank-hang": "this rank hangs forever inside this step (torchrun): the others time out and leave, a restart "
+                 "resumes the job",
 }
+RANK_FAULTS = ("rank-kill", "rank-hang")  # a whole process lost: first attempt only
 
 _SPEC = re.compile(r"^(?P<kind>[a-z-]+)@epoch=(?P<epoch>\d+)(?:,step=(?P<step>\d+))?(?:,rank=(?P<rank>\d+))?$")
 
@@ -92,8 +104,17 @@ class FaultPlan:
 
     @classmethod
     def parse(cls, specs: list[str], *, rank: int = 0) -> FaultPlan:
-        """The drills of `specs` that apply to this rank (a drill without `rank=` applies to all)."""
-        return cls([d for d in map(parse_drill, specs) if d.rank is None or d.rank == rank])
+        """The drills of `specs` that apply to this rank (a drill without `rank=` applies to all).
+        Under torchrun's restarts (`TORCHELASTIC_RESTART_COUNT` > 0) the rank faults are left out:
+        the attempt they ended is the one they rehearsed."""
+        drills = [parse_drill(spec) for spec in specs]
+        hang = next((spec for spec, d in zip(specs, drills, strict=True) if d.kind == "rank-hang"), None)
+        if hang is not None and int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+            raise DrillError(f"--inject {hang!r}: rank-hang needs torchrun (WORLD_SIZE > 1): one process has no "
+                             "peer to time out on it and would hang for good; use hang-step for one process")
+        restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
+        return cls([d for d in drills if (d.rank is None or d.rank == rank)
+                    and not (restarted and d.kind in RANK_FAULTS)])
 
     def due(self, kind: str, epoch: int, step: int | None = None) -> Drill | None:
         """The unfired drill of this kind due now (step-less drills fire at their epoch)."""
@@ -257,6 +278,19 @@ def stall(seconds: float) -> None:
     time.sleep(seconds)
 
 
+def _announce(what: str) -> None:
+    """A rank fault leaves no summary behind: say on stderr what it did, and when."""
+    rank = os.environ.get("RANK", "0")
+    print(f"tolaria: drill {what} on rank {rank}", file=sys.stderr, flush=True)
+
+
+def hang_forever() -> None:
+    """The rank-hang drill: this thread never returns. Sleeping, not spinning: signal handlers still
+    run (torchrun's SIGTERM must reach the rank's handler), and the CPU stays free for the others."""
+    while True:
+        time.sleep(3600)
+
+
 def tamper_lr(optimizer: torch.optim.Optimizer, group_name: str, factor: float) -> float:
     """Multiply group `group_name`'s LR by `factor` behind the LR controller's back (the lr-tamper
     drill): the next `UnifiedLRController.step` must detect it, restore the value and record an
@@ -374,6 +408,12 @@ class DrillRig:
         elif (d := self.plan.due("hang-step", epoch, batch)) is not None:
             self._watch(d)
             stall(t.watchdog.deadline_s + 3 * t.watchdog.poll_s + 0.2)
+        if (d := self.plan.due("rank-kill", epoch, batch)) is not None:
+            _announce(f"rank-kill: SIGKILL at epoch {epoch} step {batch}")
+            os.kill(os.getpid(), signal.SIGKILL)
+        if (d := self.plan.due("rank-hang", epoch, batch)) is not None:
+            _announce(f"rank-hang: hanging at epoch {epoch} step {batch}")
+            hang_forever()
 
     def on_step_end(self, _trainer: object, step: int, loss: Any) -> None:
         drill = self._lr_drill
