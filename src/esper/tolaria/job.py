@@ -2,21 +2,30 @@
 
 Under torchrun every rank runs this; rank 0 writes `config.json`, `summary.json`, `steps.csv`
 and the report, and the other ranks write `summary.rank<R>.json` so runs can be compared.
+
+A lost peer (`distributed.PeerLost`: a collective timed out or its peer died) ends this rank: the
+trainer has flushed its checkpoint writes, one line says what happened, and the process exits
+with status 75 (`leave`). Under `torchrun --max-restarts N` the restarted attempt
+(`TORCHELASTIC_RESTART_COUNT` > 0) of the same job (`TORCHELASTIC_RUN_ID`, recorded in
+RUN_DIR/torchelastic.json) continues from RUN_DIR's last committed checkpoint by itself, exactly
+as `tolaria resume RUN_DIR` would.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from esper.tolaria.checkpoint import atomic_write_bytes, list_checkpoints
 from esper.tolaria.checkpoint.best import BEST
 from esper.tolaria.checkpoint.layout import CKPT_RE
 from esper.tolaria.config import TolariaConfig, config_from_dict
-from esper.tolaria.distributed import World
+from esper.tolaria.distributed import PEER_LOST_EXIT, PeerLost, World, leave
 from esper.tolaria.drills import FaultPlan
 from esper.tolaria.observe.summary import write_summary
 from esper.tolaria.run_dir import Mode, RunDirClaim
@@ -39,7 +48,21 @@ def run_job(config: TolariaConfig, run_dir: Path, *, faults: FaultPlan | None = 
     """Build, train and write the run. `resume=True` continues RUN_DIR from its own checkpoints;
     a `ResumePoint` elsewhere starts RUN_DIR (absent or empty) from that checkpoint. Nothing is
     written into RUN_DIR before the trainer is built and restored (`run_dir.RunDirClaim`)."""
-    world = world or World()
+    world = (world or World()).with_timeout(config.distributed.timeout_s)
+    try:
+        return _run_job(config, run_dir, faults=faults, progress=progress, report=report, resume=resume,
+                        overwrite=overwrite, world=world)
+    except PeerLost as exc:
+        leave(f"tolaria: {exc}. This rank leaves with status {PEER_LOST_EXIT}; the job continues from rank 0's "
+              f"last committed checkpoint in {run_dir / 'checkpoints'}: by itself under torchrun --max-restarts, "
+              f"else with `tolaria resume {run_dir}`")
+
+
+def _run_job(config: TolariaConfig, run_dir: Path, *, faults: FaultPlan | None, progress: bool, report: bool,
+             resume: bool | ResumePoint, overwrite: bool, world: World) -> dict[str, Any]:
+    elastic = _elastic_attempt(config, run_dir, world) if resume is False else None
+    if elastic is not None:  # a restarted attempt of this job: continue it (its leftovers, else afresh)
+        resume, overwrite = elastic == "resume", elastic == "overwrite"
     point = ResumePoint(run_dir / "checkpoints") if resume is True else resume or None
     same = point is not None and _same_run(point, run_dir)
     if overwrite and same:
@@ -55,6 +78,7 @@ def run_job(config: TolariaConfig, run_dir: Path, *, faults: FaultPlan | None = 
         raise
     if claim is not None:
         claim.commit()  # the trainer writes config.json as fit() starts, and summary.json at its end
+        _mark_elastic_job(config, run_dir)
     result = trainer.fit()
     summary = result.summary
     summary["ranks_final_state_match"] = _ranks_agree(world, summary["final_state_sha256"])
@@ -66,6 +90,41 @@ def run_job(config: TolariaConfig, run_dir: Path, *, faults: FaultPlan | None = 
         run_dir.mkdir(parents=True, exist_ok=True)  # the leader claimed it; this rank may be on another host
         write_summary(summary, run_dir, name=f"summary.rank{world.rank}.json")
     return summary
+
+
+ELASTIC_MARK = "torchelastic.json"  # which torchrun job (and config) wrote RUN_DIR
+
+
+def _elastic_job() -> str | None:
+    """torchrun's id of this job, shared by all its restarts; None outside torchrun."""
+    return os.environ.get("TORCHELASTIC_RUN_ID")
+
+
+def _mark_elastic_job(config: TolariaConfig, run_dir: Path) -> None:
+    job = _elastic_job()
+    if job is not None:
+        mark = {"torchelastic_run_id": job, "config_sha256": config.sha256()}
+        atomic_write_bytes(run_dir / ELASTIC_MARK, json.dumps(mark).encode())
+
+
+def _elastic_attempt(config: TolariaConfig, run_dir: Path, world: World) -> str | None:
+    """Under `torchrun --max-restarts`, what a restarted attempt does with RUN_DIR: "resume" when an
+    earlier attempt of this job (same torchrun id, same config) left a committed checkpoint there,
+    "overwrite" when it left only its start; None on the first attempt or for another job's
+    directory. Rank 0 decides and every rank follows (one broadcast)."""
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) == 0:
+        return None
+    decided = None
+    if world.is_leader:
+        try:
+            mark = json.loads((run_dir / ELASTIC_MARK).read_text())
+        except (OSError, ValueError):
+            mark = {}
+        if mark == {"torchelastic_run_id": _elastic_job(), "config_sha256": config.sha256()}:
+            ok = (run_dir / "checkpoints").is_dir() and any(
+                c["status"] == "ok" for c in list_checkpoints(run_dir / "checkpoints"))
+            decided = "resume" if ok else "overwrite"
+    return world.broadcast_object(decided)  # type: ignore[no-any-return]
 
 
 def _same_run(point: ResumePoint, run_dir: Path) -> bool:
