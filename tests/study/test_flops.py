@@ -113,3 +113,17 @@ def test_a_grown_run_counts_more_per_step_after_the_seed_arrives() -> None:
     assert rates[0] == pytest.approx(analytic_step(64, [64, 8, 10]))
     assert max(rates) > rates[0]
     assert summary["flops"]["total"] == history[-1]["flops"]
+
+
+def test_counting_changes_nothing_about_the_run() -> None:
+    """Dropout draws from the run's RNG and a seed grows: the counts must not move the final state."""
+    hashes = []
+    for count in (True, False):
+        config = small_config(run={"epochs": 4}, model={"hidden": [8], "dropout": 0.2}, **FAST_GROWTH)
+        trainer = build_trainer(config, bus=MemoryBus())
+        if not count:
+            trainer.flops.observe = lambda: None
+        summary = trainer.fit().summary
+        assert summary["seeds"]
+        hashes.append(summary["final_state_sha256"])
+    assert hashes[0] == hashes[1]
