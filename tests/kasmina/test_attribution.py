@@ -130,3 +130,20 @@ def test_a_model_whose_output_cannot_be_split_is_attributed_one_case_per_pass() 
     fused = evaluate(layer.model, loader, task, seeds=layer)
     separate = evaluate(layer.model, loader, task, seeds=layer, fuse=False)
     assert fused.attribution[seed_id] == separate.attribution[seed_id]
+
+
+def test_the_first_seeded_slot_runs_its_seed_once_per_batch_and_a_switched_off_seed_not_at_all() -> None:
+    torch.manual_seed(0)
+    layer = make_layer()
+    first = drive_to(layer, SEED_STAGE_PROBATIONARY, slot="1")
+    second = drive_to(layer, SEED_STAGE_PROBATIONARY, slot="3")
+    rows: dict[str, list[int]] = {first: [], second: []}
+    for seed_id, seen in rows.items():
+        _seed_body(layer, seed_id).register_forward_pre_hook(lambda m, args, seen=seen: seen.append(args[0].shape[0]))
+    loader, task = _loader(), ClassificationTask()
+    evaluate(layer.model, loader, task, seeds=layer)
+    assert rows[first] == [16, 16, 16]  # before the cases differ: the batch's rows once
+    assert rows[second] == [48, 48, 48]  # after them: three cases (all on, first off, second off)
+    rows[first].clear()
+    evaluate(layer.model, loader, task, seeds=layer, fuse=False)
+    assert rows[first] == [16] * 6  # the plain pass and the pass with the second seed off; not its own

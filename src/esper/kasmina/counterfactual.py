@@ -4,8 +4,9 @@ A plan is a tuple `off`: case `c` of the forward runs with seed `off[c]` switche
 contribution multiplied by 0), `None` meaning every seed on. With one case nothing is
 replicated: the forward is simply the model with that seed off. With several, the first seeded
 slot that holds a switched-off seed repeats its activation `h` case-major along the batch
-dimension (case `c` is rows `c*B .. (c+1)*B`), so the host before that slot runs once and every
-layer after it sees `len(off) * B` rows; each seed's contribution is masked per case. The
+dimension (case `c` is rows `c*B .. (c+1)*B`), so the host before that slot (and the seeds of
+that slot up to the first switched-off one, included) runs once and every layer after it sees
+`len(off) * B` rows; each seed's contribution is masked per case. The
 caller splits the model's output back into the cases (see `esper.tolaria.loop.evaluate`).
 
 Why one fused pass: attribution at every boundary must cost at most about one extra
@@ -44,11 +45,12 @@ class CounterfactualPlan:
     def switches_off(self, seed_ids: Sequence[str]) -> bool:
         return any(s in self.off for s in seed_ids)
 
-    def spread(self, slot: str, h: torch.Tensor) -> torch.Tensor:
-        """`h` with one copy per case (case-major); unchanged if one case or already replicated."""
+    def spread(self, slot: str, h: torch.Tensor, *, again: bool = False) -> torch.Tensor:
+        """`h` with one copy per case (case-major); unchanged if one case or already replicated.
+        `again`: a second tensor of the slot that is replicating now (the seed's output beside `h`)."""
         if self.cases == 1:
             return h
-        if self.rows is None:
+        if self.rows is None or (again and h.shape[0] == self.rows):
             self.rows = int(h.shape[0])
             return h.repeat((self.cases,) + (1,) * (h.dim() - 1))
         if h.shape[0] != self.cases * self.rows:

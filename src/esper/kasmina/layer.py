@@ -386,11 +386,21 @@ class KasminaLayer:
     @staticmethod
     def _counterfactual_blend(plan: CounterfactualPlan, slot: str, chain: list[tuple[str, SeedModule, bool]],
                               h: torch.Tensor) -> torch.Tensor:
-        """The slot's blend with the plan's seeds switched off per case (see counterfactual.py)."""
-        if plan.switches_off([seed_id for seed_id, _, _ in chain]):
-            h = plan.spread(slot, h)
+        """The slot's blend with the plan's seeds switched off per case (see counterfactual.py).
+
+        Until a switched-off seed is met, every case sees the same `h`: seeds run on the batch's
+        rows once, and the first switched-off seed's output is replicated with `h` (the cases
+        differ only after it). A seed switched off in a one-case plan is not run at all."""
         for seed_id, seed, blend in chain:
-            h = h + plan.gate(seed_id, seed.alpha * seed(h) if blend else seed(h))
+            off = seed_id in plan.off
+            if off and plan.cases == 1:
+                continue
+            delta = seed.alpha * seed(h) if blend else seed(h)
+            if off and plan.rows is None:
+                h, delta = plan.spread(slot, h), plan.spread(slot, delta, again=True)
+            elif off:
+                h = plan.spread(slot, h)
+            h = h + plan.gate(seed_id, delta)
         return h
 
     # ------------------------------------------------------------------ counterfactuals and attribution
