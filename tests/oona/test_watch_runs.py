@@ -116,7 +116,7 @@ def test_a_wrong_secret_gives_one_hint_not_a_line_per_entry(redis_url: str, leve
     assert shown == 1
     assert len(lines) == 2
     assert "✗ bad signature: check ESPER_LEYLINE_SECRET matches the run's" in lines[0]
-    assert lines[1] == "3 entries had bad signatures and were not shown; check ESPER_LEYLINE_SECRET"
+    assert lines[1] == "3 entries had bad signatures (only the first is shown); check ESPER_LEYLINE_SECRET"
 
 
 def test_an_unknown_level_is_one_line_naming_the_choices(redis_url: str) -> None:

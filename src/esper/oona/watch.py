@@ -246,7 +246,7 @@ class _Printer:
 
     def close(self) -> None:
         if self.bad_signatures > 1:
-            self.console.print(f"[red]{self.bad_signatures} entries had bad signatures and were not shown; "
+            self.console.print(f"[red]{self.bad_signatures} entries had bad signatures (only the first is shown); "
                                f"check {SECRET_ENV}[/red]")
 
 

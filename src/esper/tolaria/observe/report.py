@@ -170,7 +170,7 @@ class RunView:
     conservative_epochs: list[int]
     seed_events: list[SeedEvent] = field(default_factory=list)
     resumes: list[ResumePoint] = field(default_factory=list)  # filled from the run directory
-    step_losses: tuple[list[int], list[float]] = ([], [])
+    step_losses: tuple[list[int], list[float]] = field(default_factory=lambda: ([], []))
 
     @classmethod
     def of(cls, summary: dict[str, Any], run_dir: Path | None = None) -> RunView:
