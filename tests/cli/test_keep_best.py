@@ -57,6 +57,16 @@ def test_the_best_checkpoint_is_kept_through_retention_and_inspect_names_it(
     assert f"best 1: loss {best[0]['best']['value']:.4f}" in table
 
 
+def test_the_run_ends_by_naming_its_best_checkpoint(kept: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from esper.tolaria.cli import _print_result
+
+    _print_result(summary(kept), kept)
+    best = summary(kept)["safety"]["best_checkpoints"][0]
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line == (f"best checkpoint: {best['name']} (loss {best['best']['value']:.4f} at epoch "
+                    f"{best_epoch(kept)}); continue from it: tolaria resume {kept} --from best")
+
+
 def test_resume_from_best_continues_exactly_as_resume_from_its_name(kept: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     shutil.copytree(kept, run)

@@ -314,6 +314,10 @@ def _print_result(summary: dict[str, Any], run_dir: Path) -> None:
     report = run_dir / "report" / "index.html"
     if report.is_file():
         print(f"report: {report}")
+    kept = summary.get("safety", {}).get("best_checkpoints") or []  # checkpoint.keep_best, best first
+    if kept and (best := kept[0].get("best")):
+        print(f"best checkpoint: {kept[0]['name']} ({best['metric']} {best['value']:.4f} at epoch {best['epoch']}); "
+              f"continue from it: tolaria resume {run_dir} --from best")
     stopped = summary.get("stopped") or ""
     if stopped in ("SIGINT", "SIGTERM"):  # a signal is a pause; a halt or early stopping is the run's end
         print(f"interrupted ({stopped}) after {summary['epochs_completed']} epochs; continue with: "
