@@ -108,7 +108,7 @@ def test_a_resumed_runs_report_covers_every_epoch_from_0_and_says_where_it_resum
     assert [h["epoch"] for h in summary["history"]] == [0, 1, 2, 3, 4]
     resumes = page.text("Resumes")
     assert "resumed 1×" in resumes and "epochs 0 to 4" in resumes
-    assert page.rows("Resumes")[1][:2] == ["1", "2"], "segment 1 resumed at epoch 2"
+    assert page.rows("Resumes")[1][:2] == ["1", "2"], "the first resume, at epoch 2"
     assert page.header()["resumed"].startswith("yes, 1× (at epoch 2 (step ")
     assert page.header()["training time"].endswith("over 5 epochs")
 

@@ -623,16 +623,16 @@ def _seed_event_sections(run: RunView) -> str:
 
 
 def _resume_section(run: RunView) -> str:
-    first = run.series("epoch")[0]
-    covered = (f"The history covers epochs {first[0]:g} to {first[-1]:g}, every segment of the run."
-               if first else "No epochs recorded.")
+    epochs = run.series("epoch")[0]
+    covered = (f"The page covers epochs {epochs[0]:g} to {epochs[-1]:g}, every segment of the run."
+               if epochs else "No epochs recorded.")
     if not run.resumes:
         return f'<h2 id="resumes">Resumes</h2><p>Not resumed: one process ran the whole run. {covered}</p>'
-    rows = [{"segment": i + 1, "resumed at epoch": p.epoch, "from step": p.step, "checkpoint": p.checkpoint}
+    rows = [{"resume": i + 1, "resumed at epoch": p.epoch, "from step": p.step, "checkpoint": p.checkpoint}
             for i, p in enumerate(run.resumes)]
-    return (f'<h2 id="resumes">Resumes</h2><p>This run was resumed {len(run.resumes)}× ({covered}) Each resume '
+    return (f'<h2 id="resumes">Resumes</h2><p>This run was resumed {len(run.resumes)}×. {covered} Each resume '
             "is a dotted blue line on the plots.</p>"
-            + html_table(rows, ["segment", "resumed at epoch", "from step", "checkpoint"], ""))
+            + html_table(rows, ["resume", "resumed at epoch", "from step", "checkpoint"], ""))
 
 
 def _config_section(config: Mapping[str, Any]) -> str:
