@@ -7,10 +7,13 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from esper import __version__
 from esper.oona.errors import SecretMissing
+
+if TYPE_CHECKING:
+    from esper.tolaria.drills import FaultPlan
 
 INSPECT_FORMAT = "tolaria.inspect/1"
 
@@ -229,7 +232,7 @@ def _check_folder(path: Path, flag: str) -> None:
             return
 
 
-def _unreachable_drills(faults: Any, epochs: int) -> list[str]:
+def _unreachable_drills(faults: FaultPlan, epochs: int) -> list[str]:
     """A sentence for each drill scheduled at or after `epochs` (epochs count from 0): it never fires."""
     return [f"drill {d.kind}@epoch={d.epoch} never fires: the run's last epoch is {epochs - 1} (epochs count from 0; "
             f"this run trains {epochs}); schedule it at an epoch below {epochs} or raise --epochs"
