@@ -51,7 +51,8 @@ class _WreckAt:
     def on_boundary_begin(self, trainer: Any, epoch: int) -> None:
         if epoch == self.epoch and not self.fired:
             self.fired = True
-            last = [m for m in trainer.model.modules() if isinstance(m, torch.nn.Linear)][-1]
+            last = [m for n, m in trainer.model.named_modules()
+                    if isinstance(m, torch.nn.Linear) and not n.startswith("kasmina_seeds")][-1]  # the host's head
             with torch.no_grad():
                 last.weight.zero_()
                 last.bias.zero_()
@@ -66,3 +67,42 @@ def test_a_collapse_in_a_run_is_rolled_back_to_the_state_before_it(tmp_path: Pat
     assert len(rollbacks) == 1 and "loss_collapse" in rollbacks[0]["reason"]
     assert result.epochs_completed == 5
     assert result.final_val_loss < 0.5 * CHANCE  # training went on from the healthy state
+
+
+class _Recording:
+    """Tamiyo, keeping every packet it is shown (its state is the inner controller's)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.packets = inner, []
+
+    def evaluate_epoch(self, packet: Any) -> Any:
+        self.packets.append(packet)
+        return self.inner.evaluate_epoch(packet)
+
+    def state_dict(self) -> Any:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: Any) -> None:
+        self.inner.load_state_dict(state)
+
+
+def test_a_mutation_undone_by_a_collapse_rollback_is_reported_to_tamiyo_in_the_next_packet(tmp_path: Path) -> None:
+    from trainer_fixtures import FAST_GROWTH  # type: ignore[import-not-found]
+
+    from esper.leyline import SEED_OP_START_TRAINING
+    from esper.tamiyo import HeuristicTamiyo, TamiyoConfig
+
+    config = small_config(run={"epochs": 5}, emergency={"accuracy_drop": 1.0}, model={"hidden": [32]},
+                          optimizer={"lr": 0.05}, checkpoint={"enabled": True})
+    tamiyo = _Recording(HeuristicTamiyo(TamiyoConfig(**{**FAST_GROWTH["tamiyo"], "cooldown_epochs": 2})))
+    trainer = build_trainer(config, bus=MemoryBus(), callbacks=(_WreckAt(2),), run_dir=tmp_path, tamiyo=tamiyo)
+    result = trainer.fit()
+    assert [r["reason"].split(":")[0] for r in result.summary["rollbacks"]] == ["major loss_collapse"]
+    # Boundary 1 germinated seed1; boundary 2 validated the wrecked model and started seed1's training,
+    # then its monitors saw the collapse and went back to boundary 1's snapshot, undoing that command.
+    reported = [p for p in tamiyo.packets if p.rolled_back_commands]
+    assert [p.current_epoch for p in reported] == [2]  # the boundary the rollback returned to, asked again
+    (undone,) = reported[0].rolled_back_commands
+    assert (undone.operation, undone.target_seed_id, undone.applied_epoch) == (SEED_OP_START_TRAINING, "seed1", 2)
+    assert "loss_collapse" in undone.reason
+    assert result.summary["seeds"]["seed1"]["stage"] == "CULLED"  # Tamiyo learnt: the seed it was walking into the collapse is culled

@@ -56,6 +56,7 @@ CONTRACT: dict[str, dict[str, tuple[int, str]]] = {
         "training_run_id": (13, "string"),
         "experiment_name": (14, "string"),
         "conservative_mode": (50, "bool"),
+        "rolled_back_commands": (51, "msg"),  # Tolaria extension
     },
     "CommandSeedOperation": {"operation": (1, "enum"), "blueprint_id": (2, "string"), "parameters": (3, "msg")},
     "CommandOptimizerAdjustment": {"optimizer_id": (1, "string"), "hyperparameters": (2, "msg")},

@@ -101,3 +101,28 @@ def test_a_slot_whose_seed_was_culled_is_chosen_after_the_others() -> None:
     restored = HeuristicTamiyo(CONFIG)
     restored.load_state_dict(tamiyo.state_dict())  # the slot's record survives a snapshot
     assert restored.state_dict()["slot_culls"] == {0: 1}
+
+
+def _rolled_back(packet: SystemStatePacket, op: int, target: str) -> SystemStatePacket:
+    packet.rolled_back_commands.add(command_id="c1", target_seed_id=target, operation=op, applied_epoch=1,  # type: ignore[arg-type]
+                                    reason="MAJOR loss_collapse: validation loss back near chance")
+    return packet
+
+
+def test_a_rolled_back_germination_counts_against_its_slot_and_restarts_the_cooldown() -> None:
+    tamiyo = HeuristicTamiyo(CONFIG.model_copy(update={"cooldown_epochs": 2}))
+    slots = [_free("a", 0), _free("b", 1)]
+    tamiyo.evaluate_epoch(_packet(0, slots))
+    answer = tamiyo.evaluate_epoch(_rolled_back(_packet(1, slots), SEED_OP_GERMINATE, "a"))
+    assert is_noop(answer) and "cooling down" in answer.annotations["reason"]
+    assert tamiyo.state_dict()["slot_culls"] == {0: 1}
+    command = tamiyo.evaluate_epoch(_packet(3, slots))
+    assert _op(command) == (SEED_OP_GERMINATE, "b")  # not the slot whose seed collapsed the model
+
+
+def test_a_seed_whose_lifecycle_command_was_rolled_back_is_culled() -> None:
+    tamiyo = HeuristicTamiyo(CONFIG)
+    training = _seed(SEED_STAGE_SHADOWING, epochs_in_stage=0)
+    command = tamiyo.evaluate_epoch(_rolled_back(_packet(0, [training]), SEED_OP_FOSSILIZE, "seed1"))
+    assert _op(command) == (SEED_OP_CULL, "seed1") and "rollback undid" in command.annotations["reason"]
+    assert tamiyo.state_dict()["doomed"] == []

@@ -249,7 +249,7 @@ class SeedState(_message.Message):
     def __init__(self, seed_id: _Optional[str] = ..., stage: _Optional[_Union[SeedLifecycleStage, str]] = ..., gradient_norm: _Optional[float] = ..., learning_rate: _Optional[float] = ..., layer_depth: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., age_epochs: _Optional[int] = ..., risk_score: _Optional[float] = ...) -> None: ...
 
 class SystemStatePacket(_message.Message):
-    __slots__ = ("version", "current_epoch", "validation_accuracy", "validation_loss", "timestamp_ns", "hardware_context", "training_metrics", "seed_states", "packet_id", "global_step", "training_loss", "source_subsystem", "training_run_id", "experiment_name", "conservative_mode")
+    __slots__ = ("version", "current_epoch", "validation_accuracy", "validation_loss", "timestamp_ns", "hardware_context", "training_metrics", "seed_states", "packet_id", "global_step", "training_loss", "source_subsystem", "training_run_id", "experiment_name", "conservative_mode", "rolled_back_commands")
     class TrainingMetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -272,6 +272,7 @@ class SystemStatePacket(_message.Message):
     TRAINING_RUN_ID_FIELD_NUMBER: _ClassVar[int]
     EXPERIMENT_NAME_FIELD_NUMBER: _ClassVar[int]
     CONSERVATIVE_MODE_FIELD_NUMBER: _ClassVar[int]
+    ROLLED_BACK_COMMANDS_FIELD_NUMBER: _ClassVar[int]
     version: int
     current_epoch: int
     validation_accuracy: float
@@ -287,7 +288,24 @@ class SystemStatePacket(_message.Message):
     training_run_id: str
     experiment_name: str
     conservative_mode: bool
-    def __init__(self, version: _Optional[int] = ..., current_epoch: _Optional[int] = ..., validation_accuracy: _Optional[float] = ..., validation_loss: _Optional[float] = ..., timestamp_ns: _Optional[int] = ..., hardware_context: _Optional[_Union[HardwareContext, _Mapping]] = ..., training_metrics: _Optional[_Mapping[str, float]] = ..., seed_states: _Optional[_Iterable[_Union[SeedState, _Mapping]]] = ..., packet_id: _Optional[str] = ..., global_step: _Optional[int] = ..., training_loss: _Optional[float] = ..., source_subsystem: _Optional[str] = ..., training_run_id: _Optional[str] = ..., experiment_name: _Optional[str] = ..., conservative_mode: _Optional[bool] = ...) -> None: ...
+    rolled_back_commands: _containers.RepeatedCompositeFieldContainer[RolledBackCommand]
+    def __init__(self, version: _Optional[int] = ..., current_epoch: _Optional[int] = ..., validation_accuracy: _Optional[float] = ..., validation_loss: _Optional[float] = ..., timestamp_ns: _Optional[int] = ..., hardware_context: _Optional[_Union[HardwareContext, _Mapping]] = ..., training_metrics: _Optional[_Mapping[str, float]] = ..., seed_states: _Optional[_Iterable[_Union[SeedState, _Mapping]]] = ..., packet_id: _Optional[str] = ..., global_step: _Optional[int] = ..., training_loss: _Optional[float] = ..., source_subsystem: _Optional[str] = ..., training_run_id: _Optional[str] = ..., experiment_name: _Optional[str] = ..., conservative_mode: _Optional[bool] = ..., rolled_back_commands: _Optional[_Iterable[_Union[RolledBackCommand, _Mapping]]] = ...) -> None: ...
+
+class RolledBackCommand(_message.Message):
+    __slots__ = ("command_id", "target_seed_id", "operation", "blueprint_id", "applied_epoch", "reason")
+    COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
+    TARGET_SEED_ID_FIELD_NUMBER: _ClassVar[int]
+    OPERATION_FIELD_NUMBER: _ClassVar[int]
+    BLUEPRINT_ID_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    command_id: str
+    target_seed_id: str
+    operation: SeedOperation
+    blueprint_id: str
+    applied_epoch: int
+    reason: str
+    def __init__(self, command_id: _Optional[str] = ..., target_seed_id: _Optional[str] = ..., operation: _Optional[_Union[SeedOperation, str]] = ..., blueprint_id: _Optional[str] = ..., applied_epoch: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class CommandSeedOperation(_message.Message):
     __slots__ = ("operation", "blueprint_id", "parameters")

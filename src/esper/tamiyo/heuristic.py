@@ -3,6 +3,10 @@
 Each epoch it reads a SystemStatePacket and answers exactly one AdaptationCommand. Rules, in
 priority order (the first that fires wins; seeds are considered oldest first, ties by seed id):
 
+0. Learn from rollbacks first: a packet's `rolled_back_commands` are mutations Tolaria undid (a
+   collapse after them, say). A rolled-back GERMINATE counts as a cull in its slot and restarts
+   the cooldown; a seed whose lifecycle command was rolled back is culled at the next chance
+   (before rule 1), rather than walked into the same failure again.
 1. Cull harm: a seed in BLENDING, SHADOWING or PROBATIONARY whose `val_loss_delta` metric
    (relative val-loss change since blending began) exceeds `cull_tolerance` is culled; so is a
    seed at full strength (SHADOWING, PROBATIONARY) whose counterfactual attribution says the
@@ -161,6 +165,7 @@ class HeuristicTamiyo:
         self._last_germination_epoch: int | None = None
         self._phase_start_loss: float | None = None  # val loss when the current growth phase began
         self._slot_culls: dict[int, int] = {}  # slot index -> seeds culled there
+        self._doomed: set[str] = set()  # seeds whose lifecycle command a rollback undid
 
     @property
     def config(self) -> TamiyoConfig:
@@ -169,6 +174,7 @@ class HeuristicTamiyo:
     def evaluate_epoch(self, packet: SystemStatePacket) -> AdaptationCommand:
         """One command for this epoch's packet (records the packet's val loss in the history)."""
         self._record(packet.validation_loss)
+        self._learn(packet)
         seeds = sorted((s for s in packet.seed_states if s.stage in _LIVE), key=lambda s: (-s.age_epochs, s.seed_id))
         command = self._cull(seeds, packet.validation_loss) or self._advance(seeds, packet.validation_loss)
         if command is not None:
@@ -185,7 +191,23 @@ class HeuristicTamiyo:
         # Only the last window (+1 reference epoch) is ever read.
         del self._val_losses[: -(self._config.plateau_window + 1)]
 
+    def _learn(self, packet: SystemStatePacket) -> None:
+        """Rule 0: what the packet's rolled-back commands teach."""
+        depth = {s.seed_id: s.layer_depth for s in packet.seed_states if s.stage == SEED_STAGE_DORMANT}
+        for undone in packet.rolled_back_commands:
+            if undone.operation == SEED_OP_GERMINATE:
+                slot = depth.get(undone.target_seed_id)
+                if slot is not None:
+                    self._slot_culls[slot] = self._slot_culls.get(slot, 0) + 1
+                self._last_germination_epoch = packet.current_epoch
+            else:
+                self._doomed.add(undone.target_seed_id)
+
     def _cull(self, seeds: Sequence[SeedState], val_loss: float) -> AdaptationCommand | None:
+        for seed in seeds:
+            if seed.seed_id in self._doomed:
+                self._doomed.discard(seed.seed_id)
+                return self._seed_op(SEED_OP_CULL, seed.seed_id, "cull: a rollback undid its last lifecycle command")
         for seed in seeds:
             reason = self._cull_reason(seed, val_loss)
             if reason is not None:
@@ -242,7 +264,8 @@ class HeuristicTamiyo:
         if packet.conservative_mode:
             return "conservative mode blocks germination"
         if len(seeds) >= cfg.max_live_seeds:
-            return f"live seeds: {len(seeds)} live seed(s) (max_live_seeds {cfg.max_live_seeds}) waiting for their next gate"
+            return (f"live seeds: {len(seeds)} live seed(s) (max_live_seeds {cfg.max_live_seeds}) "
+                    "waiting for their next gate")
         if not any(s.stage == SEED_STAGE_DORMANT for s in packet.seed_states):
             return "no free slot (no DORMANT seed state in the packet)"
         if not self._fitting_slots(packet):
@@ -303,6 +326,7 @@ class HeuristicTamiyo:
         return {
             "val_losses": list(self._val_losses), "last_germination_epoch": self._last_germination_epoch,
             "phase_start_loss": self._phase_start_loss, "slot_culls": dict(self._slot_culls),
+            "doomed": sorted(self._doomed),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -314,3 +338,4 @@ class HeuristicTamiyo:
         start = state.get("phase_start_loss", self._val_losses[0] if self._val_losses else None)
         self._phase_start_loss = None if start is None else float(start)
         self._slot_culls = {int(k): int(v) for k, v in state.get("slot_culls", {}).items()}
+        self._doomed = set(state.get("doomed", []))

@@ -12,6 +12,8 @@ leaves the model unchanged, and the structure is compared before and after to sa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from torch import nn
@@ -25,16 +27,25 @@ from esper.leyline import (
     TELEMETRY_LEVEL_INFO,
     TELEMETRY_LEVEL_WARNING,
     AdaptationCommand,
+    RolledBackCommand,
 )
 from esper.tolaria.checkpoint.journal import CommandJournal
 from esper.tolaria.config import GrowthConfig
 from esper.tolaria.control.breakers import CircuitBreaker
 from esper.tolaria.control.optimizer import DynamicOptimizerManager
-from esper.tolaria.observe.runlog import ApplyFailure, RunLog
+from esper.tolaria.observe.runlog import ApplyFailure, RollbackEntry, RunLog
 from esper.tolaria.state.position import TrainerState
 
 # Parameter, gradient and two optimizer moments: what training holds per parameter (Adam's count).
 _COPIES_PER_PARAM = 4
+
+
+@dataclass(frozen=True)
+class Applied:
+    """A seed command that changed the model, and the boundary (epoch) that applied it."""
+
+    epoch: int
+    command: AdaptationCommand
 
 
 @runtime_checkable
@@ -52,6 +63,9 @@ class CommandApplier:
         self.journal, self.log, self.events, self.position = journal, log, events, position
         self.growth = growth or GrowthConfig()
         self.attribution: dict[str, dict[str, float]] = {}  # the last validation's (Validation.attribution)
+        # Kept outside every snapshot, so a rollback cannot erase what it undid.
+        self.applied: list[Applied] = []
+        self._rollbacks_seen = 0
 
     def apply(self, command: AdaptationCommand, epoch: int, *, journal: bool = True) -> tuple[bool, str]:
         """Apply `command`; returns (applied, reason). The command is journaled in the WAL first
@@ -82,7 +96,26 @@ class CommandApplier:
                         removed=len(result.removed_params), frozen=len(result.frozen_params))
         self.events("command_applied", TELEMETRY_LEVEL_INFO, command_id=command.command_id,
                     seed_id=result.seed_id, reason=result.reason)
+        if command.command_type == COMMAND_SEED:
+            self.applied.append(Applied(epoch, command))
         return True, result.reason
+
+    def rolled_back_since(self, rollbacks: Sequence[RollbackEntry]) -> list[RolledBackCommand]:
+        """The applied commands the rollbacks recorded since the last call undid: those a boundary
+        applied at or after the epoch the restored state starts at (the snapshot of boundary N
+        starts epoch N + 1 and holds what boundary N applied), up to the incident's epoch."""
+        undone: list[RolledBackCommand] = []
+        for rollback in rollbacks[self._rollbacks_seen:]:
+            if not rollback.succeeded:
+                continue
+            gone = [a for a in self.applied if rollback.target_epoch <= a.epoch <= rollback.epoch]
+            self.applied = [a for a in self.applied if a not in gone]
+            undone += [RolledBackCommand(
+                command_id=a.command.command_id, target_seed_id=a.command.target_seed_id,
+                operation=a.command.seed_operation.operation, blueprint_id=a.command.seed_operation.blueprint_id,
+                applied_epoch=a.epoch, reason=rollback.reason) for a in gone]
+        self._rollbacks_seen = len(rollbacks)
+        return undone
 
     def veto(self, command: AdaptationCommand) -> str | None:
         """Why `command` must not be applied (see the module docstring), or None. Changes nothing."""

@@ -138,12 +138,14 @@ class EpochBoundary:
         conservative = self.conservative.active
         if conservative:  # reduced per-seed detail while conservative
             seeds = [s for s in seeds if s.stage != SEED_STAGE_FOSSILIZED]
-        return system_state_packet(
+        packet = system_state_packet(
             epoch=epoch, global_step=self.position.global_step, training_loss=train_loss,
             validation_loss=validation.loss, validation_accuracy=validation.score, seed_states=seeds,
             training_metrics=metrics, hardware=self.hardware, run_id=self.identity.run_id,
             experiment_name=self.identity.name, conservative_mode=conservative,
         )
+        packet.rolled_back_commands.extend(self.applier.rolled_back_since(self.log.rollbacks))  # for Tamiyo to learn
+        return packet
 
     def apply(self, outcome: HandshakeOutcome, report: BoundaryReport) -> None:
         step = self.position.global_step
