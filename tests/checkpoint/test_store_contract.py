@@ -1,0 +1,150 @@
+"""The checkpoint store's contract beyond the commit order: what a failed write reports, what the
+journal records carry, what the manifest says, and how the writer thread ends."""
+
+from __future__ import annotations
+
+import errno
+import threading
+from pathlib import Path
+
+import pytest
+from ckpt_helpers import make_snapshot
+
+import esper.tolaria.checkpoint.store as store_module
+from esper.leyline import CheckpointManifest, noop_command
+from esper.tolaria.checkpoint import CheckpointStore, CheckpointWriteError, RecordType
+from esper.tolaria.checkpoint.wal import WriteAheadLog, replay
+
+
+def _full_disk(name: str) -> None:
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_failed_write_names_its_checkpoint_and_keeps_its_cause(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, fsync=False, fault=_full_disk)
+    with pytest.raises(CheckpointWriteError) as info:
+        store.save(make_snapshot(10))
+    store.close()
+    error = info.value
+    assert error.checkpoint == "ckpt-000000000010" and error.errno == errno.ENOSPC
+    assert isinstance(error.cause, OSError) and error.cause.errno == errno.ENOSPC and error.__cause__ is error.cause
+    abort = [r for r in replay(tmp_path).records if r.type == RecordType.ABORT]
+    assert [(r.txn_id, r.payload) for r in abort] == [(1, b"ckpt-000000000010")]
+
+
+def test_another_io_error_says_to_check_the_disk(tmp_path: Path) -> None:
+    def broken(name: str) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    store = CheckpointStore(tmp_path, fsync=False, fault=broken)
+    with pytest.raises(CheckpointWriteError, match="previous checkpoints are intact; check the disk"):
+        store.save(make_snapshot(10))
+    store.close()
+
+
+def test_an_abort_that_cannot_be_logged_is_reported_and_the_write_error_still_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = CheckpointStore(tmp_path, fsync=False, fault=_full_disk)
+    real_append = WriteAheadLog.append
+
+    def append(wal: WriteAheadLog, rtype: RecordType, *args: object) -> object:
+        if rtype == RecordType.ABORT:
+            raise OSError(errno.EIO, "the log device went away")
+        return real_append(wal, rtype, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(WriteAheadLog, "append", append)
+    with pytest.raises(CheckpointWriteError, match="No space left"):
+        store.save(make_snapshot(10))
+    assert list(store.events) == ["ckpt-000000000010: WAL ABORT(txn 1) not written: [Errno 5] the log device went away"]
+    store.close()
+
+
+def test_a_cleanup_that_fails_after_a_failed_write_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = CheckpointStore(tmp_path, fsync=False, fault=_full_disk)
+
+    def remove_path(path: Path) -> None:
+        raise OSError(errno.EBUSY, "Device or resource busy")
+
+    monkeypatch.setattr(store_module, "remove_path", remove_path)
+    with pytest.raises(CheckpointWriteError):
+        store.save(make_snapshot(10))
+    monkeypatch.undo()
+    assert list(store.events) == [
+        ".ckpt-000000000010.1.tmp: cleanup after failed write failed: [Errno 16] Device or resource busy; "
+        "recovery will clean it",
+        "ckpt-000000000010: cleanup after failed write failed: [Errno 16] Device or resource busy; "
+        "recovery will clean it",
+    ]
+    store.close()
+
+
+def test_the_manifest_names_the_checkpoint_the_run_and_its_config(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, fsync=False, run_id="run-7", config_sha256="c0ffee", world_size=4)
+    info = store.save(make_snapshot(20, epoch=2))
+    store.close()
+    manifest = CheckpointManifest.FromString((info.path / "manifest.pb").read_bytes())
+    assert (manifest.checkpoint_id, manifest.txn_id, manifest.epoch, manifest.global_step) == (info.name, 1, 2, 20)
+    assert (manifest.run_id, manifest.config_sha256, manifest.world_size) == ("run-7", "c0ffee", 4)
+    assert manifest.HasField("created_at") and manifest.created_at.seconds > 0
+
+
+def test_journal_records_belong_to_the_latest_transaction(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, fsync=False)
+    store.journal_command(noop_command(issued_by="t", reason="before any checkpoint"), epoch=0, step=0)
+    store.save(make_snapshot(10))
+    store.save(make_snapshot(20))
+    store.journal_command(noop_command(issued_by="t", reason="after two"), epoch=2, step=21)
+    store.journal_rewind(epoch=1, step=10, reason="fast rollback to snap-10")
+    store.close()
+    journal = [(r.type, r.txn_id, r.epoch, r.step) for r in replay(tmp_path).records
+               if r.type in (RecordType.COMMAND, RecordType.REWIND)]
+    assert journal == [(RecordType.COMMAND, 0, 0, 0), (RecordType.COMMAND, 2, 2, 21), (RecordType.REWIND, 2, 1, 10)]
+    rewind = [r for r in replay(tmp_path).records if r.type == RecordType.REWIND]
+    assert rewind[0].payload == b"fast rollback to snap-10"
+
+
+def test_a_rewind_reason_is_kept_to_its_first_4096_bytes(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, fsync=False)
+    store.journal_rewind(epoch=0, step=0, reason="r" * 5000)
+    store.close()
+    (rewind,) = [r for r in replay(tmp_path).records if r.type == RecordType.REWIND]
+    assert rewind.payload == b"r" * 4096
+
+
+def test_an_empty_store_has_no_latest_checkpoint(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, fsync=False)
+    assert store.latest() is None and store.committed() == []
+    store.close()
+
+
+def test_close_reports_whether_the_queued_writes_finished(tmp_path: Path) -> None:
+    release = threading.Event()
+    store = CheckpointStore(tmp_path, fsync=False, fault=lambda name: release.wait(10) and None)
+    store.save_async(make_snapshot(10))
+    assert store.close(timeout=0.05) is False  # the write is still blocked
+    release.set()
+    idle = CheckpointStore(tmp_path / "idle", fsync=False)
+    assert idle.close(timeout=5) is True
+
+
+def test_the_writer_is_one_named_daemon_thread_so_an_unclosed_store_never_blocks_exit(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, fsync=False)
+    store.save_async(make_snapshot(10)).result(10)
+    writers = [t for t in threading.enumerate() if t.name == "tolaria-checkpoint-writer"]
+    assert len(writers) >= 1 and all(t.daemon for t in writers)
+    store.close()
+
+
+def test_a_bug_in_an_async_write_reaches_its_future_and_the_writer_carries_on(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, fsync=False)
+    broken = make_snapshot(10)
+
+    def not_ready() -> None:
+        raise RuntimeError("a copy engine bug")
+
+    broken.wait_ready = not_ready  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="a copy engine bug"):
+        store.save_async(broken).result(10)
+    assert store.save_async(make_snapshot(20)).result(10).step == 20
+    store.close()
