@@ -80,3 +80,18 @@ def test_a_run_under_a_tight_parameter_budget_never_grows_and_says_why() -> None
     vetoes = [f["error"] for f in result.summary["apply_failures"]]
     assert vetoes and all(v.startswith("vetoed: GERMINATE") for v in vetoes)
     assert "command_vetoed" in bus.events()
+
+
+def test_the_packet_tells_tamiyo_the_training_flops_spent() -> None:
+    from esper.tamiyo import HeuristicTamiyo
+
+    seen: list[float] = []
+    inner = HeuristicTamiyo()
+
+    class Recording:
+        def evaluate_epoch(self, packet: Any) -> Any:
+            seen.append(packet.training_metrics["flops_total"])
+            return inner.evaluate_epoch(packet)
+
+    build_trainer(small_config(run={"epochs": 3}), bus=MemoryBus(), tamiyo=Recording()).fit()
+    assert seen[0] == 0.0 and 0 < seen[1] < seen[2]  # up to the previous boundary, growing

@@ -126,3 +126,16 @@ def test_a_seed_whose_lifecycle_command_was_rolled_back_is_culled() -> None:
     command = tamiyo.evaluate_epoch(_rolled_back(_packet(0, [training]), SEED_OP_FOSSILIZE, "seed1"))
     assert _op(command) == (SEED_OP_CULL, "seed1") and "rollback undid" in command.annotations["reason"]
     assert tamiyo.state_dict()["doomed"] == []
+
+
+def test_no_germination_once_the_training_flop_budget_is_spent() -> None:
+    tamiyo = HeuristicTamiyo(CONFIG.model_copy(update={"max_flops": 1e9}))
+    slots = [_free("a", 0)]
+    command = None
+    for epoch in range(3):
+        packet = _packet(epoch, slots)
+        packet.training_metrics["flops_total"] = 2e9
+        command = tamiyo.evaluate_epoch(packet)
+    assert command is not None and is_noop(command)
+    assert command.annotations["reason"].startswith("noop: over FLOP budget: 2e+09 training FLOPs spent")
+    assert _op(_germinate(HeuristicTamiyo(CONFIG.model_copy(update={"max_flops": 1e9})), slots))[0] == SEED_OP_GERMINATE

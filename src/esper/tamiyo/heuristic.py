@@ -26,7 +26,8 @@ priority order (the first that fires wins; seeds are considered oldest first, ti
    `cooldown_epochs` have passed since the last germination, the packet is not in conservative
    mode, and a slot is free (a DORMANT SeedState, whose seed_id is the slot name) whose seed fits
    the parameter budget (`max_params`: the packet's `param_count` plus the slot's
-   `germination_params`): GERMINATE the fitting free slot where the fewest seeds were culled
+   `germination_params`) while the training FLOPs spent (`flops_total`) are under `max_flops`:
+   GERMINATE the fitting free slot where the fewest seeds were culled
    (a culled seed is the attribution's verdict on its slot), then the lowest layer_depth, with
    `default_blueprint` (empty: Kasmina picks by the slot's activation shape). Plateaued means
    either, with `gain` = the loss of the epoch before
@@ -38,7 +39,8 @@ priority order (the first that fires wins; seeds are considered oldest first, ti
      keeps improving a few percent relative to its own size for hundreds of epochs, so the first
      test alone never fires on it, while the second is blind to the loss's scale.
 4. Otherwise a no-op command whose reason starts with the condition that blocked germination
-   (conservative mode, live seeds, no free slot, over budget, cooling down, no plateau) and gives
+   (conservative mode, live seeds, no free slot, over FLOP budget, over budget, cooling down, no
+   plateau) and gives
    the numbers.
 
 Conservative mode only blocks germination; culling and advancing still happen, since they
@@ -133,6 +135,10 @@ class TamiyoConfig(BaseModel):
 
     max_params: int = Field(default=0, ge=0)
     """Parameter budget of the grown model: no germination that would exceed it (0: no budget)."""
+
+    max_flops: float = Field(default=0.0, ge=0.0)
+    """Training-FLOP budget: no germination once the packet's `flops_total` (training FLOPs up to the
+    last boundary) reaches it (0: no budget); growing late costs more than it can pay back."""
 
 
 def _metric(seed: SeedState, name: str, default: float = 0.0) -> float:
@@ -268,6 +274,9 @@ class HeuristicTamiyo:
                     "waiting for their next gate")
         if not any(s.stage == SEED_STAGE_DORMANT for s in packet.seed_states):
             return "no free slot (no DORMANT seed state in the packet)"
+        spent = packet.training_metrics.get("flops_total", 0.0)
+        if cfg.max_flops and spent >= cfg.max_flops:
+            return f"over FLOP budget: {spent:.4g} training FLOPs spent >= max_flops {cfg.max_flops:.4g}"
         if not self._fitting_slots(packet):
             return (f"over budget: every free slot's seed would take param_count "
                     f"{packet.training_metrics.get('param_count', 0.0):.0f} past max_params {cfg.max_params}")

@@ -134,6 +134,7 @@ class EpochBoundary:
             "param_count": float(param_count(self.kasmina.model)),
             "rollbacks_total": float(len(self.log.rollbacks)),
             "nonfinite_steps": float(self.nonfinite_steps()),
+            "flops_total": self.log.last_epoch.flops if self.log.last_epoch else 0.0,  # up to the last boundary
         }
         conservative = self.conservative.active
         if conservative:  # reduced per-seed detail while conservative
