@@ -104,5 +104,5 @@ def test_a_mutation_undone_by_a_collapse_rollback_is_reported_to_tamiyo_in_the_n
     assert [p.current_epoch for p in reported] == [2]  # the boundary the rollback returned to, asked again
     (undone,) = reported[0].rolled_back_commands
     assert (undone.operation, undone.target_seed_id, undone.applied_epoch) == (SEED_OP_START_TRAINING, "seed1", 2)
-    assert "loss_collapse" in undone.reason
-    assert result.summary["seeds"]["seed1"]["stage"] == "CULLED"  # Tamiyo learnt: the seed it was walking into the collapse is culled
+    assert "loss_collapse" in undone.reason and undone.incident_kind == "loss_collapse"
+    assert result.summary["seeds"]["seed1"]["stage"] == "CULLED"  # Tamiyo learnt: the seed is culled

@@ -103,10 +103,18 @@ def test_a_slot_whose_seed_was_culled_is_chosen_after_the_others() -> None:
     assert restored.state_dict()["slot_culls"] == {0: 1}
 
 
-def _rolled_back(packet: SystemStatePacket, op: int, target: str) -> SystemStatePacket:
+def _rolled_back(packet: SystemStatePacket, op: int, target: str, kind: str = "loss_collapse") -> SystemStatePacket:
     packet.rolled_back_commands.add(command_id="c1", target_seed_id=target, operation=op, applied_epoch=1,  # type: ignore[arg-type]
-                                    reason="MAJOR loss_collapse: validation loss back near chance")
+                                    reason=f"major {kind}: ...", incident_kind=kind)
     return packet
+
+
+def test_a_mutation_undone_by_a_step_fault_teaches_nothing() -> None:
+    tamiyo = HeuristicTamiyo(CONFIG)
+    seed = _seed(SEED_STAGE_SHADOWING, epochs_in_stage=0)
+    command = tamiyo.evaluate_epoch(_rolled_back(_packet(0, [seed]), SEED_OP_FOSSILIZE, "seed1", "loss_nonfinite"))
+    assert is_noop(command)
+    assert tamiyo.state_dict()["doomed"] == [] and tamiyo.state_dict()["slot_culls"] == {}
 
 
 def test_a_rolled_back_germination_counts_against_its_slot_and_restarts_the_cooldown() -> None:

@@ -292,20 +292,22 @@ class SystemStatePacket(_message.Message):
     def __init__(self, version: _Optional[int] = ..., current_epoch: _Optional[int] = ..., validation_accuracy: _Optional[float] = ..., validation_loss: _Optional[float] = ..., timestamp_ns: _Optional[int] = ..., hardware_context: _Optional[_Union[HardwareContext, _Mapping]] = ..., training_metrics: _Optional[_Mapping[str, float]] = ..., seed_states: _Optional[_Iterable[_Union[SeedState, _Mapping]]] = ..., packet_id: _Optional[str] = ..., global_step: _Optional[int] = ..., training_loss: _Optional[float] = ..., source_subsystem: _Optional[str] = ..., training_run_id: _Optional[str] = ..., experiment_name: _Optional[str] = ..., conservative_mode: _Optional[bool] = ..., rolled_back_commands: _Optional[_Iterable[_Union[RolledBackCommand, _Mapping]]] = ...) -> None: ...
 
 class RolledBackCommand(_message.Message):
-    __slots__ = ("command_id", "target_seed_id", "operation", "blueprint_id", "applied_epoch", "reason")
+    __slots__ = ("command_id", "target_seed_id", "operation", "blueprint_id", "applied_epoch", "reason", "incident_kind")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     TARGET_SEED_ID_FIELD_NUMBER: _ClassVar[int]
     OPERATION_FIELD_NUMBER: _ClassVar[int]
     BLUEPRINT_ID_FIELD_NUMBER: _ClassVar[int]
     APPLIED_EPOCH_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    INCIDENT_KIND_FIELD_NUMBER: _ClassVar[int]
     command_id: str
     target_seed_id: str
     operation: SeedOperation
     blueprint_id: str
     applied_epoch: int
     reason: str
-    def __init__(self, command_id: _Optional[str] = ..., target_seed_id: _Optional[str] = ..., operation: _Optional[_Union[SeedOperation, str]] = ..., blueprint_id: _Optional[str] = ..., applied_epoch: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+    incident_kind: str
+    def __init__(self, command_id: _Optional[str] = ..., target_seed_id: _Optional[str] = ..., operation: _Optional[_Union[SeedOperation, str]] = ..., blueprint_id: _Optional[str] = ..., applied_epoch: _Optional[int] = ..., reason: _Optional[str] = ..., incident_kind: _Optional[str] = ...) -> None: ...
 
 class CommandSeedOperation(_message.Message):
     __slots__ = ("operation", "blueprint_id", "parameters")

@@ -3,10 +3,12 @@
 Each epoch it reads a SystemStatePacket and answers exactly one AdaptationCommand. Rules, in
 priority order (the first that fires wins; seeds are considered oldest first, ties by seed id):
 
-0. Learn from rollbacks first: a packet's `rolled_back_commands` are mutations Tolaria undid (a
-   collapse after them, say). A rolled-back GERMINATE counts as a cull in its slot and restarts
-   the cooldown; a seed whose lifecycle command was rolled back is culled at the next chance
-   (before rule 1), rather than walked into the same failure again.
+0. Learn from rollbacks first: a packet's `rolled_back_commands` are mutations Tolaria undid.
+   Only those undone by a validation failure (`incident_kind` in `_BLAMES_THE_MODEL`: a loss or
+   accuracy collapse) teach anything; a NaN or a spike in a step is the data's or the machine's
+   fault, and its replay must end where a run without it ends. A GERMINATE so undone counts as a
+   cull in its slot and restarts the cooldown; a seed whose lifecycle command was so undone is
+   culled at the next chance (before rule 1), rather than walked into the same failure again.
 1. Cull harm: a seed in BLENDING, SHADOWING or PROBATIONARY whose `val_loss_delta` metric
    (relative val-loss change since blending began) exceeds `cull_tolerance` is culled; so is a
    seed at full strength (SHADOWING, PROBATIONARY) whose counterfactual attribution says the
@@ -83,6 +85,8 @@ _LIVE = frozenset(
 )
 _APPLIED = frozenset({SEED_STAGE_BLENDING, SEED_STAGE_SHADOWING, SEED_STAGE_PROBATIONARY})
 _FULL = frozenset({SEED_STAGE_SHADOWING, SEED_STAGE_PROBATIONARY})  # applied at alpha 1
+# Incidents a mutation can cause: validation got worse. Step faults (NaN, spikes) are not its doing.
+_BLAMES_THE_MODEL = frozenset({"loss_collapse", "accuracy_collapse", "accuracy_floor", "accuracy_nonfinite"})
 
 
 class TamiyoConfig(BaseModel):
@@ -201,6 +205,8 @@ class HeuristicTamiyo:
         """Rule 0: what the packet's rolled-back commands teach."""
         depth = {s.seed_id: s.layer_depth for s in packet.seed_states if s.stage == SEED_STAGE_DORMANT}
         for undone in packet.rolled_back_commands:
+            if undone.incident_kind not in _BLAMES_THE_MODEL:
+                continue
             if undone.operation == SEED_OP_GERMINATE:
                 slot = depth.get(undone.target_seed_id)
                 if slot is not None:

@@ -113,7 +113,8 @@ class CommandApplier:
             undone += [RolledBackCommand(
                 command_id=a.command.command_id, target_seed_id=a.command.target_seed_id,
                 operation=a.command.seed_operation.operation, blueprint_id=a.command.seed_operation.blueprint_id,
-                applied_epoch=a.epoch, reason=rollback.reason) for a in gone]
+                applied_epoch=a.epoch, reason=rollback.reason, incident_kind=incident_kind(rollback.reason))
+                for a in gone]
         self._rollbacks_seen = len(rollbacks)
         return undone
 
@@ -155,6 +156,12 @@ class CommandApplier:
         self.log.add_apply_failure(ApplyFailure(epoch, command.command_id, error, unchanged))
         self.events("kasmina_apply_failed", TELEMETRY_LEVEL_ERROR, command_id=command.command_id,
                     error=str(exc), model_unchanged=unchanged, breaker_opened=opened)
+
+
+def incident_kind(rollback_reason: str) -> str:
+    """The incident kind in a rollback's reason, which responses.py writes "<level> <kind>: <reason>"."""
+    head = rollback_reason.split(":", 1)[0].split()
+    return head[-1] if len(head) == 2 else ""
 
 
 def structure_fingerprint(model: nn.Module) -> tuple[Any, ...]:
