@@ -9,11 +9,20 @@ from __future__ import annotations
 
 import base64
 import binascii
+from pathlib import Path
 
 import pytest
 
 from esper.leyline import SEED_OP_GERMINATE, AdaptationCommand, seed_command
-from esper.oona import CommandRejected, CommandVerifier, sign_command, sign_payload, verify_payload
+from esper.oona import (
+    CommandRejected,
+    CommandVerifier,
+    SecretMissing,
+    load_secret,
+    sign_command,
+    sign_payload,
+    verify_payload,
+)
 
 SECRET = b"s3cret"
 NOW = 1_000_000.0
@@ -123,3 +132,106 @@ def test_a_payload_signature_covers_every_byte() -> None:
     for other in (b"payloa", b"payload\x00", b"", b"Payload"):
         assert not verify_payload(other, signature, SECRET), other
     assert not verify_payload(b"payload", signature, SECRET + b"x")
+
+
+def test_a_replay_at_the_last_instant_of_the_age_window_is_still_rejected() -> None:
+    # ttl = max_age + max_future, the least allowed: a command accepted max_future early is exactly
+    # max_age old when its nonce reaches its expiry, so the clock alone would let it through
+    now = [NOW]
+    verifier = CommandVerifier(SECRET, clock=lambda: now[0], nonce_ttl_s=65.0, max_age_s=60.0, max_future_s=5.0)
+    cmd = _signed(NOW + 5.0)
+    verifier.verify(cmd)
+    now[0] = NOW + 65.0
+    assert _reason(verifier, cmd) == "replayed"
+    now[0] = NOW + 65.5  # past the window: stale, whatever the nonce memory holds
+    assert _reason(verifier, cmd) == "stale"
+
+
+def test_expired_nonces_are_forgotten_oldest_first_and_newer_ones_kept() -> None:
+    now = [NOW]
+    verifier = CommandVerifier(SECRET, clock=lambda: now[0], nonce_ttl_s=100.0, max_age_s=90.0, max_future_s=5.0)
+    old = _signed(NOW)
+    verifier.verify(old)
+    now[0] = NOW + 50.0
+    newer = _signed(NOW + 50.0)
+    verifier.verify(newer)
+    now[0] = NOW + 101.0  # old's nonce expired, newer's has not
+    verifier.verify(_signed(NOW + 101.0))
+    assert _reason(verifier, newer) == "replayed"
+
+
+def test_a_signature_does_not_depend_on_the_order_annotations_were_set() -> None:
+    cmd = seed_command(SEED_OP_GERMINATE, issued_by="tamiyo", blueprint_id="bp")
+    cmd.issued_at.FromNanoseconds(int(NOW * 1e9))
+    keys = [f"note-{i}" for i in range(12)]
+    for key in keys:
+        cmd.annotations[key] = key.upper()
+    sign_command(cmd, SECRET)
+    received = AdaptationCommand()
+    received.CopyFrom(cmd)
+    received.annotations.clear()
+    for key in [*reversed(keys), "signature"]:
+        received.annotations[key] = cmd.annotations[key]
+    CommandVerifier(SECRET, clock=_clock).verify(received)
+
+
+@pytest.mark.parametrize(("mangle", "code", "message"), [
+    (lambda c: c.annotations.pop("signature"), "unsigned",
+     "command {id} has no annotations['signature']; sign it with the shared secret"),
+    (lambda c: c.ClearField("issued_at"), "malformed", "signed commands need command_id and issued_at"),
+    (lambda c: c.annotations.__setitem__("signature", c.annotations["signature"][:-1]), "forged",
+     "command {id}: HMAC mismatch (wrong secret or altered command); check ESPER_LEYLINE_SECRET matches the sender's"),
+])
+def test_each_rejection_names_the_command_and_the_fix(mangle: object, code: str, message: str) -> None:
+    cmd = _signed()
+    mangle(cmd)  # type: ignore[operator]
+    with pytest.raises(CommandRejected) as info:
+        CommandVerifier(SECRET, clock=_clock).verify(cmd)
+    assert info.value.reason_code == code and message.format(id=cmd.command_id) in str(info.value)
+
+
+def test_an_unsigned_command_without_an_id_is_named_as_such() -> None:
+    cmd = seed_command(SEED_OP_GERMINATE, issued_by="tamiyo", blueprint_id="bp")
+    cmd.command_id = ""
+    with pytest.raises(CommandRejected, match="command <no id> has no annotations"):
+        CommandVerifier(SECRET, clock=_clock).verify(cmd)
+
+
+def test_clock_rejections_say_how_far_off_and_the_limit() -> None:
+    verifier = CommandVerifier(SECRET, clock=_clock)
+    late, early = _signed(NOW - 61.0), _signed(NOW + 6.0)
+    with pytest.raises(CommandRejected, match=r"issued 61\.0 s ago \(limit 60 s\)"):
+        verifier.verify(late)
+    with pytest.raises(CommandRejected, match=r"issued 6\.0 s in the future \(limit 5 s\); check the clocks"):
+        verifier.verify(early)
+    fresh = _signed(NOW)
+    verifier.verify(fresh)
+    with pytest.raises(CommandRejected, match=f"command {fresh.command_id} was already accepted within the last 300 s"):
+        verifier.verify(fresh)
+
+
+def test_a_verifier_is_a_callable_check() -> None:
+    verifier = CommandVerifier(SECRET, clock=_clock)
+    cmd = _signed()
+    verifier(cmd)
+    with pytest.raises(CommandRejected) as info:
+        verifier(cmd)
+    assert info.value.reason_code == "replayed"
+
+
+def test_the_verifier_limits_are_inclusive_and_bad_ones_named() -> None:
+    CommandVerifier(SECRET, nonce_ttl_s=65.0, max_age_s=60.0, max_future_s=5.0)
+    CommandVerifier(SECRET, max_nonces=1)
+    with pytest.raises(ValueError, match="max_nonces=0 must be >= 1"):
+        CommandVerifier(SECRET, max_nonces=0)
+    with pytest.raises(SecretMissing, match="CommandVerifier needs a non-empty secret"):
+        CommandVerifier(b"")
+
+
+def test_a_key_file_loses_only_its_line_ending(tmp_path: Path) -> None:
+    key = tmp_path / "key"
+    key.write_bytes(b"XsecretX \t\r\n")
+    assert load_secret(key_file=key) == b"XsecretX \t"
+    key.write_bytes(b"\n")
+    with pytest.raises(SecretMissing, match="is empty; write the shared secret into it"):
+        load_secret(key_file=key)

@@ -142,7 +142,9 @@ class CommandVerifier:
 
     def _remember(self, command_id: str) -> None:
         now = self._clock()
-        while self._seen and next(iter(self._seen.values())) <= now:
+        # A nonce lives through its expiry instant: with nonce_ttl_s == max_age_s + max_future_s, a
+        # command accepted max_future_s early is exactly max_age_s old then, and passes the clock.
+        while self._seen and next(iter(self._seen.values())) < now:
             self._seen.popitem(last=False)
         if command_id in self._seen:
             raise CommandRejected("replayed", f"command {command_id} was already accepted "
