@@ -147,3 +147,19 @@ def test_no_germination_once_the_training_flop_budget_is_spent() -> None:
     assert command is not None and is_noop(command)
     assert command.annotations["reason"].startswith("noop: over FLOP budget: 2e+09 training FLOPs spent")
     assert _op(_germinate(HeuristicTamiyo(CONFIG.model_copy(update={"max_flops": 1e9})), slots))[0] == SEED_OP_GERMINATE
+
+
+def test_widen_growth_widens_its_layers_in_turn_and_needs_them_named() -> None:
+    import pytest
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="needs tamiyo.widen_layers"):
+        TamiyoConfig(growth="widen")
+    tamiyo = HeuristicTamiyo(CONFIG.model_copy(update={"growth": "widen", "widen_layers": ["fc", "conv"]}))
+    targets = []
+    for epoch in range(6):
+        command = tamiyo.evaluate_epoch(_packet(epoch, []))  # no free slot needed: no seed is grown
+        if not is_noop(command):
+            assert command.seed_operation.blueprint_id == "net2wider"
+            targets.append(command.target_seed_id)
+    assert targets[:3] == ["fc", "conv", "fc"]

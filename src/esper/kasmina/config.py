@@ -46,6 +46,14 @@ class KasminaConfig(BaseModel):
     attention_causal: bool = True
     """`attention_head` seeds attend to earlier positions only (never let a causal LM see the future)."""
 
+    widen: list[list[str]] = Field(default_factory=list)
+    """Host layers a `net2wider` GERMINATE may widen: [layer, consumer] or [layer, norm, consumer] by
+    module name (a Linear into a Linear, or a Conv2d into a Conv2d, with only unit-wise modules
+    between; the norm a BatchNorm of the layer's units). See widen.py."""
+
+    widen_units: int = Field(default=4, ge=1)
+    """Units (features or channels) one widening adds."""
+
     @field_validator("default_blueprint")
     @classmethod
     def _known_blueprint(cls, value: str) -> str:

@@ -35,6 +35,8 @@ from esper.kasmina.lifecycle import (
 )
 from esper.kasmina.manifest import ManifestError, manifest_to_json, parse_manifest
 from esper.kasmina.running_stats import running_stat_modules, scratch_running_stats
+from esper.kasmina.widen import WIDEN, WidenPair, narrow, parameter_names, parse_pairs, resolve, widen, width
+from esper.kasmina.widen import added_params as widen_params
 from esper.leyline import (
     COMMAND_SEED,
     SEED_OP_GERMINATE,
@@ -123,6 +125,10 @@ class KasminaLayer:
         self._plan: CounterfactualPlan | None = None  # set only inside `counterfactual()`
         self._attribution: dict[str, dict[str, float]] = {}  # the last validation's, by seed id
         self._costs: dict[tuple[str, str], int] = {}  # (slot, blueprint) -> parameters a germination adds
+        self._widen_pairs: dict[str, WidenPair] = {p.layer: p for p in parse_pairs(self._config.widen)}
+        for pair in self._widen_pairs.values():
+            resolve(model, pair)  # a pair that cannot be widened is an error now, not at the first command
+        self._widenings: list[tuple[str, int]] = []  # (layer, units) in the order applied
         self._probes = {s: m.register_forward_hook(self._make_probe(s)) for s, m in self._slot_modules.items()}
         if example_input is not None:
             self._probe_once(example_input)
@@ -197,6 +203,9 @@ class KasminaLayer:
         """Parameters a GERMINATE of `blueprint` (empty: the default) in `slot` would add, or None where
         it cannot germinate (unknown slot, no shape yet, no blueprint fits). Built once per slot and
         blueprint, from a private generator: the run's random streams are untouched."""
+        if blueprint == WIDEN:
+            pair = self._widen_pairs.get(slot)
+            return widen_params(resolve(self._model, pair), self._config.widen_units) if pair else None
         shape = self._shapes.get(slot)
         if slot not in self._slot_modules or shape is None:
             return None
@@ -227,6 +236,8 @@ class KasminaLayer:
         return self._transition(command.target_seed_id, op)
 
     def _germinate(self, slot: str, blueprint: str) -> ApplyResult:
+        if blueprint == WIDEN:
+            return self._widen(slot)
         if slot not in self._slot_modules:
             valid = list(self._slots)
             return _fail(f"GERMINATE: unknown slot {slot!r}; target_seed_id must name a slot, one of {valid}")
@@ -263,6 +274,61 @@ class KasminaLayer:
             ok=True, reason=f"germinated {seed_id} ({picked}) in slot {slot}", seed_id=seed_id,
             added_params=self.param_names(seed_id),
         )
+
+    def _widen(self, layer: str) -> ApplyResult:
+        """GERMINATE `net2wider`: widen a host layer by `widen_units`, keeping the function (widen.py)."""
+        pair = self._widen_pairs.get(layer)
+        if pair is None:
+            return _fail(f"GERMINATE {WIDEN}: {layer!r} is not a widenable layer; kasmina.widen lists "
+                         f"{sorted(self._widen_pairs)}")
+        modules = resolve(self._model, pair)
+        affected = self._widened_slots(pair, width(modules.layer))
+        blocked = [r.seed_id for r in self._records.values() if r.stage != SEED_STAGE_CULLED and r.slot in affected]
+        if blocked:
+            return _fail(f"GERMINATE {WIDEN} of {layer!r}: seeds {blocked} sit on slots {sorted(affected)} whose width "
+                         "it would change; widen before growing seeds there")
+        units = self._config.widen_units
+        widen(modules, units, self._widen_generator(len(self._widenings)))
+        self._widenings.append((layer, units))
+        self._resize_slots(affected, units)
+        return ApplyResult(ok=True, reason=f"widened {layer} by {units} units to {width(modules.layer)} "
+                           "(Net2Net, function-preserving)", seed_id="",
+                           reshaped_params=parameter_names(self._model, pair))
+
+    def _widened_slots(self, pair: WidenPair, units: int) -> set[str]:
+        """Slots whose output carries the layer's units: the layer, the modules after it up to the
+        consumer (in registration order), and its ancestors, where their first per-sample
+        dimension is that width."""
+        names = [n for n, _ in self._model.named_modules()]
+        start, end = names.index(pair.layer), names.index(pair.consumer)
+        between = set(names[start:end]) if start < end else {pair.layer}
+        return {s for s in self._slots if (s in between or pair.layer.startswith(f"{s}."))
+                and self._shapes.get(s, (None,))[0] == units}
+
+    def _resize_slots(self, slots: set[str], units: int) -> None:
+        for slot in slots:
+            shape = self._shapes[slot]
+            self._shapes[slot] = (shape[0] + units, *shape[1:])
+        self._costs = {k: v for k, v in self._costs.items() if k[0] not in slots}
+
+    def _widen_generator(self, index: int) -> torch.Generator:
+        digest = hashlib.sha256(f"{self._seed}:widen:{index}".encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+
+    def _reconcile_widenings(self, target: Sequence[tuple[str, int]]) -> tuple[str, ...]:
+        """Narrow and widen the host until its widenings are `target`'s; the reshaped parameter names."""
+        current, common = self._widenings, 0
+        while common < min(len(current), len(target)) and current[common] == tuple(target[common]):
+            common += 1
+        reshaped: set[str] = set()
+        for layer, units in reversed(current[common:]):
+            narrow(resolve(self._model, self._widen_pairs[layer]), units)
+            reshaped.update(parameter_names(self._model, self._widen_pairs[layer]))
+        for index, (layer, units) in enumerate(target[common:], start=common):
+            widen(resolve(self._model, self._widen_pairs[layer]), units, self._widen_generator(index))
+            reshaped.update(parameter_names(self._model, self._widen_pairs[layer]))
+        self._widenings = [(layer, int(units)) for layer, units in target]
+        return tuple(sorted(reshaped))
 
     def _spec(self) -> BlueprintSpec:
         cfg = self._config
@@ -529,6 +595,7 @@ class KasminaLayer:
         return manifest_to_json(
             layer_seed=self._seed, slots=self._slots, seed_counter=self._seed_counter, epoch=self._epoch,
             last_val_loss=self._last_val_loss, shapes=self._shapes, records=list(self._records.values()),
+            widenings=self._widenings,
         )
 
     def load_manifest(self, manifest: Mapping[str, Any]) -> ApplyResult:
@@ -547,6 +614,9 @@ class KasminaLayer:
                 f"load_manifest: manifest was written for slots {list(parsed.slots)} and seed {parsed.layer_seed}, "
                 f"this layer has slots {list(self._slots)} and seed {self._seed}; construct KasminaLayer to match"
             )
+        unknown = sorted({layer for layer, _ in parsed.widenings} - set(self._widen_pairs))
+        if unknown:
+            return _fail(f"load_manifest: the manifest widened {unknown}, which kasmina.widen does not list here")
         keep, build = self._plan_rebuild(parsed.records)
         try:
             built = {
@@ -556,6 +626,7 @@ class KasminaLayer:
             return _fail(f"load_manifest: {exc}")
         old_names = {n for sid in self._container for n in self.param_names(sid)}
         old_trainable = self._trainable_seed_params()
+        widened = self._reconcile_widenings(parsed.widenings)
         for seed_id in [sid for sid in self._container if sid not in keep]:
             del self._container[seed_id]
         for seed_id, module in built.items():
@@ -572,7 +643,7 @@ class KasminaLayer:
             ok=True, reason=f"loaded manifest with {len(self._container)} seed modules",
             added_params=tuple(sorted((new_names - old_names) | (new_trainable - old_trainable))),
             removed_params=tuple(sorted(old_names - new_names)),
-            reshaped_params=tuple(sorted(rebuilt)),
+            reshaped_params=tuple(sorted(rebuilt | set(widened))),
             frozen_params=tuple(sorted((old_trainable - new_trainable) & new_names)),
         )
 

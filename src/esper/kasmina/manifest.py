@@ -1,7 +1,8 @@
 """Kasmina's structure manifest: JSON form of the seed records, and its strict parser.
 
 Format (version 2): {"version", "layer_seed", "slots", "seed_counter", "epoch", "last_val_loss",
-"shapes": {slot: [per-sample dims]}, "seeds": [record, ...]} where a record holds the SeedRecord
+"shapes": {slot: [per-sample dims]}, "seeds": [record, ...], "widenings": [[layer, units], ...]}
+(widenings optional: a manifest without them widened nothing) where a record holds the SeedRecord
 fields with stages written as Leyline enum names (e.g. "SEED_STAGE_BLENDING") and history as
 [[epoch, stage name], ...]. Weights are not in the manifest; they are in the model state_dict.
 Version 1 records (before `lowrank_adapter` and `attention_head`) lack `rank`, `head_dim` and
@@ -36,6 +37,7 @@ class ParsedManifest:
     last_val_loss: float | None
     shapes: dict[str, tuple[int, ...]]
     records: list[SeedRecord]
+    widenings: tuple[tuple[str, int], ...] = ()  # (layer, units) in the order applied (widen.py)
 
 
 def _record_to_json(record: SeedRecord) -> dict[str, Any]:
@@ -55,6 +57,7 @@ def manifest_to_json(
     last_val_loss: float | None,
     shapes: Mapping[str, tuple[int, ...]],
     records: Sequence[SeedRecord],
+    widenings: Sequence[tuple[str, int]] = (),
 ) -> dict[str, Any]:
     return {
         "version": MANIFEST_VERSION,
@@ -65,6 +68,7 @@ def manifest_to_json(
         "last_val_loss": last_val_loss,
         "shapes": {slot: list(shape) for slot, shape in shapes.items()},
         "seeds": [_record_to_json(r) for r in records],
+        "widenings": [[layer, units] for layer, units in widenings],
     }
 
 
@@ -105,6 +109,7 @@ def parse_manifest(manifest: Mapping[str, Any]) -> ParsedManifest:
             last_val_loss=None if last is None else float(last),
             shapes={str(k): tuple(int(d) for d in v) for k, v in manifest["shapes"].items()},
             records=records,
+            widenings=tuple((str(layer), int(units)) for layer, units in manifest.get("widenings", [])),
         )
     except (KeyError, TypeError, ValueError) as exc:
         if isinstance(exc, ManifestError):

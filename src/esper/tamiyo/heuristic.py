@@ -52,9 +52,9 @@ reduce or settle risk. Output depends only on the packets seen (history is `stat
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from esper.leyline import (
     SEED_OP_CULL,
@@ -80,6 +80,7 @@ from esper.leyline import (
 )
 
 ISSUER = "tamiyo"
+WIDEN = "net2wider"  # Kasmina's blueprint id of a widening (esper.kasmina.widen; Tamiyo imports only Leyline)
 _LIVE = frozenset(
     {SEED_STAGE_GERMINATED, SEED_STAGE_TRAINING, SEED_STAGE_BLENDING, SEED_STAGE_SHADOWING, SEED_STAGE_PROBATIONARY}
 )
@@ -140,9 +141,24 @@ class TamiyoConfig(BaseModel):
     max_params: int = Field(default=0, ge=0)
     """Parameter budget of the grown model: no germination that would exceed it (0: no budget)."""
 
+    growth: Literal["seed", "widen"] = "seed"
+    """How to grow at a plateau: germinate a seed in a free slot, or widen the next of `widen_layers`
+    (a `net2wider` GERMINATE: Kasmina widens the host layer in place, function-preserving; no seed,
+    no lifecycle, so the seed rules and limits do not apply to it)."""
+
+    widen_layers: list[str] = Field(default_factory=list)
+    """Host layers to widen in turn when `growth = "widen"` (each listed in `kasmina.widen`)."""
+
     max_flops: float = Field(default=0.0, ge=0.0)
     """Training-FLOP budget: no germination once the packet's `flops_total` (training FLOPs up to the
     last boundary) reaches it (0: no budget); growing late costs more than it can pay back."""
+
+    @model_validator(mode="after")
+    def _widen_needs_layers(self) -> TamiyoConfig:
+        if self.growth == "widen" and not self.widen_layers:
+            raise ValueError('tamiyo.growth = "widen" needs tamiyo.widen_layers: the host layers to widen in turn')
+        return self
+
 
 
 def _metric(seed: SeedState, name: str, default: float = 0.0) -> float:
@@ -176,6 +192,7 @@ class HeuristicTamiyo:
         self._phase_start_loss: float | None = None  # val loss when the current growth phase began
         self._slot_culls: dict[int, int] = {}  # slot index -> seeds culled there
         self._doomed: set[str] = set()  # seeds whose lifecycle command a rollback undid
+        self._widened = 0  # widenings asked for (growth = "widen" takes widen_layers in turn)
 
     @property
     def config(self) -> TamiyoConfig:
@@ -275,15 +292,19 @@ class HeuristicTamiyo:
         cfg, last = self._config, self._last_germination_epoch
         if packet.conservative_mode:
             return "conservative mode blocks germination"
-        if len(seeds) >= cfg.max_live_seeds:
+        if len(seeds) >= cfg.max_live_seeds and cfg.growth == "seed":
             return (f"live seeds: {len(seeds)} live seed(s) (max_live_seeds {cfg.max_live_seeds}) "
                     "waiting for their next gate")
-        if not any(s.stage == SEED_STAGE_DORMANT for s in packet.seed_states):
+        widening = cfg.growth == "widen"
+        if not widening and not any(s.stage == SEED_STAGE_DORMANT for s in packet.seed_states):
             return "no free slot (no DORMANT seed state in the packet)"
         spent = packet.training_metrics.get("flops_total", 0.0)
         if cfg.max_flops and spent >= cfg.max_flops:
             return f"over FLOP budget: {spent:.4g} training FLOPs spent >= max_flops {cfg.max_flops:.4g}"
-        if not self._fitting_slots(packet):
+        if widening and cfg.max_params and packet.training_metrics.get("param_count", 0.0) >= cfg.max_params:
+            have = packet.training_metrics["param_count"]
+            return f"over budget: param_count {have:.0f} >= max_params {cfg.max_params}"
+        if not widening and not self._fitting_slots(packet):
             return (f"over budget: every free slot's seed would take param_count "
                     f"{packet.training_metrics.get('param_count', 0.0):.0f} past max_params {cfg.max_params}")
         if last is not None and packet.current_epoch - last < cfg.cooldown_epochs:
@@ -329,6 +350,11 @@ class HeuristicTamiyo:
         )
         self._last_germination_epoch = packet.current_epoch
         self._phase_start_loss = float(packet.validation_loss)  # the next phase is judged from here
+        if cfg.growth == "widen":
+            layer = cfg.widen_layers[self._widened % len(cfg.widen_layers)]
+            self._widened += 1
+            return seed_command(SEED_OP_GERMINATE, issued_by=ISSUER, target_seed_id=layer, blueprint_id=WIDEN,
+                                reason=reason.replace("germinate:", f"widen {layer}:", 1))
         return seed_command(
             SEED_OP_GERMINATE, issued_by=ISSUER, target_seed_id=free[0].seed_id,
             blueprint_id=cfg.default_blueprint, reason=reason,
@@ -341,7 +367,7 @@ class HeuristicTamiyo:
         return {
             "val_losses": list(self._val_losses), "last_germination_epoch": self._last_germination_epoch,
             "phase_start_loss": self._phase_start_loss, "slot_culls": dict(self._slot_culls),
-            "doomed": sorted(self._doomed),
+            "doomed": sorted(self._doomed), "widened": self._widened,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -354,3 +380,4 @@ class HeuristicTamiyo:
         self._phase_start_loss = None if start is None else float(start)
         self._slot_culls = {int(k): int(v) for k, v in state.get("slot_culls", {}).items()}
         self._doomed = set(state.get("doomed", []))
+        self._widened = int(state.get("widened", 0))
