@@ -89,6 +89,36 @@ def test_a_structure_is_counted_once_and_again_after_a_germination() -> None:
     assert batches.iterations == 1  # the representative batch is drawn once
 
 
+class FailsUnderTheCounter(nn.Module):
+    """A model one of whose operators the counter cannot run (raised only while a count is on)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(IN, OUT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.utils._python_dispatch._get_current_dispatch_mode() is not None:
+            raise RuntimeError("custom kernel has no meta implementation")
+        return self.linear(x)
+
+
+@pytest.mark.parametrize(("model", "batches", "why"), [
+    (mlp, lambda: [], "the validation loader yields no batch"),
+    (FailsUnderTheCounter, lambda: [batch()], "FlopCounterMode failed on this model: custom kernel"),
+])
+def test_a_structure_that_cannot_be_counted_costs_zero_and_the_summary_says_why(
+        model: Any, batches: Any, why: str, caplog: pytest.LogCaptureFixture) -> None:
+    host = model()
+    kasmina = KasminaLayer(host, [next(n for n, _ in host.named_modules() if n)], example_input=torch.zeros(2, IN))
+    flops = TrainingFlops(model=host, kasmina=kasmina, task=ClassificationTask(), batches=batches(), place=None,
+                          rows_per_step=64, morphogenesis=True, autocast=nullcontext)
+    flops.observe()
+    flops.observe()
+    summary = flops.summary(None)
+    assert summary["per_step"] == 0 and summary["not_counted"].startswith(why)
+    assert sum("training FLOPs are not counted" in r.message for r in caplog.records) == 1  # said once
+
+
 def test_the_history_sums_each_epochs_steps_times_the_structures_count() -> None:
     config = small_config(run={"epochs": 3, "morphogenesis": False})
     trainer = build_trainer(config, bus=MemoryBus())

@@ -22,6 +22,7 @@ smaller, is counted as a full step (at most one batch per epoch over).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
@@ -33,6 +34,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from esper.contracts import ExecutionLayer
 from esper.tolaria.observe.runlog import EpochRecord
 from esper.tolaria.tasks import Task
+
+log = logging.getLogger(__name__)
 
 StructureKey = tuple[tuple[tuple[str, str], ...], int, int]
 
@@ -72,22 +75,39 @@ class TrainingFlops:
         self._key: StructureKey | None = None
         self.per_sample = 0.0
         self.counts = 0  # structures counted so far (in this process)
+        self.problem = ""  # why the current structure has no count, if it has none
 
     @property
     def per_step(self) -> float:
         return self.per_sample * self.rows_per_step
 
     def observe(self) -> None:
-        """Count the current structure if it is not the one counted last."""
+        """Count the current structure if it is not the one counted last. Accounting never stops a
+        run: with no validation batch, or a model the counter cannot run, the count is 0 and the
+        summary says why."""
         key = self._structure()
         if key == self._key:
             return
-        batch = self._representative()
-        rows = max(self.task.batch_size(batch), 1)
-        own = self.kasmina.own_loss_terms if self.morphogenesis else None
-        self.per_sample = count_step_flops(self.model, self.task, batch, own_losses=own, autocast=self.autocast) / rows
         self._key = key
         self.counts += 1
+        try:
+            batch = self._representative()
+        except StopIteration:
+            self._unknown("the validation loader yields no batch to count on")
+            return
+        rows = max(self.task.batch_size(batch), 1)
+        own = self.kasmina.own_loss_terms if self.morphogenesis else None
+        try:
+            flops = count_step_flops(self.model, self.task, batch, own_losses=own, autocast=self.autocast)
+        except RuntimeError as exc:  # an operator the counter's dispatch mode cannot run
+            self._unknown(f"FlopCounterMode failed on this model: {exc}")
+            return
+        self.per_sample, self.problem = flops / rows, ""
+
+    def _unknown(self, why: str) -> None:
+        if why != self.problem:
+            log.warning("training FLOPs are not counted: %s", why)
+        self.per_sample, self.problem = 0.0, why
 
     def total(self, previous: EpochRecord | None, global_step: int) -> float:
         """The running total at `global_step`: the last epoch record's plus this structure's steps since."""
@@ -99,6 +119,7 @@ class TrainingFlops:
         self.observe()  # the last boundary may have changed the structure
         return {"per_step": self.per_step, "per_sample": self.per_sample, "rows_per_step": self.rows_per_step,
                 "total": last.flops if last is not None else 0.0, "structures_counted": self.counts,
+                "not_counted": self.problem,
                 "counter": "torch.utils.flop_counter (matmul, conv, attention; forward + backward, seed own losses)"}
 
     def _structure(self) -> StructureKey:
