@@ -99,9 +99,9 @@ class World:
             where = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(where)
             if not dist.is_initialized():
-                dist.init_process_group(backend=backend, device_id=where, **limit)
+                dist.init_process_group(backend=backend, device_id=where, **limit, **_attempt_store(limit))
         elif not dist.is_initialized():
-            dist.init_process_group(backend=backend, **limit)
+            dist.init_process_group(backend=backend, **limit, **_attempt_store(limit))
         return cls(rank=dist.get_rank(), size=dist.get_world_size(), backend=backend, device=where,
                    timeout_s=timeout_s)
 
@@ -276,6 +276,26 @@ class World:
     def close(self) -> None:
         if self.distributed and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _attempt_store(limit: dict[str, Any]) -> dict[str, Any]:
+    """Under torchrun, the group's rendezvous keys in a namespace of their own per restart attempt.
+
+    Why: torchrun's workers share the agent's store across restarts, and the default group's keys
+    (each rank's gloo address, NCCL's unique id) have the same names in every attempt. A restarted
+    rank could read its peer's address from the attempt before and fail to connect ("connection
+    refused"), or connect to nothing and hang (pytorch/pytorch#135712). Outside torchrun: the
+    default `env://` rendezvous, unchanged."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return {}
+    from torch.distributed.constants import default_pg_timeout
+    from torch.distributed.rendezvous import _create_c10d_store  # the agent's store, or rank 0's
+
+    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    shared = _create_c10d_store(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), rank, size,
+                                limit.get("timeout", default_pg_timeout))
+    return {"store": dist.PrefixStore(f"tolaria/attempt_{attempt}/", shared), "rank": rank, "world_size": size}
 
 
 def digests_match(rows: Sequence[Sequence[int]], width: int = 4) -> bool:
