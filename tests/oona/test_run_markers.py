@@ -10,6 +10,7 @@ from trainer_fixtures import MemoryBus, small_config  # type: ignore[import-not-
 from esper.leyline import TelemetryPacket, parse
 from esper.tolaria.loop.build import build_trainer
 from esper.tolaria.observe.telemetry import RUN_ENDED, RUN_ID, RUN_STARTED, TelemetryCollector
+from esper.tolaria.state.position import TrainerState
 
 
 class StopAfter:
@@ -73,7 +74,7 @@ def test_the_end_marker_is_sent_after_everything_queued_before_it() -> None:
         for i in range(5):
             collector.emit_event(f"event{i}")
         collector.publish_step(3, 1.0, 1.0)  # LOW priority: sent after the NORMAL events
-        collector.run_ended("finished", epoch=1, step=4)
+        collector.run_ended("finished", TrainerState(epoch=1, global_step=4))
         descriptions = [d for d, _ in _events(bus)]
         assert descriptions == [*(f"event{i}" for i in range(5)), RUN_ENDED]
         assert len(bus.messages) == 7, "the step packet too, before the marker"

@@ -370,6 +370,9 @@ class GradientAggregator:
                 }
         return out
 
+    def summary(self) -> dict[str, Any]:
+        return {"mode": self.config.mode, "nonfinite_steps": self.nonfinite_steps}
+
     def state_dict(self) -> dict[str, Any]:
         """Running counters (the config is not state: it comes from the run's config)."""
         return {"steps": self.steps, "nonfinite_steps": self.nonfinite_steps, "projections": dict(self.projections)}

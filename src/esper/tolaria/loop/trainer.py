@@ -76,7 +76,8 @@ class TolariaTrainer:
         self.place = wiring.batch_placer(self.device, train_loader)
         self.val_loader = val_loader
         self._step_interval = cfg.telemetry.step_interval  # read per step
-        self._drilled_loss = self.drills.wrap_loss(lambda out, batch: self.task.loss(out, batch))
+        # The loss of the host's forward, (output, batch) -> loss: the task's, as drills perturb it.
+        self.host_loss = self.drills.wrap_loss(lambda out, batch: self.task.loss(out, batch)) or self.task.loss
         self.batches = EpochBatches(train_loader, self.state, accumulate=cfg.optimizer.accumulate_steps)
         c = wiring.build_control(cfg, self.model, wiring.optimizer_factory(optimizer), train_loader)
         self.lr, self.optim, self.aggregator, self.breakers, self.conservative = \
@@ -129,22 +130,19 @@ class TolariaTrainer:
         records = self.run_dir if self.world.is_leader else None  # where config.json and summary.json go
         if records is not None:
             write_config(self.config, records)  # `tolaria report/inspect/resume` read the directory alike
-        self.telemetry.run_started(self.run_id, epoch=self.state.epoch, step=self.state.global_step,
-                                   epochs=self.config.run.epochs, resumed_from=self.resumed_from)
+        self.telemetry.run_started(self.run_id, self.state, self.config.run.epochs, self.resumed_from)
         try:
             self._fire(HookPoint.FIT_BEGIN)
             with stop_on_signals(self.safety.signals):  # under torchrun, served at the next vote
                 self._run_epochs()
         except BaseException as exc:
             self._fire(HookPoint.FIT_END)
-            self.telemetry.run_ended("failed", epoch=self.state.epoch, step=self.state.global_step,
-                                     reason=f"{type(exc).__name__}: {exc}")
+            self.telemetry.run_ended("failed", self.state, reason=f"{type(exc).__name__}: {exc}")
             self.close()
             raise
         self._fire(HookPoint.FIT_END)
         self.safety.flush()
-        self.telemetry.run_ended("stopped" if self.stop.requested else "finished", epoch=self.state.epoch,
-                                 step=self.state.global_step, reason=self.stop.reason or "")
+        self.telemetry.run_ended("stopped" if self.stop.requested else "finished", self.state, reason=self.stop.reason)
         self.telemetry.flush()
         summary = {**self.summary(), "stopped": self.stop.reason or ""}  # before close: components still open
         self.close()
@@ -284,14 +282,8 @@ class TolariaTrainer:
                 "resumed_from": self.resumed_from, "world_size": self.world.size,
                 "drills": self.drills.plan.summary(), "lr": {"current": self.lr.current()},
                 "flops": self.flops.summary(self.log.last_epoch),
-                "aggregation": {"mode": self.aggregator.config.mode,
-                                "nonfinite_steps": self.aggregator.nonfinite_steps}, **self.compute.summary(),
+                "aggregation": self.aggregator.summary(), **self.compute.summary(),
                 "compile": self.compiled.compiled.summary() if self.compiled else None})
-
-    @property
-    def host_loss(self) -> Callable[[Any, Any], torch.Tensor]:
-        """The loss of the host's forward, (output, batch) -> loss: the task's, as drills perturb it."""
-        return self._drilled_loss or self.task.loss
 
     def param_count(self) -> int:
         return param_count(self.model)

@@ -42,6 +42,7 @@ from esper.leyline import (
     now_timestamp,
 )
 from esper.tolaria.observe.runlog import EpochRecord
+from esper.tolaria.state.position import TrainerState
 
 log = logging.getLogger(__name__)
 
@@ -187,18 +188,19 @@ class TelemetryCollector:
         metrics.update({f"tolaria.lr_controller.lr.{k}": v for k, v in record.lr.items()})
         self.publish(self.packet(metrics, attributes={"epoch": str(record.epoch)}), MESSAGE_PRIORITY_NORMAL)
 
-    def run_started(self, run_id: str, *, epoch: int, step: int, epochs: int, resumed_from: str = "") -> None:
-        """The run-start marker; from here on envelopes carry `run_id` (a resume adopts the saved id)."""
+    def run_started(self, run_id: str, at: TrainerState, epochs: int, resumed_from: str = "") -> None:
+        """The run-start marker at position `at`; from here on envelopes carry `run_id` (a resume adopts
+        the saved id)."""
         self.run_id = run_id
-        self.emit_event(RUN_STARTED, TELEMETRY_LEVEL_INFO, MESSAGE_PRIORITY_NORMAL, run_id=run_id, epoch=epoch,
-                        step=step, epochs=epochs, resumed_from=resumed_from)
+        self.emit_event(RUN_STARTED, TELEMETRY_LEVEL_INFO, MESSAGE_PRIORITY_NORMAL, run_id=run_id, epoch=at.epoch,
+                        step=at.global_step, epochs=epochs, resumed_from=resumed_from)
 
-    def run_ended(self, status: str, *, epoch: int, step: int, reason: str = "") -> None:
-        """The run-end marker: `status` is finished, stopped or failed; `reason` says why it stopped.
-        Sent once the queue has drained (see the module docstring)."""
+    def run_ended(self, status: str, at: TrainerState, *, reason: str | None = "") -> None:
+        """The run-end marker at position `at`: `status` is finished, stopped or failed; `reason` says why
+        it stopped. Sent once the queue has drained (see the module docstring)."""
         level = TELEMETRY_LEVEL_ERROR if status == "failed" else TELEMETRY_LEVEL_INFO
-        packet = self.packet(events=[self.event(RUN_ENDED, level, run_id=self.run_id, status=status, epoch=epoch,
-                                                step=step, reason=reason)], level=level)
+        packet = self.packet(events=[self.event(RUN_ENDED, level, run_id=self.run_id, status=status,
+                                                epoch=at.epoch, step=at.global_step, reason=reason or "")], level=level)
         self.flush()
         self._send(self.telemetry_stream, BUS_MESSAGE_TYPE_TELEMETRY, packet.SerializeToString(),
                    MESSAGE_PRIORITY_HIGH, packet.packet_id)
