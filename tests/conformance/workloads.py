@@ -249,6 +249,7 @@ def conformance_config(workload: str, *, epochs: int, seed: int, lr: float) -> T
         "emergency": {"broadcast": False, "watchdog_s": generous},
         "boundary": {k: generous for k in ("state_assembly_ms", "tamiyo_ms", "apply_ms", "check_ms", "total_ms")},
         "handshake": {"tamiyo_timeout_s": generous / 1000},
+        "growth": {"veto_unpaid_fossilize": False},  # the script's lifecycle is applied as written
     })
 
 
