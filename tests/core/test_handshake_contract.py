@@ -187,3 +187,44 @@ def test_only_a_seed_germinate_is_a_germination() -> None:
     assert is_germination(_command())
     assert not is_germination(seed_command(SEED_OP_CULL, issued_by="tamiyo", target_seed_id="seed-1"))
     assert not is_germination(noop_command(issued_by="tamiyo", reason="nothing"))
+
+
+def test_the_caller_refuses_after_four_hung_calls_by_default_and_names_its_workers() -> None:
+    release = threading.Event()
+    caller = DeadlineCaller()
+    for _ in range(4):
+        with pytest.raises(handshake.HandshakeError, match="no answer within 10 ms"):
+            caller.call(lambda _: release.wait(30), None, 0.01)
+    workers = [t for t in threading.enumerate() if t.name == "tamiyo-call"]
+    assert len(workers) >= 5 and all(t.daemon for t in workers)  # four hung, one fresh: none blocks exit
+    with pytest.raises(handshake.HandshakeError) as info:
+        caller.call(lambda _: None, None, 1.0)
+    assert (info.value.kind, str(info.value)) == ("refused", "4 calls are still hung; refusing new calls")
+    release.set()
+    caller.close()
+
+
+def test_each_late_return_counts_one_back() -> None:
+    releases = [threading.Event(), threading.Event()]
+    caller = DeadlineCaller()
+    for release in releases:
+        with pytest.raises(handshake.HandshakeError):
+            caller.call(lambda r: r.wait(30), release, 0.01)
+    assert (caller.abandoned, caller.returned_late) == (2, 0)
+    for n, release in enumerate(releases, start=1):
+        release.set()
+        for _ in range(500):
+            if caller.returned_late == n:
+                break
+            threading.Event().wait(0.01)
+        assert (caller.abandoned, caller.returned_late) == (2 - n, n)
+    caller.close()
+
+
+def test_the_timeout_message_gives_the_deadline_in_milliseconds() -> None:
+    release = threading.Event()
+    caller = DeadlineCaller()
+    with pytest.raises(handshake.HandshakeError, match="^no answer within 600 ms$"):
+        caller.call(lambda _: release.wait(30), None, 0.6)
+    release.set()
+    caller.close()
