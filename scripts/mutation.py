@@ -69,6 +69,7 @@ class Score:
     counts: dict[str, int]
     survivor_kinds: dict[str, str]  # every mutant not killed: survived / no tests / wording / equivalent
     stale_equivalents: list[str]
+    diffs: dict[str, str] = field(default_factory=dict)
 
     @property
     def survivors(self) -> list[str]:
@@ -244,7 +245,7 @@ def score(module: Module, statuses: dict[str, str], diffs: dict[str, str]) -> Sc
             kinds[name] = column if column != "no_tests" else "no tests"
         counts[column] += 1
     stale = sorted(n for n in module.equivalent if COLUMNS.get(statuses.get(n, ""), "") not in ("survived", "no_tests"))
-    return Score(module.name, counts, kinds, stale)
+    return Score(module.name, counts, kinds, stale, diffs)
 
 
 def report(scores: list[Score]) -> str:
@@ -265,6 +266,37 @@ def report(scores: list[Score]) -> str:
     return "\n".join(lines)
 
 
+def changed_line(diff: str) -> str:
+    """The mutant's first changed line, stripped, for a one-line listing."""
+    added = [line[1:].strip() for line in diff.splitlines() if line.startswith("+") and not line.startswith("+++")]
+    removed = [line[1:].strip() for line in diff.splitlines() if line.startswith("-") and not line.startswith("---")]
+    return (added or [f"removed: {removed[0]}" if removed else ""])[0].replace("`", "'")
+
+
+def markdown(scores: list[Score], modules: list[Module]) -> str:
+    """The scores table and the equivalent mutants with their reasons, for docs/MUTATION.md."""
+    by_name = {m.name: m for m in modules}
+    lines = ["| module | file | mutants | killed | timed out | survived | no tests | wording | equivalent | score "
+             "| strict |", "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for s in scores:
+        c = s.counts
+        lines.append(f"| {s.module} | `{by_name[s.module].path}` | {sum(c.values())} | {c['killed']} | {c['timeout']} "
+                     f"| {c['survived']} | {c['no_tests']} | {c['wording']} | {c['equivalent']} | {s.score:.1f} % "
+                     f"| {s.strict_score:.1f} % |")
+    for s in scores:
+        equivalent = [n for n, kind in s.survivor_kinds.items() if kind == "equivalent"]
+        if equivalent:
+            lines += ["", f"**{s.module}** equivalent mutants:", ""]
+            reasons = by_name[s.module].equivalent
+            lines += [f"- `{n.rsplit('.', 1)[-1]}` `{changed_line(s.diffs.get(n, ''))}`: {reasons[n]}"
+                      for n in equivalent]
+        if s.survivors:
+            lines += ["", f"**{s.module}** surviving mutants:", ""]
+            lines += [f"- `{n.rsplit('.', 1)[-1]}` ({s.survivor_kinds[n]}) `{changed_line(s.diffs.get(n, ''))}`"
+                      for n in s.survivors]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", metavar="MODULE", help="module names from mutation.toml")
@@ -273,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fail-under", type=float, default=95.0, help="exit 1 if a module scores below (percent)")
     parser.add_argument("--json", type=Path, help="also write the scores here")
     parser.add_argument("--no-run", action="store_true", help="score the last run of each module again")
+    parser.add_argument("--markdown", type=Path, help="also write the tables of docs/MUTATION.md here")
     args = parser.parse_args(argv)
     modules = select(load_modules(), args.only, args.since)
     if not modules:
@@ -285,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         args.json.write_text(json.dumps([{"module": s.module, **s.counts, "score": round(s.score, 2),
                                           "strict_score": round(s.strict_score, 2), "not_killed": s.survivor_kinds}
                                          for s in scores], indent=2) + "\n")
+    if args.markdown:
+        args.markdown.write_text(markdown(scores, modules))
     return 1 if any(s.score < args.fail_under for s in scores) else 0
 
 
