@@ -17,18 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from esper.tolaria.config import flat_keys
-from esper.tolaria.observe.report import (
-    CSS,
-    RunView,
-    escape,
-    html_table,
-    load_summary,
-    mark_seed_events,
-    new_axes,
-    primary_metric,
-    read_run_config,
-    save_figure,
-)
+from esper.tolaria.observe.report_data import load_summary, read_run_config
+from esper.tolaria.observe.report_html import CSS, escape, html_table
+from esper.tolaria.observe.report_plots import mark_seed_events, new_axes, save_figure
+from esper.tolaria.observe.report_view import RunView, primary_metric
 
 
 def compare_runs(run_dirs: Sequence[Path], out: Path) -> Path:
