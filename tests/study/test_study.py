@@ -138,6 +138,25 @@ def test_the_json_is_written_after_every_seed_so_an_interrupted_study_keeps_its_
     assert json.loads(out.read_text()) == study and study["seeds_requested"] == [0, 1]
 
 
+WIDENING = (TINY.replace("hidden = [8]", "hidden = [16, 8]")
+            .replace("seed_hidden = 16", 'seed_hidden = 16\nwiden = [["body.2", "head"]]\nwiden_units = 4')
+            .replace("min_training_epochs = 1", 'min_training_epochs = 1\ngrowth = "widen"\nwiden_layers = ["body.2"]')
+            + "\n[boundary]\ntotal_ms = 100000.0\napply_ms = 10000.0\ncheck_ms = 10000.0\n"
+            + "state_assembly_ms = 10000.0\ntamiyo_ms = 10000.0\n")
+
+
+def test_a_grown_run_that_widened_a_layer_has_a_static_arm_born_that_wide(tmp_path: Path) -> None:
+    config = tmp_path / "widen.toml"
+    config.write_text(WIDENING)
+    study = run_study(config, [0], run_root=tmp_path / "runs", epochs=3, say=lambda _: None)
+    grown, static = study["seeds"][0]["arms"]["grown"], study["seeds"][0]["arms"]["static"]
+    assert any(c["params"] > grown["curve"][0]["params"] for c in grown["curve"])  # it widened
+    assert static["params_at_first_epoch"] == static["params"] == grown["params"]
+    summary = json.loads((Path(static["run_dir"]) / "summary.json").read_text())
+    assert summary["final_manifest"]["widenings"] and summary["final_manifest"]["widenings"] == json.loads(
+        (Path(grown["run_dir"]) / "summary.json").read_text())["final_manifest"]["widenings"]
+
+
 def test_seeds_parse_ranges_and_lists_and_refuse_the_rest() -> None:
     assert parse_seeds("0-4") == [0, 1, 2, 3, 4]
     assert parse_seeds("0,2,5") == [0, 2, 5]

@@ -1,18 +1,21 @@
 """A grown structure built into a host at birth: the static baseline of a grown run.
 
-`build_at_birth(model, manifest)` takes a structure manifest (`KasminaLayer.manifest()`
-of a finished run) and adds every seed it still holds (any stage but CULLED) to `model` as a fixed
-part: a child `model.fixed_seeds.<seed_id>` and a forward hook on its slot that replaces the slot's
-output `h` by `h + s(h)` for each seed of the slot in germination order, at full strength (alpha 1)
-from the first step. These are ordinary host parameters (not `kasmina_seeds.*`): they train in the
-host's optimizer group, have no lifecycle, no own loss and no alpha ramp. Trained from step 0,
-the result is "the grown run's final architecture trained statically", the baseline growth is
-measured against.
+`grow_at_birth(layer, manifest)` takes a structure manifest (`KasminaLayer.manifest()` of a
+finished run) and builds its structure into a fresh host before training. It widens the host's
+layers as the run widened them (Net2Net, `widen.py`, through the layer, whose manifest then
+records them), then `build_at_birth(model, manifest)` adds every seed the manifest still holds
+(any stage but CULLED) as a fixed part: a child `model.fixed_seeds.<seed_id>` and a forward hook
+on its slot that replaces the slot's output `h` by `h + s(h)` for each seed of the slot in
+germination order, at full strength (alpha 1) from the first step. These are ordinary host
+parameters (not `kasmina_seeds.*`): they train in the host's optimizer group and have no
+lifecycle, no own loss and no alpha ramp. Trained from step 0, the result is "the grown run's
+final architecture trained statically", the baseline growth is measured against.
 
 Each seed is drawn exactly as Kasmina drew it at germination (the same blueprint, widths and
-generator, from the manifest's layer seed), so its output layer starts at zero and the model starts as the bare host's
-function. A seed still in TRAINING when the run ended is built too: it is part of the final
-parameter count, and at full strength it is what the grown run would have become.
+generator, from the manifest's layer seed), and each widening uses the generator the run widened
+with, so the model starts as the bare host's function. A seed still in TRAINING when the run
+ended is built too: it is part of the final parameter count, and at full strength it is what the
+grown run would have become.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 from torch import nn
 
 from esper.kasmina.blueprints import BlueprintError, build_blueprint
+from esper.kasmina.layer import KasminaLayer
 from esper.kasmina.lifecycle import SeedRecord
 from esper.kasmina.manifest import ManifestError, parse_manifest
 from esper.leyline import SEED_STAGE_CULLED
@@ -71,6 +75,28 @@ def build_at_birth(model: nn.Module, manifest: Mapping[str, Any]) -> int:
         chain = [seeds[r.seed_id] for r in records if r.slot == slot]
         modules[slot].register_forward_hook(_full_strength(slot, chain))
     return sum(p.numel() for p in seeds.parameters())
+
+
+def grow_at_birth(layer: KasminaLayer, manifest: Mapping[str, Any]) -> int:
+    """The whole grown structure at birth: the manifest's widenings (through `layer`, with the
+    generators the grown run widened with, so the widened host starts as the grown one did), then its
+    seeds as fixed parts (`build_at_birth`). Call it before the optimizer is built; returns the
+    parameters added. ValueError names the problem before anything changes."""
+    try:
+        parsed = parse_manifest(manifest)
+    except ManifestError as exc:
+        raise ValueError(f"initial manifest: {exc}") from None
+    if parsed.widenings:
+        # Only the widenings: the layer's own records stay empty (no seed of its own grows here).
+        widened_only = {**manifest, "seeds": [], "seed_counter": 0, "epoch": 0, "last_val_loss": None}
+        before = sum(p.numel() for p in layer.model.parameters())
+        result = layer.load_manifest(widened_only)
+        if not result.ok:
+            raise ValueError(f"initial manifest: its widenings do not fit this host: {result.reason}")
+        widened = sum(p.numel() for p in layer.model.parameters()) - before
+    else:
+        widened = 0
+    return widened + build_at_birth(layer.model, manifest)
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:

@@ -54,7 +54,7 @@ def build_trainer(config: TolariaConfig, *, run_dir: Path | None = None, faults:
                   tamiyo: Any = None, verifier: Any = None, callbacks: tuple[Any, ...] = (),
                   world: Any = None, bus: Any = None) -> TolariaTrainer:
     from esper.kasmina import KasminaConfig, KasminaLayer
-    from esper.kasmina.birth import build_at_birth, read_manifest
+    from esper.kasmina.birth import grow_at_birth, read_manifest
     from esper.tamiyo import HeuristicTamiyo, TamiyoConfig
 
     configure_torch(config)
@@ -70,13 +70,13 @@ def build_trainer(config: TolariaConfig, *, run_dir: Path | None = None, faults:
         sizes = (size[0], size[1])
     torch.manual_seed(config.run.seed)  # the host's initial weights: a function of the run's seed
     model = host_model(config, roots, sizes)
-    if config.model.initial_manifest:  # the static baseline: a grown structure, fixed from step 0
-        build_at_birth(model, read_manifest(config.model.initial_manifest))
     # The bundled MLP's slot shapes are known before training (a resumed run may germinate at once).
     example = next(iter(val))[0][:2] if sizes is not None and not config.model.factory else None
     slots = config.model.slots or default_slots(model)
     kasmina = KasminaLayer(model, slots, config=KasminaConfig.model_validate(config.kasmina), seed=config.run.seed,
                            example_input=example)
+    if config.model.initial_manifest:  # the static baseline: a grown structure, fixed from step 0
+        grow_at_birth(kasmina, read_manifest(config.model.initial_manifest))
     if tamiyo is None and config.oona.remote_tamiyo:
         tamiyo, verifier = remote_tamiyo(config, verifier)
     controller = tamiyo if tamiyo is not None else HeuristicTamiyo(TamiyoConfig.model_validate(config.tamiyo))
