@@ -38,8 +38,8 @@ def write_config(tmp_path: Path, tag: str) -> Path:
     return path
 
 
-def torchrun(*args: str, restarts: int = 0) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+def torchrun(*args: str, restarts: int = 0, ranks: int = 2) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
             f"--max-restarts={restarts}", "--monitor-interval=0.1", "-m", "esper.tolaria", *args, "--quiet",
             "--no-report"]
 
