@@ -35,7 +35,7 @@ CONFIG = ROOT / "mutation.toml"
 WORK = ROOT / "build" / "mutation"
 # Repository paths a test may read beside its own directory (examples, helper scripts).
 ALSO_COPY = ["examples", "scripts"]
-MODULE_KEYS = {"path", "tests", "equivalent"}
+MODULE_KEYS = {"path", "tests", "equivalent", "needs_cuda"}
 # mutmut's own statuses, folded into the columns of the report.
 COLUMNS = {
     "killed": "killed",
@@ -61,6 +61,12 @@ class Module:
     path: str
     tests: list[str]
     equivalent: dict[str, str] = field(default_factory=dict)
+    # functions only a CUDA device reaches (mutmut's mangled names, e.g. "x__host_copy"): their
+    # mutants cannot be tested on a CPU machine and are counted under "other", not as survivors
+    needs_cuda: list[str] = field(default_factory=list)
+
+    def reaches_only_on_cuda(self, mutant: str) -> bool:
+        return any(f".{fn}__mutmut_" in mutant for fn in self.needs_cuda)
 
 
 @dataclass
@@ -108,7 +114,8 @@ def load_modules(config: Path = CONFIG) -> list[Module]:
         for path in [entry["path"], *(t.split("::")[0] for t in entry["tests"])]:
             if not (ROOT / path).exists():
                 raise ConfigError(f"mutation: [modules.{name}] names {path}, which does not exist; fix the path")
-        modules.append(Module(name, entry["path"], list(entry["tests"]), dict(entry.get("equivalent", {}))))
+        modules.append(Module(name, entry["path"], list(entry["tests"]), dict(entry.get("equivalent", {})),
+                              list(entry.get("needs_cuda", []))))
     if not modules:
         raise ConfigError(f"mutation: {config} lists no [modules.*]")
     return modules
@@ -242,7 +249,9 @@ def score(module: Module, statuses: dict[str, str], diffs: dict[str, str]) -> Sc
                 column = "equivalent"
             elif is_wording(diffs.get(name, "")):
                 column = "wording"
-            kinds[name] = column if column != "no_tests" else "no tests"
+            elif column == "no_tests" and module.reaches_only_on_cuda(name):
+                column = "other"
+            kinds[name] = {"no_tests": "no tests", "other": "needs CUDA"}.get(column, column)
         counts[column] += 1
     stale = sorted(n for n in module.equivalent if COLUMNS.get(statuses.get(n, ""), "") not in ("survived", "no_tests"))
     return Score(module.name, counts, kinds, stale, diffs)
