@@ -1,12 +1,14 @@
 """`tolaria report RUN RUN`: growth against the host alone on one page, with seed events marked,
-best epochs, and the config keys that differ."""
+best epochs, every resume, and the config keys that differ."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from trainer_fixtures import FAST_GROWTH, MemoryBus, small_config  # type: ignore[import-not-found]
@@ -32,6 +34,57 @@ def two_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
             trainer.close()
         made.append(run_dir)
     return made[0], made[1]
+
+
+class StopAfter:
+    """Asks the run to stop (checkpoint and leave) once `epoch` has ended, as SIGTERM would."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_boundary_end(self, trainer: Any, epoch: int, report: Any) -> None:
+        if epoch == self.epoch:
+            trainer.request_stop("test stop")
+
+
+@pytest.fixture(scope="module")
+def resumed_twice(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One run stopped after epoch 1, resumed and stopped after epoch 2, then resumed to its end."""
+    run_dir = tmp_path_factory.mktemp("runs") / "resumed"
+    for attempt, stop in enumerate((1, 2, None)):
+        cfg = small_config(**CALM, run={"epochs": 5}, checkpoint={"enabled": True}, telemetry={"jsonl": True},
+                           loggers={"csv": {"enabled": False}})
+        callbacks = (StopAfter(stop),) if stop is not None else ()
+        trainer = build_trainer(cfg, run_dir=run_dir, callbacks=callbacks)
+        try:
+            if attempt:
+                trainer.resume_from(run_dir / "checkpoints")
+            trainer.fit()
+        finally:
+            trainer.close()
+    return run_dir
+
+
+def _cells(page: str, run: str) -> dict[str, str]:
+    """The comparison table's row for `run`, as {column: cell text}."""
+    rows = [re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", r) for r in re.findall(r"<tr>(.*?)</tr>", page)]
+    head = next(r for r in rows if r and r[0] == "run")
+    return dict(zip(head, next(r for r in rows if r and r[0] == run), strict=True))
+
+
+def test_the_comparison_names_every_resume_of_each_run(resumed_twice: Path, two_runs: tuple[Path, Path],
+                                                       tmp_path: Path) -> None:
+    page = compare_runs([resumed_twice, two_runs[1]], tmp_path / "cmp").read_text()
+    markers = [json.loads(line) for line in (resumed_twice / "telemetry.jsonl").read_text().splitlines()
+               if '"run_started"' in line]
+    checkpoints = [e["attributes"]["resumed_from"] for m in markers for e in m["payload"]["events"]
+                   if e["description"] == "run_started" and e["attributes"]["resumed_from"]]
+    assert len(checkpoints) == 2 and checkpoints[-1] == json.loads((resumed_twice / "summary.json").read_text())[
+        "resumed_from"], "two resumes; the summary keeps only the last"
+    resumed = _cells(page, "resumed")["resumed"]
+    assert resumed.startswith("yes, 2× (at epoch 2 (step "), resumed
+    assert f"from {checkpoints[0]}), at epoch 3 (step " in resumed and resumed.endswith(f"from {checkpoints[1]}))")
+    assert _cells(page, "host-alone")["resumed"] == "no"
 
 
 def test_the_comparison_overlays_both_runs_and_tabulates_them(two_runs: tuple[Path, Path], tmp_path: Path) -> None:

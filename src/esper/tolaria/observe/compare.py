@@ -3,9 +3,10 @@ seeds, configs).
 
 The page overlays each run's validation primary metric, losses and parameter count per epoch, marks
 every run's germinations, fossilizations and culls on its own curve, and tabulates per run the final
-and best metric (with its epoch), parameters, rollbacks, emergencies, training time, whether it was
-resumed, and the config keys that differ between the runs. The plots are static PNGs (matplotlib,
-embedded), as in the one-run report: no new dependency for interactivity.
+and best metric (with its epoch), parameters, rollbacks, emergencies, training time, every resume
+(the epoch, step and checkpoint of each, read as the one-run report reads them:
+`report_data.resume_points`), and the config keys that differ between the runs. The plots are
+static PNGs (matplotlib, embedded), as in the one-run report: no new dependency for interactivity.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 from esper.tolaria.config import flat_keys
 from esper.tolaria.observe.report_data import load_summary, read_run_config
-from esper.tolaria.observe.report_html import CSS, escape, html_table
+from esper.tolaria.observe.report_html import CSS, escape, html_table, resumed_text
 from esper.tolaria.observe.report_plots import mark_seed_events, new_axes, save_figure
 from esper.tolaria.observe.report_view import RunView, primary_metric
 
@@ -69,7 +70,7 @@ def _row(label: str, run: RunView, metric: str) -> dict[str, Any]:
             f"final {metric}": final, f"best {metric}": best, "best epoch": at, "params": s.get("param_count"),
             "seeds (fossilized)": f"{len(stages)} ({stages.count('FOSSILIZED')})",
             "rollbacks": len(run.rollbacks), "emergencies": len(run.emergencies),
-            "train time (s)": round(seconds, 1), "resumed from": s.get("resumed_from") or "-"}
+            "train time (s)": round(seconds, 1), "resumed": resumed_text(run.resumes)}
 
 
 def _config_differences(run_dirs: Sequence[Path]) -> list[dict[str, Any]]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from esper.tolaria.config import flat_keys
-from esper.tolaria.observe.report_data import TelemetryStats, dicts, num
+from esper.tolaria.observe.report_data import ResumePoint, TelemetryStats, dicts, num
 from esper.tolaria.observe.report_plots import PLOTS
 from esper.tolaria.observe.report_view import RunView, conservative_spans, primary_metric, stage_name
 
@@ -74,7 +74,7 @@ def _header_rows(run: RunView, telemetry: TelemetryStats) -> list[tuple[str, Any
         ("final validation loss", num(s.get("final_val_loss"))),
         (f"best validation {primary_metric(s)}", _best_text(run)),
         ("training time", f"{math.fsum(run.series('epoch_seconds')[1]):.1f} s over {len(run.history)} epochs"),
-        ("resumed", _resumed_text(run)),
+        ("resumed", resumed_text(run.resumes)),
         ("parameters", s.get("param_count", "?")),
         ("morphogenesis", s.get("morphogenesis", "?")),
         ("seeds fossilized / culled / total", f"{stages['FOSSILIZED']} / {stages['CULLED']} / {len(seeds or {})}"),
@@ -93,11 +93,12 @@ def _best_text(run: RunView) -> str:
     return "n/a" if math.isnan(best) else f"{best:.4g} at epoch {epoch:g}"
 
 
-def _resumed_text(run: RunView) -> str:
-    if not run.resumes:
+def resumed_text(resumes: Sequence[ResumePoint]) -> str:
+    """Every resume in one line, oldest first: `yes, 2× (at epoch 2 (step 40, from ckpt-…), …)`, or `no`."""
+    if not resumes:
         return "no"
-    where = ", ".join(f"at epoch {p.epoch} (step {p.step}, from {p.checkpoint})" for p in run.resumes)
-    return f"yes, {len(run.resumes)}× ({where})"
+    where = ", ".join(f"at epoch {p.epoch} (step {p.step}, from {p.checkpoint})" for p in resumes)
+    return f"yes, {len(resumes)}× ({where})"
 
 
 def _seed_event_sections(run: RunView) -> str:
