@@ -61,27 +61,33 @@ def run_study(config_path: Path, seeds: Sequence[int], *, run_root: Path, out: P
     if not seeds:
         raise ValueError("a study needs at least one seed: --seeds 0-4")
     rows: list[dict[str, Any]] = []
-    task: dict[str, Any] = {}
     study: dict[str, Any] = {}
     for seed in seeds:
-        arms: dict[str, dict[str, Any]] = {}
-        base = run_root / f"seed{seed}"
-        for arm in ARMS:
-            say(f"study: seed {seed}, {arm} -> {base / arm}")
-            overrides = _arm_overrides(arm, seed, epochs, base / "grown" / "final_manifest.json")
-            summary = _run_arm(config_path, base / arm, overrides)
-            if arm == "grown":
-                _write_json(base / "grown" / "final_manifest.json", summary["final_manifest"])
-            task = summary.get("task") or task
-            arms[arm] = arm_result(summary, base / arm, _metric(summary))
-        rows.append(seed_result(seed, arms, higher=bool(task.get("higher_is_better", True))))
+        arms, task = _run_seed(config_path, seed, run_root / f"seed{seed}", epochs, say)
+        higher = bool(task.get("higher_is_better", True))
+        rows.append(seed_result(seed, arms, higher=higher))
         study = {"format": STUDY_FORMAT, "config": str(config_path), "run_root": str(run_root),
-                 "metric": task.get("primary_metric", "accuracy"),
-                 "higher_is_better": task.get("higher_is_better", True), "seeds_requested": list(seeds),
-                 "seeds": rows, "median": medians(rows), "goals": goals(rows)}
+                 "metric": task.get("primary_metric", "accuracy"), "higher_is_better": higher,
+                 "seeds_requested": list(seeds), "seeds": rows, "median": medians(rows), "goals": goals(rows)}
         if out is not None:  # after every seed: an interrupted study keeps the seeds it finished
             _write_json(out, study)
     return study
+
+
+def _run_seed(config_path: Path, seed: int, base: Path, epochs: int | None,
+              say: Callable[[str], None]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """The three arms of one seed, in order (the static arm is built from the grown run's manifest)."""
+    arms: dict[str, dict[str, Any]] = {}
+    task: dict[str, Any] = {}
+    manifest = base / "grown" / "final_manifest.json"
+    for arm in ARMS:
+        say(f"study: seed {seed}, {arm} -> {base / arm}")
+        summary = _run_arm(config_path, base / arm, _arm_overrides(arm, seed, epochs, manifest))
+        if arm == "grown":
+            _write_json(manifest, summary["final_manifest"])
+        task = summary.get("task") or task
+        arms[arm] = arm_result(summary, base / arm, _metric(summary))
+    return arms, task
 
 
 def _arm_overrides(arm: str, seed: int, epochs: int | None, manifest: Path) -> dict[str, Any]:
