@@ -60,7 +60,8 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any
     config = base / "tiny.toml"
     config.write_text(TINY)
     out = base / "study.json"
-    assert main(["study", str(config), "--seeds", "0-1", "--json", str(out), "--run-root", str(base / "runs")]) == 0
+    assert main(["study", str(config), "--seeds", "0-1", "--json", str(out), "--run-root", str(base / "runs"),
+                 "--set", "run.name=tiny-set"]) == 0
     return base, json.loads(out.read_text())
 
 
@@ -69,17 +70,19 @@ def test_a_tiny_study_runs_three_arms_per_seed_and_writes_every_key(study: tuple
     assert data["format"] == "tolaria.study/1" and data["metric"] == "accuracy" and data["higher_is_better"]
     assert [r["seed"] for r in data["seeds"]] == [0, 1]
     for row in data["seeds"]:
-        assert set(row) == {"seed", "arms", "grown_flops_to_static_final", "grown_flops_ratio", "grown_minus_host",
-                            "grown_minus_static"}
+        assert row["grew"] is True
+        assert set(row) == {"seed", "arms", "grew", "grown_flops_to_static_final", "grown_flops_ratio",
+                            "grown_minus_host", "grown_minus_static"}
         assert set(row["arms"]) == {"host", "grown", "static"}
         for arm, figures in row["arms"].items():
             assert set(figures) == ARM_KEYS, arm
             assert figures["epochs"] == 3 and figures["flops"] > 0 and 0 < figures["final"] <= 1
             summary = json.loads((Path(figures["run_dir"]) / "summary.json").read_text())
             assert summary["morphogenesis"] is (arm == "grown")
+            assert summary["experiment"] == "tiny-set"  # --set reaches every arm
             assert summary["flops"]["total"] == figures["flops"] == figures["curve"][-1]["flops"]
     assert set(data["median"]) >= {"host", "grown", "static", "grown_flops_to_static_final", "grown_flops_ratio",
-                                   "reached", "grown_minus_host", "grown_minus_static"}
+                                   "reached", "grew", "grown_minus_host", "grown_minus_static"}
     assert set(data["goals"]) == {"thresholds", "flops_ratio", "within_static", "over_host"}
 
 

@@ -13,13 +13,15 @@ can be reported, compared or resumed like any other. Per seed and arm the study 
 and best primary metric, the parameters, the training FLOPs (`summary.json`'s `flops.total`) and
 the curve of metric against cumulative FLOPs with the seed events; it then asks what growth costs:
 the FLOPs the grown run spent until its validation metric first reached the static run's final
-one (null if it never did) and their ratio to the static run's total. Medians over seeds follow
+one (null if it never did) and their ratio to the static run's total; a seed whose grown run
+never grew (`grew` false) has three copies of the host and is reported as such. Medians over seeds follow
 ("never reached" counts as infinitely expensive, so the median is null when most seeds never
 reached it), and the issue's goals are checked against them (`goals`).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import re
@@ -29,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from esper.tolaria.checkpoint.atomic import atomic_write_bytes
-from esper.tolaria.config import TolariaConfig, load_config
+from esper.tolaria.config import TolariaConfig, load_config, merge_overrides
 from esper.tolaria.imports import on_sys_path, user_import_roots
 from esper.tolaria.job import run_job
 from esper.tolaria.observe.study_report import STUDY_FORMAT
@@ -56,14 +58,17 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def run_study(config_path: Path, seeds: Sequence[int], *, run_root: Path, out: Path | None = None,
-              epochs: int | None = None, say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the three arms for every seed and return (and write to `out`) the study."""
+              epochs: int | None = None, overrides: Mapping[str, Any] | None = None,
+              say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the three arms for every seed and return (and write to `out`) the study. `overrides`
+    (nested, as `--set` gives them) apply to every arm; each arm's own keys (seed, growth, the
+    initial manifest) win over them."""
     if not seeds:
         raise ValueError("a study needs at least one seed: --seeds 0-4")
     rows: list[dict[str, Any]] = []
     study: dict[str, Any] = {}
     for seed in seeds:
-        arms, task = _run_seed(config_path, seed, run_root / f"seed{seed}", epochs, say)
+        arms, task = _run_seed(config_path, seed, run_root / f"seed{seed}", epochs, overrides or {}, say)
         higher = bool(task.get("higher_is_better", True))
         rows.append(seed_result(seed, arms, higher=higher))
         study = {"format": STUDY_FORMAT, "config": str(config_path), "run_root": str(run_root),
@@ -74,7 +79,7 @@ def run_study(config_path: Path, seeds: Sequence[int], *, run_root: Path, out: P
     return study
 
 
-def _run_seed(config_path: Path, seed: int, base: Path, epochs: int | None,
+def _run_seed(config_path: Path, seed: int, base: Path, epochs: int | None, overrides: Mapping[str, Any],
               say: Callable[[str], None]) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """The three arms of one seed, in order (the static arm is built from the grown run's manifest)."""
     arms: dict[str, dict[str, Any]] = {}
@@ -82,7 +87,8 @@ def _run_seed(config_path: Path, seed: int, base: Path, epochs: int | None,
     manifest = base / "grown" / "final_manifest.json"
     for arm in ARMS:
         say(f"study: seed {seed}, {arm} -> {base / arm}")
-        summary = _run_arm(config_path, base / arm, _arm_overrides(arm, seed, epochs, manifest))
+        arm_overrides = merge_overrides(copy.deepcopy(dict(overrides)), _arm_overrides(arm, seed, epochs, manifest))
+        summary = _run_arm(config_path, base / arm, arm_overrides)
         if arm == "grown":
             _write_json(manifest, summary["final_manifest"])
         task = summary.get("task") or task
@@ -162,7 +168,8 @@ def seed_result(seed: int, arms: Mapping[str, dict[str, Any]], *, higher: bool) 
         reached = next((c["flops"] for c in grown["curve"] if c["metric"] is not None
                         and (c["metric"] >= target if higher else c["metric"] <= target)), None)
     total = static["flops"]
-    return {"seed": seed, "arms": dict(arms), "grown_flops_to_static_final": reached,
+    grew = bool(grown["events"]) or grown["params"] != host["params"]  # else all three arms are the host
+    return {"seed": seed, "arms": dict(arms), "grew": grew, "grown_flops_to_static_final": reached,
             "grown_flops_ratio": reached / total if reached is not None and total else None,
             "grown_minus_host": _difference(grown["final"], host["final"], higher),
             "grown_minus_static": _difference(grown["final"], static["final"], higher)}
@@ -191,6 +198,7 @@ def medians(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     for key in ("grown_flops_to_static_final", "grown_flops_ratio"):
         out[key] = _median([r[key] for r in rows], missing_is_infinite=True)
     out["reached"] = sum(r["grown_flops_to_static_final"] is not None for r in rows)
+    out["grew"] = sum(r["grew"] for r in rows)
     for key in ("grown_minus_host", "grown_minus_static"):
         out[key] = _median([r[key] for r in rows])
     return out
@@ -231,6 +239,9 @@ def format_table(study: Mapping[str, Any]) -> str:
         lines.append(row(str(r["seed"]), r, r["grown_flops_to_static_final"], r["grown_flops_ratio"]))
     m = study["median"]
     lines.append(row("med", m, m["grown_flops_to_static_final"], m["grown_flops_ratio"]))
+    idle = [str(r["seed"]) for r in study["seeds"] if not r["grew"]]
+    if idle:
+        lines.append(f"seeds {', '.join(idle)} did not grow: their three arms are the same host")
     g = study["goals"]
     lines.append(f"goals: FLOPs ratio {_fmt(g['flops_ratio']['median'], 2).strip()} "
                  f"(<= {g['thresholds']['flops_ratio_at_most']}: {g['flops_ratio']['met']}); grown - static "
