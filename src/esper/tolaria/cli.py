@@ -87,6 +87,8 @@ def _parser(figures: str = "") -> argparse.ArgumentParser:
     study.add_argument("--run-root", type=Path, default=None, metavar="DIR",
                        help="where the runs go, RUN_ROOT/seed<N>/{host,grown,static} (default runs/study-<name>)")
     study.add_argument("--epochs", type=int, default=None, help="override run.epochs in every arm")
+    study.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one config value in every arm (repeatable), as `tolaria run --set`")
 
     bench = sub.add_parser("bench", help="measure every performance figure against its goal")
     bench.add_argument("--quick", action="store_true", help="small sizes and 3 trials (under 5 minutes on 2 cores)")
@@ -408,10 +410,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
+    from esper.tolaria.config import parse_set_overrides
     from esper.tolaria.study import format_table, parse_seeds, run_study
 
     root = args.run_root or Path("runs") / f"study-{args.config.stem}"
-    study = run_study(args.config, parse_seeds(args.seeds), run_root=root, out=args.json, epochs=args.epochs)
+    study = run_study(args.config, parse_seeds(args.seeds), run_root=root, out=args.json, epochs=args.epochs,
+                      overrides=parse_set_overrides(args.overrides))
     print(format_table(study))
     print(f"study: {args.json} (tolaria report {args.json} draws it)")
     return 0
