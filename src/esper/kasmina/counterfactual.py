@@ -19,6 +19,7 @@ returns a loss it computed itself, is evaluated one case per pass instead).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -77,3 +78,22 @@ class CounterfactualPlan:
             mask = torch.tensor(values, dtype=dtype).reshape(self.cases, 1).to(device)
             self._masks[key] = mask
         return mask
+
+
+def blend(plan: CounterfactualPlan, slot: str, chain: Sequence[tuple[str, Any, bool]], h: torch.Tensor) -> torch.Tensor:
+    """A slot's blend (`chain`: seed id, seed module, blending?) with the plan's seeds switched off per case.
+
+    Until a switched-off seed is met, every case sees the same `h`: seeds run on the batch's rows
+    once, and the first switched-off seed's output is replicated with `h` (the cases differ only
+    after it). A seed switched off in a one-case plan is not run at all."""
+    for seed_id, seed, blending in chain:
+        off = seed_id in plan.off
+        if off and plan.cases == 1:
+            continue
+        delta = seed.alpha * seed(h) if blending else seed(h)
+        if off and plan.rows is None:
+            h, delta = plan.spread(slot, h), plan.spread(slot, delta, again=True)
+        elif off:
+            h = plan.spread(slot, h)
+        h = h + plan.gate(seed_id, delta)
+    return h

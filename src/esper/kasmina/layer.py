@@ -10,7 +10,6 @@ attached only to slots that hold a seed, so a model without seeds pays nothing.
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -24,6 +23,7 @@ from esper.kasmina.alpha import alpha_at
 from esper.kasmina.blueprints import BlueprintError, BlueprintSpec, build_blueprint, resolve_blueprint
 from esper.kasmina.config import KasminaConfig
 from esper.kasmina.counterfactual import CounterfactualPlan
+from esper.kasmina.counterfactual import blend as counterfactual_blend
 from esper.kasmina.export import seed_states
 from esper.kasmina.lifecycle import (
     APPLIED_STAGES,
@@ -35,8 +35,8 @@ from esper.kasmina.lifecycle import (
 )
 from esper.kasmina.manifest import ManifestError, manifest_to_json, parse_manifest
 from esper.kasmina.running_stats import running_stat_modules, scratch_running_stats
-from esper.kasmina.widen import WIDEN, WidenPair, narrow, parameter_names, parse_pairs, resolve, widen, width
-from esper.kasmina.widen import added_params as widen_params
+from esper.kasmina.slots import probe_once, resolve_slots
+from esper.kasmina.widen import WIDEN, Widener
 from esper.leyline import (
     COMMAND_SEED,
     SEED_OP_GERMINATE,
@@ -52,7 +52,6 @@ from esper.leyline import (
 )
 
 SEED_CONTAINER = "kasmina_seeds"
-_SEED_ID = re.compile(r"seed\d+")
 
 
 class SeedModule(nn.Module):
@@ -107,7 +106,7 @@ class KasminaLayer:
         self._config = config or KasminaConfig()
         self._seed = seed
         self._slots = tuple(slots)
-        self._slot_modules = self._resolve_slots(model, self._slots)
+        self._slot_modules = resolve_slots(model, self._slots)
         if hasattr(model, SEED_CONTAINER):
             raise ValueError(f"model already has a `{SEED_CONTAINER}` attribute: attach one KasminaLayer per model")
         self._running_stats = running_stat_modules(model)  # the host's BatchNorm-like modules, found once
@@ -125,32 +124,12 @@ class KasminaLayer:
         self._plan: CounterfactualPlan | None = None  # set only inside `counterfactual()`
         self._attribution: dict[str, dict[str, float]] = {}  # the last validation's, by seed id
         self._costs: dict[tuple[str, str], int] = {}  # (slot, blueprint) -> parameters a germination adds
-        self._widen_pairs: dict[str, WidenPair] = {p.layer: p for p in parse_pairs(self._config.widen)}
-        for pair in self._widen_pairs.values():
-            resolve(model, pair)  # a pair that cannot be widened is an error now, not at the first command
-        self._widenings: list[tuple[str, int]] = []  # (layer, units) in the order applied
+        self._widener = Widener(model, self._config.widen, units=self._config.widen_units, layer_seed=seed)
         self._probes = {s: m.register_forward_hook(self._make_probe(s)) for s, m in self._slot_modules.items()}
         if example_input is not None:
-            self._probe_once(example_input)
+            probe_once(model, example_input)
 
     # ------------------------------------------------------------------ construction helpers
-
-    @staticmethod
-    def _resolve_slots(model: nn.Module, slots: tuple[str, ...]) -> dict[str, nn.Module]:
-        if not slots:
-            raise ValueError("KasminaLayer needs at least one slot: pass module names from model.named_modules()")
-        if len(set(slots)) != len(slots):
-            raise ValueError(f"slots {list(slots)} repeat a name: list each slot once")
-        modules = dict(model.named_modules())
-        valid = [name for name in modules if name]
-        resolved: dict[str, nn.Module] = {}
-        for slot in slots:
-            if slot not in modules or not slot:
-                raise ValueError(f"unknown slot {slot!r}: not a submodule of the model; valid slots: {valid}")
-            if _SEED_ID.fullmatch(slot):
-                raise ValueError(f"slot {slot!r} looks like a seed id (seedN); seed ids and slot names must differ")
-            resolved[slot] = modules[slot]
-        return resolved
 
     def _make_probe(self, slot: str) -> Callable[[nn.Module, Any, Any], None]:
         def probe(module: nn.Module, args: Any, output: Any) -> None:
@@ -163,16 +142,6 @@ class KasminaLayer:
                 handle.remove()
 
         return probe
-
-    def _probe_once(self, example_input: torch.Tensor) -> None:
-        modes = [(m, m.training) for m in self._model.modules()]
-        self._model.eval()  # no BatchNorm statistics change from a probe
-        try:
-            with torch.no_grad():
-                self._model(example_input)
-        finally:
-            for module, training in modes:
-                module.training = training
 
     # ------------------------------------------------------------------ properties
 
@@ -200,12 +169,10 @@ class KasminaLayer:
         return None
 
     def germination_params(self, slot: str, blueprint: str = "") -> int | None:
-        """Parameters a GERMINATE of `blueprint` (empty: the default) in `slot` would add, or None where
-        it cannot germinate (unknown slot, no shape yet, no blueprint fits). Built once per slot and
-        blueprint, from a private generator: the run's random streams are untouched."""
+        """Parameters a GERMINATE of `blueprint` (empty: the default) in `slot` would add; None where it
+        cannot (no such slot, no shape yet, no blueprint fits). Built once, from a private generator."""
         if blueprint == WIDEN:
-            pair = self._widen_pairs.get(slot)
-            return widen_params(resolve(self._model, pair), self._config.widen_units) if pair else None
+            return self._widener.added_params(slot)
         shape = self._shapes.get(slot)
         if slot not in self._slot_modules or shape is None:
             return None
@@ -277,58 +244,21 @@ class KasminaLayer:
 
     def _widen(self, layer: str) -> ApplyResult:
         """GERMINATE `net2wider`: widen a host layer by `widen_units`, keeping the function (widen.py)."""
-        pair = self._widen_pairs.get(layer)
-        if pair is None:
+        if layer not in self._widener.pairs:
             return _fail(f"GERMINATE {WIDEN}: {layer!r} is not a widenable layer; kasmina.widen lists "
-                         f"{sorted(self._widen_pairs)}")
-        modules = resolve(self._model, pair)
-        affected = self._widened_slots(pair, width(modules.layer))
+                         f"{sorted(self._widener.pairs)}")
+        affected = self._widener.affected_slots(layer, self._slots, self._shapes)
         blocked = [r.seed_id for r in self._records.values() if r.stage != SEED_STAGE_CULLED and r.slot in affected]
         if blocked:
             return _fail(f"GERMINATE {WIDEN} of {layer!r}: seeds {blocked} sit on slots {sorted(affected)} whose width "
                          "it would change; widen before growing seeds there")
-        units = self._config.widen_units
-        widen(modules, units, self._widen_generator(len(self._widenings)))
-        self._widenings.append((layer, units))
-        self._resize_slots(affected, units)
-        return ApplyResult(ok=True, reason=f"widened {layer} by {units} units to {width(modules.layer)} "
-                           "(Net2Net, function-preserving)", seed_id="",
-                           reshaped_params=parameter_names(self._model, pair))
-
-    def _widened_slots(self, pair: WidenPair, units: int) -> set[str]:
-        """Slots whose output carries the layer's units: the layer, the modules after it up to the
-        consumer (in registration order), and its ancestors, where their first per-sample
-        dimension is that width."""
-        names = [n for n, _ in self._model.named_modules()]
-        start, end = names.index(pair.layer), names.index(pair.consumer)
-        between = set(names[start:end]) if start < end else {pair.layer}
-        return {s for s in self._slots if (s in between or pair.layer.startswith(f"{s}."))
-                and self._shapes.get(s, (None,))[0] == units}
-
-    def _resize_slots(self, slots: set[str], units: int) -> None:
-        for slot in slots:
+        reshaped = self._widener.widen(layer)
+        for slot in affected:  # their seeds-to-be are built for the new width
             shape = self._shapes[slot]
-            self._shapes[slot] = (shape[0] + units, *shape[1:])
-        self._costs = {k: v for k, v in self._costs.items() if k[0] not in slots}
-
-    def _widen_generator(self, index: int) -> torch.Generator:
-        digest = hashlib.sha256(f"{self._seed}:widen:{index}".encode()).digest()
-        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-
-    def _reconcile_widenings(self, target: Sequence[tuple[str, int]]) -> tuple[str, ...]:
-        """Narrow and widen the host until its widenings are `target`'s; the reshaped parameter names."""
-        current, common = self._widenings, 0
-        while common < min(len(current), len(target)) and current[common] == tuple(target[common]):
-            common += 1
-        reshaped: set[str] = set()
-        for layer, units in reversed(current[common:]):
-            narrow(resolve(self._model, self._widen_pairs[layer]), units)
-            reshaped.update(parameter_names(self._model, self._widen_pairs[layer]))
-        for index, (layer, units) in enumerate(target[common:], start=common):
-            widen(resolve(self._model, self._widen_pairs[layer]), units, self._widen_generator(index))
-            reshaped.update(parameter_names(self._model, self._widen_pairs[layer]))
-        self._widenings = [(layer, int(units)) for layer, units in target]
-        return tuple(sorted(reshaped))
+            self._shapes[slot] = (shape[0] + self._widener.units, *shape[1:])
+        self._costs = {k: v for k, v in self._costs.items() if k[0] not in affected}
+        return ApplyResult(ok=True, reason=f"widened {layer} by {self._widener.units} units (Net2Net, "
+                           "function-preserving)", reshaped_params=reshaped)
 
     def _spec(self) -> BlueprintSpec:
         cfg = self._config
@@ -436,7 +366,7 @@ class KasminaLayer:
             if not isinstance(output, torch.Tensor):
                 raise TypeError(f"Kasmina slot {slot!r} outputs {type(output).__name__}; seeds need a tensor output")
             if self._plan is not None:
-                return self._counterfactual_blend(self._plan, slot, chain, output)
+                return counterfactual_blend(self._plan, slot, chain, output)
             h = output
             for seed_id, seed, blend in chain:
                 if own is not None and seed_id == own.seed_id:
@@ -449,26 +379,6 @@ class KasminaLayer:
 
         return hook
 
-    @staticmethod
-    def _counterfactual_blend(plan: CounterfactualPlan, slot: str, chain: list[tuple[str, SeedModule, bool]],
-                              h: torch.Tensor) -> torch.Tensor:
-        """The slot's blend with the plan's seeds switched off per case (see counterfactual.py).
-
-        Until a switched-off seed is met, every case sees the same `h`: seeds run on the batch's
-        rows once, and the first switched-off seed's output is replicated with `h` (the cases
-        differ only after it). A seed switched off in a one-case plan is not run at all."""
-        for seed_id, seed, blend in chain:
-            off = seed_id in plan.off
-            if off and plan.cases == 1:
-                continue
-            delta = seed.alpha * seed(h) if blend else seed(h)
-            if off and plan.rows is None:
-                h, delta = plan.spread(slot, h), plan.spread(slot, delta, again=True)
-            elif off:
-                h = plan.spread(slot, h)
-            h = h + plan.gate(seed_id, delta)
-        return h
-
     # ------------------------------------------------------------------ counterfactuals and attribution
 
     def attributable_seeds(self) -> tuple[str, ...]:
@@ -478,10 +388,8 @@ class KasminaLayer:
 
     @contextmanager
     def counterfactual(self, off: Sequence[str | None]) -> Iterator[None]:
-        """Inside, each model forward runs `len(off)` cases: case `c` with seed `off[c]` switched off
-        (None: every seed on). One case is the plain forward with that seed off; several are fused
-        into one forward whose output rows are case-major (counterfactual.py says how, and when a
-        model cannot be fused: `CounterfactualError`)."""
+        """Inside, each forward runs `len(off)` cases: case `c` with seed `off[c]` switched off (None:
+        all on), fused into one forward with case-major rows (counterfactual.py: how, and when not)."""
         known = set(self.attributable_seeds())
         unknown = [s for s in off if s is not None and s not in known]
         if unknown:
@@ -595,7 +503,7 @@ class KasminaLayer:
         return manifest_to_json(
             layer_seed=self._seed, slots=self._slots, seed_counter=self._seed_counter, epoch=self._epoch,
             last_val_loss=self._last_val_loss, shapes=self._shapes, records=list(self._records.values()),
-            widenings=self._widenings,
+            widenings=self._widener.applied,
         )
 
     def load_manifest(self, manifest: Mapping[str, Any]) -> ApplyResult:
@@ -614,7 +522,7 @@ class KasminaLayer:
                 f"load_manifest: manifest was written for slots {list(parsed.slots)} and seed {parsed.layer_seed}, "
                 f"this layer has slots {list(self._slots)} and seed {self._seed}; construct KasminaLayer to match"
             )
-        unknown = sorted({layer for layer, _ in parsed.widenings} - set(self._widen_pairs))
+        unknown = sorted({layer for layer, _ in parsed.widenings} - set(self._widener.pairs))
         if unknown:
             return _fail(f"load_manifest: the manifest widened {unknown}, which kasmina.widen does not list here")
         keep, build = self._plan_rebuild(parsed.records)
@@ -626,7 +534,7 @@ class KasminaLayer:
             return _fail(f"load_manifest: {exc}")
         old_names = {n for sid in self._container for n in self.param_names(sid)}
         old_trainable = self._trainable_seed_params()
-        widened = self._reconcile_widenings(parsed.widenings)
+        widened = self._widener.reconcile(parsed.widenings)
         for seed_id in [sid for sid in self._container if sid not in keep]:
             del self._container[seed_id]
         for seed_id, module in built.items():

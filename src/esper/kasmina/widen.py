@@ -16,6 +16,8 @@ widening; the weights are loaded afterwards).
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -176,3 +178,56 @@ def _set_width(modules: PairModules, n: int) -> None:
         layer.out_channels, consumer.in_channels = n, n
     if modules.norm is not None:
         modules.norm.num_features = n
+
+
+class Widener:
+    """The widenable pairs of one model (`kasmina.widen`) and the widenings applied, in order."""
+
+    def __init__(self, model: nn.Module, entries: list[list[str]], *, units: int, layer_seed: int) -> None:
+        self.model, self.units, self._layer_seed = model, units, layer_seed
+        self.pairs = {p.layer: p for p in parse_pairs(entries)}
+        for pair in self.pairs.values():
+            resolve(model, pair)  # a pair that cannot be widened is an error now, not at the first command
+        self.applied: list[tuple[str, int]] = []  # (layer, units) in the order applied
+
+    def added_params(self, layer: str) -> int | None:
+        pair = self.pairs.get(layer)
+        return added_params(resolve(self.model, pair), self.units) if pair else None
+
+    def affected_slots(self, layer: str, slots: Sequence[str], shapes: dict[str, tuple[int, ...]]) -> set[str]:
+        """Slots whose output carries the layer's units: the layer, the modules after it up to the
+        consumer (in registration order), and its ancestors, where their first per-sample
+        dimension is that width."""
+        pair = self.pairs[layer]
+        units = width(resolve(self.model, pair).layer)
+        names = [n for n, _ in self.model.named_modules()]
+        start, end = names.index(pair.layer), names.index(pair.consumer)
+        between = set(names[start:end]) if start < end else {pair.layer}
+        return {s for s in slots if (s in between or pair.layer.startswith(f"{s}."))
+                and shapes.get(s, (0,))[0] == units}
+
+    def widen(self, layer: str) -> tuple[str, ...]:
+        """Widen `layer` by `units`; the names of the parameters it reshaped."""
+        pair = self.pairs[layer]
+        widen(resolve(self.model, pair), self.units, self._generator(len(self.applied)))
+        self.applied.append((layer, self.units))
+        return parameter_names(self.model, pair)
+
+    def reconcile(self, target: Sequence[tuple[str, int]]) -> tuple[str, ...]:
+        """Narrow and widen until the applied widenings are `target`'s; the reshaped parameter names."""
+        common = 0
+        while common < min(len(self.applied), len(target)) and self.applied[common] == tuple(target[common]):
+            common += 1
+        reshaped: set[str] = set()
+        for layer, units in reversed(self.applied[common:]):
+            narrow(resolve(self.model, self.pairs[layer]), units)
+            reshaped.update(parameter_names(self.model, self.pairs[layer]))
+        for index, (layer, units) in enumerate(target[common:], start=common):
+            widen(resolve(self.model, self.pairs[layer]), units, self._generator(index))
+            reshaped.update(parameter_names(self.model, self.pairs[layer]))
+        self.applied = [(layer, int(units)) for layer, units in target]
+        return tuple(sorted(reshaped))
+
+    def _generator(self, index: int) -> torch.Generator:
+        digest = hashlib.sha256(f"{self._layer_seed}:widen:{index}".encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
