@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import os
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -321,3 +323,29 @@ def test_with_o_dsync_an_append_costs_one_synced_write_and_no_fsync(
 
 def test_header_layout_is_the_documented_44_bytes() -> None:
     assert HEADER_SIZE == 44 and struct.calcsize("<4sHHQQQII") == 40
+
+
+def test_a_wal_whose_segment_is_given_descriptor_0_works(tmp_path: Path) -> None:
+    # A daemon may run with stdin closed: then the segment's descriptor is 0, a valid open file.
+    # Here first (the reference, and what ties this test to append and close for mutmut), then
+    # in a child whose stdin is closed.
+    here = WriteAheadLog(tmp_path / "here", fsync=False)
+    here.append(RecordType.BEGIN, 1, 0, 0, b"on fd 0")
+    here.close()
+    with pytest.raises(ValueError, match="is closed"):
+        here.append(RecordType.BEGIN, 2, 0, 0)
+    code = (
+        "import os, sys\n"
+        "from esper.tolaria.checkpoint.wal import RecordType, WriteAheadLog, replay\n"
+        "os.close(0)\n"
+        "wal = WriteAheadLog(sys.argv[1], fsync=False)\n"
+        "assert wal._fd == 0, wal._fd\n"
+        "wal.append(RecordType.BEGIN, 1, 0, 0, b'on fd 0')\n"
+        "wal.close()\n"
+        "assert os.open(os.devnull, os.O_RDONLY) == 0  # close() released descriptor 0\n"
+        "print([r.payload for r in replay(sys.argv[1]).records])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "child")], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[b'on fd 0']"

@@ -49,6 +49,7 @@ def _respelled(signature: str) -> dict[str, str]:
         "extended by a padded block": signature + "AAAA",
         "digest plus one byte": base64.b64encode(digest + b"\x00").decode(),
         "digest less one byte": base64.b64encode(digest[:-1]).decode(),
+        "url-safe alphabet, unpadded": base64.urlsafe_b64encode(digest).decode().rstrip("="),
         "newline inside": signature[:20] + "\n" + signature[20:],
         "space inside": signature[:10] + " " + signature[10:],
         "stray character": signature[:5] + "!" + signature[5:],
@@ -67,7 +68,17 @@ def test_the_exact_command_signature_verifies() -> None:
     CommandVerifier(SECRET, clock=_clock).verify(_signed())
 
 
-@pytest.mark.parametrize("spelling", list(_respelled(_signed().annotations["signature"])))
+# names only: the signatures themselves are made inside each test, never at collection
+SPELLINGS = ["truncated by one character", "padding dropped", "last digest character dropped",
+             "extended by a character", "extended by a padded block", "digest plus one byte", "digest less one byte",
+             "url-safe alphabet, unpadded", "newline inside", "space inside", "stray character", "hex digest", "empty"]
+
+
+def test_every_spelling_is_tried() -> None:
+    assert list(_respelled(sign_payload(b"x", SECRET))) == SPELLINGS
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
 def test_a_command_signature_spelled_any_other_way_is_rejected(spelling: str) -> None:
     cmd = _signed()
     cmd.annotations["signature"] = _respelled(cmd.annotations["signature"])[spelling]
