@@ -73,6 +73,11 @@ def test_summary_and_state_name() -> None:
     assert breaker.summary() == {"state": "OPEN", "failures": 1, "opened": 1, "last_reason": "boom"}
 
 
+def test_the_board_defaults_to_the_breaker_defaults_and_names_each_breaker() -> None:
+    board = BreakerBoard()
+    assert all((b.name, b.failure_threshold, b.cooldown_calls) == (n, 3, 2) for n, b in board.breakers.items())
+
+
 def test_the_board_round_trips_every_breaker_and_lists_the_open_ones() -> None:
     board = BreakerBoard(failure_threshold=1, cooldown_calls=3)
     assert list(board.breakers) == ["boundary_timing", "tamiyo", "kasmina", "checkpoint", "telemetry",

@@ -13,7 +13,7 @@ from esper.tolaria.recovery.rollback import PhaseFailed, RollbackCoordinator
 
 @dataclass
 class Clock:
-    ns: int = 0
+    ns: int = 7_000_000_000  # a monotonic clock does not start at 0: a sum would show
 
     def __call__(self) -> int:
         return self.ns
