@@ -95,14 +95,14 @@ def test_a_batch_that_is_nan_every_time_is_found_by_the_replay_and_skipped(make_
 
 def poison_nan_batch(trainer: Any, *, epoch: int, batch: int) -> None:
     """The host loss is NaN whenever (epoch, batch) is trained, in every replay of it."""
-    plain = trainer._drilled_loss or trainer.task.loss
+    plain = trainer.host_loss
 
     def loss(out: Any, data: Any) -> torch.Tensor:
         value = plain(out, data)
         position = trainer.state
         return value * float("nan") if (position.epoch, position.batch_in_epoch) == (epoch, batch) else value
 
-    trainer._drilled_loss = loss
+    trainer.host_loss = loss
 
 
 def test_every_deferred_loss_is_read_before_the_boundary(make_trainer: Any) -> None:
