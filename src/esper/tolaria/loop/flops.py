@@ -17,7 +17,9 @@ touching BatchNorm statistics or drawing dropout masks), the RNG streams (forked
 The running total lives in the epoch history (`EpochRecord.flops`): an epoch adds its steps
 times the per-step count, so it rewinds with a rollback, survives a resume, and is never stored
 twice. Steps of a window that was rolled back are not in it. The last batch of an epoch, when
-smaller, is counted as a full step (at most one batch per epoch over).
+smaller, is counted as a full step (at most one batch per epoch over), and a seed's own loss with
+its backward even on the steps the aggregator weighs it 0 (an evaluation window, alpha 0), where
+only its forward runs: over by at most one backward per live seed on those steps.
 """
 
 from __future__ import annotations
