@@ -57,3 +57,15 @@ def test_the_tracker_is_restored_after_the_untracked_block_even_on_error() -> No
         assert resource_tracker.register("x", "shared_memory") is None  # a no-op while inside
         raise RuntimeError("inside")
     assert resource_tracker.register is register and resource_tracker.unregister is unregister
+
+
+def test_the_pid_check_only_probes_and_never_signals(monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: list[tuple[int, int]] = []
+    monkeypatch.setattr(shm.os, "kill", lambda pid, sig: sent.append((pid, sig)))
+    assert shm.pid_alive(4242)
+    assert sent == [(4242, 0)]
+
+
+def test_creating_a_segment_needs_a_size() -> None:
+    with pytest.raises(ValueError):
+        shm.open_segment(f"tolaria-test-{uuid.uuid4().hex[:12]}", create=True)
