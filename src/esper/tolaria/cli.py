@@ -148,7 +148,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     _check_folder(run_dir, "--run-dir")
     if config.run.deterministic:
         deterministic_cublas()  # before NCCL or anything else starts CUDA: cuBLAS reads it once
-    world = World.from_env(config.run.device)
+    world = World.from_env(config.run.device, timeout_s=config.distributed.timeout_s)
     faults = FaultPlan.parse(args.inject, rank=world.rank)
     if world.is_leader:
         for warning in _unreachable_drills(faults, config.run.epochs):
@@ -204,7 +204,7 @@ def _cmd_resume(args: argparse.Namespace) -> int:
 
     if args.into is not None:
         _check_folder(args.into, "--run-dir")
-    world = World.from_env(_saved_device(args.run_dir))
+    world = World.from_env(*_saved_world(args.run_dir))
     refused = args.overwrite and args.into is None  # the job refuses to overwrite the run it resumes: say that
     epochs = args.epochs if args.epochs is not None else _saved_epochs(args.run_dir)
     if not refused and (done := _already_trained(args.run_dir, args.checkpoint, epochs)):
@@ -282,12 +282,14 @@ def _saved_epochs(run_dir: Path) -> int | None:
         return None
 
 
-def _saved_device(run_dir: Path) -> str:
-    """The resumed run's `run.device` (NCCL or gloo follows it), from its config.json when readable."""
+def _saved_world(run_dir: Path) -> tuple[str, float]:
+    """The resumed run's `run.device` (NCCL or gloo follows it) and `distributed.timeout_s`, from its
+    config.json when readable."""
     try:
-        return str(json.loads((run_dir / "config.json").read_text())["run"]["device"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return "auto"  # the resume itself reports what is wrong with the directory
+        saved = json.loads((run_dir / "config.json").read_text())
+        return str(saved["run"]["device"]), float(saved.get("distributed", {}).get("timeout_s", 0.0))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return "auto", 0.0  # the resume itself reports what is wrong with the directory
 
 
 def _exit_status(summary: dict[str, Any]) -> int:
