@@ -236,12 +236,17 @@ def test_the_verifier_limits_are_inclusive_and_bad_ones_named() -> None:
         CommandVerifier(SECRET, max_nonces=0)
     with pytest.raises(SecretMissing, match="CommandVerifier needs a non-empty secret"):
         CommandVerifier(b"")
+    # the nonce must outlive the whole window a command is accepted in: age plus future skew
+    with pytest.raises(ValueError, match=r"nonce_ttl_s=62.0 must be >= max_age_s \+ max_future_s \(65.0\)"):
+        CommandVerifier(SECRET, nonce_ttl_s=62.0, max_age_s=60.0, max_future_s=5.0)
 
 
 def test_a_key_file_loses_only_its_line_ending(tmp_path: Path) -> None:
     key = tmp_path / "key"
     key.write_bytes(b"XsecretX \t\r\n")
     assert load_secret(key_file=key) == b"XsecretX \t"
+    key.write_bytes(b"secretX\n")
+    assert load_secret(key_file=key) == b"secretX"
     key.write_bytes(b"\n")
     with pytest.raises(SecretMissing, match="is empty; write the shared secret into it"):
         load_secret(key_file=key)
