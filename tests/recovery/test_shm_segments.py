@@ -15,8 +15,15 @@ import pytest
 from esper.tolaria.recovery import shm
 
 
+def test_the_pid_check_only_probes_and_never_signals(monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: list[tuple[int, int]] = []
+    monkeypatch.setattr(shm.os, "kill", lambda pid, sig: sent.append((pid, sig)))
+    assert shm.pid_alive(4242)
+    assert sent == [(4242, 0)]
+
+
 def test_only_a_live_pid_in_range_is_alive(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert shm.pid_alive(os.getpid())
+    assert shm.pid_alive(os.getpid()) and shm.pid_alive(1)  # pid 1, init, always exists
     assert not any(shm.pid_alive(p) for p in (0, -1, 2**31, 2**31 + 5))
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     assert not shm.pid_alive(int(done.stdout))  # exited and reaped
@@ -57,13 +64,6 @@ def test_the_tracker_is_restored_after_the_untracked_block_even_on_error() -> No
         assert resource_tracker.register("x", "shared_memory") is None  # a no-op while inside
         raise RuntimeError("inside")
     assert resource_tracker.register is register and resource_tracker.unregister is unregister
-
-
-def test_the_pid_check_only_probes_and_never_signals(monkeypatch: pytest.MonkeyPatch) -> None:
-    sent: list[tuple[int, int]] = []
-    monkeypatch.setattr(shm.os, "kill", lambda pid, sig: sent.append((pid, sig)))
-    assert shm.pid_alive(4242)
-    assert sent == [(4242, 0)]
 
 
 def test_creating_a_segment_needs_a_size() -> None:
