@@ -50,8 +50,8 @@ cooldown_epochs = 0
 min_training_epochs = 1
 """
 
-ARM_KEYS = {"run_dir", "final", "best", "best_epoch", "params", "params_at_first_epoch", "flops", "flops_per_step",
-            "epochs", "curve", "events"}
+ARM_KEYS = {"run_dir", "final", "final_loss", "best", "best_epoch", "params", "params_at_first_epoch", "flops",
+            "flops_per_step", "epochs", "curve", "events"}
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,8 @@ def test_a_tiny_study_runs_three_arms_per_seed_and_writes_every_key(study: tuple
     for row in data["seeds"]:
         assert row["grew"] is True
         assert set(row) == {"seed", "arms", "grew", "grown_flops_to_static_final", "grown_flops_ratio",
-                            "grown_minus_host", "grown_minus_static"}
+                            "grown_flops_to_static_final_loss", "grown_flops_ratio_loss", "grown_minus_host",
+                            "grown_minus_static"}
         assert set(row["arms"]) == {"host", "grown", "static"}
         for arm, figures in row["arms"].items():
             assert set(figures) == ARM_KEYS, arm
@@ -109,6 +110,8 @@ def test_a_ratio_is_the_grown_flops_to_the_static_final_over_the_static_total(
         assert row["grown_flops_to_static_final"] == (first["flops"] if first else None)
         if first is not None:
             assert row["grown_flops_ratio"] == pytest.approx(first["flops"] / static["flops"])
+        by_loss = next((c for c in grown["curve"] if c["loss"] <= static["final_loss"]), None)
+        assert row["grown_flops_to_static_final_loss"] == (by_loss["flops"] if by_loss else None)
 
 
 def test_report_on_a_study_json_draws_metric_against_flops(study: tuple[Path, dict[str, Any]]) -> None:

@@ -13,10 +13,11 @@ can be reported, compared or resumed like any other. Per seed and arm the study 
 and best primary metric, the parameters, the training FLOPs (`summary.json`'s `flops.total`) and
 the curve of metric against cumulative FLOPs with the seed events; it then asks what growth costs:
 the FLOPs the grown run spent until its validation metric first reached the static run's final
-one (null if it never did) and their ratio to the static run's total; a seed whose grown run
-never grew (`grew` false) has three copies of the host and is reported as such. Medians over seeds follow
-("never reached" counts as infinitely expensive, so the median is null when most seeds never
-reached it), and the issue's goals are checked against them (`goals`).
+one (null if it never did) and their ratio to the static run's total, and the same for the
+validation loss (`..._loss`, the issue's measure for a language model); a seed whose grown run
+never grew (`grew` false) has three copies of the host and is reported as such. Medians over
+seeds follow ("never reached" counts as infinitely expensive, so the median is null when most
+seeds never reached it), and the issue's goals are checked against them (`goals`).
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ def arm_result(summary: Mapping[str, Any], run_dir: Path, metric: str) -> dict[s
     """One arm's figures and its metric-against-FLOPs curve, from its summary."""
     history = list(summary.get("history", []))
     curve = [{"epoch": h["epoch"], "flops": h.get("flops", 0.0), "metric": _value(h, metric),
-              "params": h.get("param_count")} for h in history]
+              "loss": _value(h, "val_loss", direct=True), "params": h.get("param_count")} for h in history]
     values = [c["metric"] for c in curve if c["metric"] is not None]
     higher = bool((summary.get("task") or {}).get("higher_is_better", True))
     best = (max if higher else min)(values) if values else None
@@ -136,6 +137,7 @@ def arm_result(summary: Mapping[str, Any], run_dir: Path, metric: str) -> dict[s
     return {
         "run_dir": str(run_dir),
         "final": _value(summary.get("final_val_metrics") or {}, metric, direct=True),
+        "final_loss": _value(summary, "final_val_loss", direct=True),
         "best": best, "best_epoch": next((c["epoch"] for c in curve if c["metric"] == best), None),
         "params": summary.get("param_count"), "params_at_first_epoch": curve[0]["params"] if curve else None,
         "flops": flops.get("total"), "flops_per_step": flops.get("per_step"),
@@ -162,17 +164,28 @@ def _stage(name: Any) -> str:
 def seed_result(seed: int, arms: Mapping[str, dict[str, Any]], *, higher: bool) -> dict[str, Any]:
     """One seed's arms and what growth cost against the static run."""
     grown, static, host = arms["grown"], arms["static"], arms["host"]
-    target = static["final"]
-    reached = None
-    if target is not None:
-        reached = next((c["flops"] for c in grown["curve"] if c["metric"] is not None
-                        and (c["metric"] >= target if higher else c["metric"] <= target)), None)
-    total = static["flops"]
+    reached = _flops_to_reach(grown["curve"], "metric", static["final"], higher)
+    reached_loss = _flops_to_reach(grown["curve"], "loss", static["final_loss"], False)
     grew = bool(grown["events"]) or grown["params"] != host["params"]  # else all three arms are the host
     return {"seed": seed, "arms": dict(arms), "grew": grew, "grown_flops_to_static_final": reached,
-            "grown_flops_ratio": reached / total if reached is not None and total else None,
+            "grown_flops_ratio": _ratio(reached, static["flops"]),
+            "grown_flops_to_static_final_loss": reached_loss,
+            "grown_flops_ratio_loss": _ratio(reached_loss, static["flops"]),
             "grown_minus_host": _difference(grown["final"], host["final"], higher),
             "grown_minus_static": _difference(grown["final"], static["final"], higher)}
+
+
+def _flops_to_reach(curve: Sequence[Mapping[str, Any]], key: str, target: float | None,
+                    higher: bool) -> float | None:
+    """The cumulative FLOPs of the first epoch whose `key` is at least as good as `target`."""
+    if target is None:
+        return None
+    return next((c["flops"] for c in curve if c.get(key) is not None
+                 and (c[key] >= target if higher else c[key] <= target)), None)
+
+
+def _ratio(part: float | None, whole: float | None) -> float | None:
+    return part / whole if part is not None and whole else None
 
 
 def _difference(a: float | None, b: float | None, higher: bool) -> float | None:
@@ -195,7 +208,8 @@ def medians(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Each arm's figures and the comparisons, as medians over the seeds."""
     out: dict[str, Any] = {arm: {key: _median([r["arms"][arm][key] for r in rows])
                                  for key in ("final", "best", "params", "flops")} for arm in ARMS}
-    for key in ("grown_flops_to_static_final", "grown_flops_ratio"):
+    for key in ("grown_flops_to_static_final", "grown_flops_ratio", "grown_flops_to_static_final_loss",
+                "grown_flops_ratio_loss"):
         out[key] = _median([r[key] for r in rows], missing_is_infinite=True)
     out["reached"] = sum(r["grown_flops_to_static_final"] is not None for r in rows)
     out["grew"] = sum(r["grew"] for r in rows)
