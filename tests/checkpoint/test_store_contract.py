@@ -12,8 +12,9 @@ from ckpt_helpers import make_snapshot
 
 import esper.tolaria.checkpoint.store as store_module
 from esper.leyline import CheckpointManifest, noop_command
-from esper.tolaria.checkpoint import CheckpointStore, CheckpointWriteError, RecordType
+from esper.tolaria.checkpoint import CheckpointStore, CheckpointWriteError, RecordType, recover
 from esper.tolaria.checkpoint.wal import WriteAheadLog, replay
+from esper.tolaria.state.snapshot import Snapshot
 
 
 def _full_disk(name: str) -> None:
@@ -148,3 +149,87 @@ def test_a_bug_in_an_async_write_reaches_its_future_and_the_writer_carries_on(tm
         store.save_async(broken).result(10)
     assert store.save_async(make_snapshot(20)).result(10).step == 20
     store.close()
+
+
+def test_a_default_store_writes_for_one_process_and_starts_without_an_error(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, fsync=False)
+    assert store.last_error is None
+    info = store.save(make_snapshot(10))
+    assert store.last_error is None
+    store.close()
+    assert CheckpointManifest.FromString((info.path / "manifest.pb").read_bytes()).world_size == 1
+
+
+def test_keeping_no_checkpoint_is_refused_with_the_fix(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="keep_last=0: keep at least 1 committed checkpoint"):
+        CheckpointStore(tmp_path, keep_last=0)
+
+
+def test_a_checkpoint_reports_the_bytes_it_wrote(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, fsync=False)
+    info = store.save(make_snapshot(10))
+    store.close()
+    assert info.size_bytes == sum(p.stat().st_size for p in info.path.iterdir())
+
+
+def test_a_retired_checkpoints_name_is_never_reused_in_the_same_store(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, fsync=False, keep_last=1)
+    store.save(make_snapshot(10))
+    store.save(make_snapshot(20))  # retires ckpt-000000000010: its directory is gone, its name taken
+    again = store.save(make_snapshot(10))  # step 10 reached again after a rollback
+    store.close()
+    assert again.name == "ckpt-000000000010.t3"
+
+
+def test_a_bug_mid_write_aborts_the_transaction_and_leaves_no_directory(tmp_path: Path) -> None:
+    class InjectedFault(Exception):
+        pass
+
+    def fault(label: str) -> None:
+        if label.startswith("rename .ckpt-"):
+            raise InjectedFault(label)
+
+    store = CheckpointStore(tmp_path, fsync=False, crash_point=fault)
+    with pytest.raises(InjectedFault):
+        store.save(make_snapshot(30, epoch=3))
+    store.close()
+    assert [(r.type, r.txn_id, r.epoch, r.step, r.payload) for r in replay(tmp_path).records] == [
+        (RecordType.BEGIN, 1, 3, 30, b"ckpt-000000000030"), (RecordType.ABORT, 1, 3, 30, b"ckpt-000000000030")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wal-000001.log"]
+
+
+def test_a_snapshot_without_a_model_section_saves_an_empty_model(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, fsync=False)
+    store.save(Snapshot(snapshot_id="s", epoch=0, global_step=5, state={"trainer": {"step": 5}}))
+    store.close()
+    result = recover(tmp_path)
+    assert result.checkpoint is not None and result.checkpoint.state["model"] == {}
+
+
+def test_store_events_keep_the_newest_hundred(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = CheckpointStore(tmp_path, fsync=False, fault=_full_disk)
+
+    def remove_path(path: Path) -> None:
+        raise OSError(errno.EBUSY, "busy")
+
+    monkeypatch.setattr(store_module, "remove_path", remove_path)
+    for step in range(51):  # two events per failed write
+        with pytest.raises(CheckpointWriteError):
+            store.save(make_snapshot(step))
+    monkeypatch.undo()
+    assert len(store.events) == 100 and store.events[0].startswith(".ckpt-000000000001.2.tmp")
+    store.close()
+
+
+def test_close_does_not_wait_for_a_stuck_write_past_its_timeout(tmp_path: Path) -> None:
+    release, returned = threading.Event(), threading.Event()
+
+    def stuck(name: str) -> None:
+        release.wait(30)
+        returned.set()
+
+    store = CheckpointStore(tmp_path, fsync=False, fault=stuck)
+    store.save_async(make_snapshot(10))
+    assert store.close(timeout=0.05) is False
+    assert not returned.is_set()  # close gave up on the writer instead of joining it
+    release.set()
