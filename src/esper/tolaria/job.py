@@ -60,9 +60,7 @@ def run_job(config: TolariaConfig, run_dir: Path, *, faults: FaultPlan | None = 
 
 def _run_job(config: TolariaConfig, run_dir: Path, *, faults: FaultPlan | None, progress: bool, report: bool,
              resume: bool | ResumePoint, overwrite: bool, world: World) -> dict[str, Any]:
-    elastic = _elastic_attempt(config, run_dir, world) if resume is False else None
-    if elastic is not None:  # a restarted attempt of this job: continue it (its leftovers, else afresh)
-        resume, overwrite = elastic == "resume", elastic == "overwrite"
+    resume, overwrite = _restarted(_elastic_attempt(config, run_dir, world), run_dir, resume, overwrite)
     point = ResumePoint(run_dir / "checkpoints") if resume is True else resume or None
     same = point is not None and _same_run(point, run_dir)
     if overwrite and same:
@@ -125,6 +123,21 @@ def _elastic_attempt(config: TolariaConfig, run_dir: Path, world: World) -> str 
                 c["status"] == "ok" for c in list_checkpoints(run_dir / "checkpoints"))
             decided = "resume" if ok else "overwrite"
     return world.broadcast_object(decided)  # type: ignore[no-any-return]
+
+
+def _restarted(elastic: str | None, run_dir: Path, resume: bool | ResumePoint,
+               overwrite: bool) -> tuple[bool | ResumePoint, bool]:
+    """What a restarted torchrun attempt does instead of what its command line says (which asked for
+    the first attempt's start): continue RUN_DIR from the checkpoints the attempts before it committed
+    there ("resume"), whatever the command resumed from; with none committed ("overwrite"), make the
+    same start again over their leftovers. A resume within RUN_DIR's own checkpoints is never turned
+    into an overwrite: that would delete what it resumes from."""
+    if elastic == "resume":
+        return True, False
+    own = resume is True or (isinstance(resume, ResumePoint) and _same_run(resume, run_dir))
+    if elastic == "overwrite" and not own:
+        return resume, True
+    return resume, overwrite
 
 
 def _same_run(point: ResumePoint, run_dir: Path) -> bool:
