@@ -83,12 +83,21 @@ def test_a_signal_on_a_rank_out_of_step_for_half_the_timeout_leaves_at_once(monk
     assert message.startswith("tolaria: rank 1: SIGTERM after 6 s out of step") and "rank 0's last committed" in message
 
 
+def test_a_signal_on_a_rank_already_leaving_after_a_failed_collective_waits_for_its_flush(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    left: list[str] = []
+    monkeypatch.setattr(agreement, "leave", left.append)
+    stop = agreement.PendingStop(rank=0, since_sync=lambda: 11.0, hung_after_s=5.0, leaving=lambda: True)
+    stop.request("SIGTERM")  # it waited out the timeout on a hung peer: out of step, but not the stuck one
+    assert left == [] and stop.reason == "SIGTERM"
+
+
 def test_a_failed_collective_is_a_lost_peer_naming_the_limit_and_a_good_one_is_a_sync() -> None:
     world = World(rank=1, size=2, backend="gloo", timeout_s=10.0, sync=SyncClock(at=time.monotonic() - 100))
     with pytest.raises(PeerLost, match=r"^gradient all-reduce failed on rank 1 of 2 \(limit 10 s\): Timed out"):
         with world._collective("gradient all-reduce"):
             raise RuntimeError("[gloo/unbound_buffer.cc:78]\nTimed out waiting 10000ms for recv operation")
-    assert world.sync.since() > 99  # a failure is not a sync
+    assert world.sync.since() > 99 and world.sync.lost  # a failure is not a sync: this rank is leaving
     with world._collective("vote"):
         pass
     assert world.sync.since() < 5

@@ -50,9 +50,11 @@ class PeerLost(RuntimeError):
 
 @dataclass
 class SyncClock:
-    """When this rank last completed a collective with its peers (monotonic seconds)."""
+    """When this rank last completed a collective with its peers (monotonic seconds), and whether one
+    of its collectives has failed (`lost`: this rank is on its way out, flushing what it must)."""
 
     at: float = field(default_factory=time.monotonic)
+    lost: bool = False
 
     def since(self) -> float:
         return time.monotonic() - self.at
@@ -123,6 +125,7 @@ class World:
         except RuntimeError as exc:  # gloo and NCCL raise RuntimeError (DistBackendError) for both
             first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             limit = f" (limit {self.timeout_s:g} s)" if self.timeout_s else ""
+            self.sync.lost = True
             raise PeerLost(f"{what} failed on rank {self.rank} of {self.size}{limit}: {first}") from exc
         self.sync.at = time.monotonic()
 

@@ -16,9 +16,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from esper.tolaria.checkpoint import atomic_write_bytes, list_checkpoints
@@ -50,8 +55,9 @@ def run_job(config: TolariaConfig, run_dir: Path, *, faults: FaultPlan | None = 
     written into RUN_DIR before the trainer is built and restored (`run_dir.RunDirClaim`)."""
     world = (world or World()).with_timeout(config.distributed.timeout_s)
     try:
-        return _run_job(config, run_dir, faults=faults, progress=progress, report=report, resume=resume,
-                        overwrite=overwrite, world=world)
+        with _signals_wait_while_leaving(world):
+            return _run_job(config, run_dir, faults=faults, progress=progress, report=report, resume=resume,
+                            overwrite=overwrite, world=world)
     except PeerLost as exc:
         leave(f"tolaria: {exc}. This rank leaves with status {PEER_LOST_EXIT}; the job continues from rank 0's "
               f"last committed checkpoint in {run_dir / 'checkpoints'}: by itself under torchrun --max-restarts, "
@@ -88,6 +94,38 @@ def _run_job(config: TolariaConfig, run_dir: Path, *, faults: FaultPlan | None, 
         run_dir.mkdir(parents=True, exist_ok=True)  # the leader claimed it; this rank may be on another host
         write_summary(summary, run_dir, name=f"summary.rank{world.rank}.json")
     return summary
+
+
+@contextmanager
+def _signals_wait_while_leaving(world: World) -> Iterator[None]:
+    """Under torchrun: SIGTERM and SIGINT do not end a rank whose collective failed before it has
+    flushed its checkpoint writes; otherwise they act as before.
+
+    Why: when one rank dies, torchrun stops the rest at once with SIGTERM. A survivor is by then in
+    `fit()`'s failure path, outside the trainer's own handlers (`stop_on_signals`), closing its
+    components; rank 0 may be writing the epoch's checkpoint. Killed there, it loses that checkpoint
+    and leaves its temp files. It leaves by itself right after (`leave`), well inside the grace
+    torchrun gives before SIGKILL."""
+    if not world.distributed or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        if world.sync.lost:
+            return  # leaving already, through `leave`, once the writes are flushed
+        before = previous[signum]
+        if callable(before):
+            before(signum, frame)
+        elif before != signal.SIG_IGN:  # the default action (SIGTERM: end the process), as if never caught
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    previous: dict[int, Any] = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 ELASTIC_MARK = "torchelastic.json"  # which torchrun job (and config) wrote RUN_DIR

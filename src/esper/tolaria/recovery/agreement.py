@@ -123,15 +123,17 @@ class PendingStop(StopRequest):
     stuck one (torchrun stops the others' group after a peer timed out on it). Its training thread
     will not reach a vote, and its peers have given up on it, so it leaves at once (`leave`), from
     the signal handler; its state is not checkpointed (rank 0's last committed checkpoint is the
-    truth)."""
+    truth). A rank whose own collective failed (`leaving`) is not stuck, however long it waited: it
+    is on its way out through `job`, flushing its checkpoint writes, and the signal must not cut that."""
 
     rank: int = 0
     since_sync: Callable[[], float] = field(default=lambda: 0.0)
     hung_after_s: float = 0.0
+    leaving: Callable[[], bool] = field(default=lambda: False)
 
     def request(self, reason: str) -> None:
         stalled = self.since_sync()
-        if self.hung_after_s and stalled >= self.hung_after_s:
+        if self.hung_after_s and stalled >= self.hung_after_s and not self.leaving():
             leave(f"tolaria: rank {self.rank}: {reason} after {stalled:.0f} s out of step with its peers "
                   f"(hung; they timed out on it): leaving; the job continues from rank 0's last committed "
                   f"checkpoint")

@@ -81,7 +81,8 @@ class Safety:
         self.late = LossReadback(next(model.parameters(), torch.empty(0)).device)  # deferred steps' losses
         # Where signals land: the stop itself in one process; under torchrun a request the next vote serves.
         self.signals: StopRequest = stop if not world.distributed else agreement.PendingStop(
-            rank=world.rank, since_sync=world.sync.since, hung_after_s=world.timeout_s / 2)
+            rank=world.rank, since_sync=world.sync.since, hung_after_s=world.timeout_s / 2,
+            leaving=lambda: world.sync.lost)
         self._verdict = agreement.StepVerdict(True, 0, False, None, False)  # the last step's vote
 
     # ---------------------------------------------------------------- the run's ends
