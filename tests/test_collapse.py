@@ -89,7 +89,7 @@ class _Recording:
 def test_a_mutation_undone_by_a_collapse_rollback_is_reported_to_tamiyo_in_the_next_packet(tmp_path: Path) -> None:
     from trainer_fixtures import FAST_GROWTH  # type: ignore[import-not-found]
 
-    from esper.leyline import SEED_OP_START_TRAINING
+    from esper.leyline import SEED_OP_GERMINATE, SEED_OP_START_TRAINING
     from esper.tamiyo import HeuristicTamiyo, TamiyoConfig
 
     config = small_config(run={"epochs": 5}, emergency={"accuracy_drop": 1.0}, model={"hidden": [32]},
@@ -98,11 +98,29 @@ def test_a_mutation_undone_by_a_collapse_rollback_is_reported_to_tamiyo_in_the_n
     trainer = build_trainer(config, bus=MemoryBus(), callbacks=(_WreckAt(2),), run_dir=tmp_path, tamiyo=tamiyo)
     result = trainer.fit()
     assert [r["reason"].split(":")[0] for r in result.summary["rollbacks"]] == ["major loss_collapse"]
-    # Boundary 1 germinated seed1; boundary 2 validated the wrecked model and started seed1's training,
-    # then its monitors saw the collapse and went back to boundary 1's snapshot, undoing that command.
+    # Boundary 1 germinated seed1 in the stem; boundary 2 validated the wrecked model and started seed1's
+    # training, then its monitors saw the collapse and went back to before boundary 1's command (boundary
+    # 0's checkpoint), undoing both.
     reported = [p for p in tamiyo.packets if p.rolled_back_commands]
-    assert [p.current_epoch for p in reported] == [2]  # the boundary the rollback returned to, asked again
-    (undone,) = reported[0].rolled_back_commands
-    assert (undone.operation, undone.target_seed_id, undone.applied_epoch) == (SEED_OP_START_TRAINING, "seed1", 2)
-    assert "loss_collapse" in undone.reason and undone.incident_kind == "loss_collapse"
-    assert result.summary["seeds"]["seed1"]["stage"] == "CULLED"  # Tamiyo learnt: the seed is culled
+    assert [p.current_epoch for p in reported] == [1]  # the boundary the rollback returned to, asked again
+    undone = reported[0].rolled_back_commands
+    assert [(u.operation, u.target_seed_id, u.applied_epoch) for u in undone] == [
+        (SEED_OP_GERMINATE, "stem", 1), (SEED_OP_START_TRAINING, "seed1", 2)]
+    assert all("loss_collapse" in u.reason and u.incident_kind == "loss_collapse" for u in undone)
+
+
+def test_a_collapse_restores_the_state_from_before_the_previous_boundary_s_widening(tmp_path: Path) -> None:
+    config = small_config(run={"epochs": 4}, emergency={"accuracy_drop": 1.0}, model={"hidden": [16, 8]},
+                          optimizer={"lr": 0.05}, checkpoint={"enabled": True},
+                          kasmina={"widen": [["body.2", "head"]], "widen_units": 4},
+                          tamiyo={"growth": "widen", "widen_layers": ["body.2"]},
+                          boundary={"total_ms": 1e5, "apply_ms": 1e4, "check_ms": 1e4, "state_assembly_ms": 1e4,
+                                    "tamiyo_ms": 1e4})
+    trainer = build_trainer(config, bus=MemoryBus(), callbacks=(_WreckAt(2),), run_dir=tmp_path)
+    history = trainer.fit().summary
+    # Boundary 1 widened body.2 and boundary 2 is the first validation to see it: the widened state of
+    # boundary 1's checkpoint is not where the collapse can be undone; boundary 0's is.
+    (rollback,) = history["rollbacks"]
+    assert "loss_collapse" in rollback["reason"] and rollback["target_epoch"] == 1
+    epochs = [e["epoch"] for e in history["history"]]
+    assert epochs == [0, 1, 2, 3]  # epoch 1 trained again from boundary 0's state

@@ -250,10 +250,12 @@ def _check_mapped(path: Path, entry: CheckpointFile) -> str:
         os.close(fd)
 
 
-def recover(directory: str | os.PathLike[str], *, clean: bool = True, name: str | None = None) -> RecoveryResult:
+def recover(directory: str | os.PathLike[str], *, clean: bool = True, name: str | None = None,
+            before_epoch: int | None = None) -> RecoveryResult:
     """Load the newest valid committed checkpoint under `directory` (the highest committed txn),
     or with `name` exactly that one (raises CheckpointNotFound naming those that exist); `name`
-    "best" is the best kept checkpoint (`checkpoint.keep_best`) that verifies.
+    "best" is the best kept checkpoint (`checkpoint.keep_best`) that verifies. With `before_epoch`,
+    the newest of those that resume before that epoch (a state from before a given boundary).
 
     `events` holds a sentence for every WAL problem and for every newer checkpoint passed over
     (corrupt file, missing, uncommitted). With `clean`, temp leftovers are removed, and so are
@@ -272,7 +274,8 @@ def recover(directory: str | os.PathLike[str], *, clean: bool = True, name: str 
     elif name is not None:
         chosen = _load_named(root, name, entries, present)
     else:
-        chosen, failures = _load_newest(root, entries, present)
+        older = [e for e in entries if before_epoch is None or e.epoch < before_epoch]
+        chosen, failures = _load_newest(root, older, present)
     target = f"fell back to {chosen.name}" if chosen else "no valid committed checkpoint left"
     events += [f"{f}; {target}" for f in failures]
     committed_names = {e.name for e in entries}

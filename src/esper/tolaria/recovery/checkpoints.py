@@ -101,15 +101,16 @@ class Checkpoints:
             self.collect()
 
     # ---------------------------------------------------------------- reading
-    def newest(self) -> Snapshot | None:
-        """The newest valid committed checkpoint, read by every rank alike (a full rollback)."""
+    def newest(self, before_epoch: int | None = None) -> Snapshot | None:
+        """The newest valid committed checkpoint (with `before_epoch`, the newest that resumes before
+        that epoch), read by every rank alike (a full rollback)."""
         if self.directory is None:
             return None
         self.flush()
         self.world.barrier()  # every rank reads the same committed checkpoint
         # The commands journaled after it are NOT replayed: the run failed after them, so Tamiyo
         # decides again; the rollback journals a REWIND that retires them.
-        result = recover(self.directory, clean=False)
+        result = recover(self.directory, clean=False, before_epoch=before_epoch)
         self.log.recovery_events += result.events
         return result.checkpoint.snapshot() if result.checkpoint is not None else None
 

@@ -110,6 +110,11 @@ class Incident:
     attributes: Mapping[str, str] = field(default_factory=dict)
 
 
+RESTORE_BEFORE_EPOCH = "restore_before_epoch"
+"""An incident attribute: a full rollback restores a checkpoint that resumes before this epoch (the
+state before that epoch's boundary applied its command), when one is kept."""
+
+
 @dataclass(frozen=True)
 class ActionResult:
     """What a level's handler did. `ok=False` escalates."""

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from esper.tolaria.recovery.emergency import CRITICAL, MAJOR, MINOR, SEVERE, Incident
+from esper.tolaria.recovery.emergency import CRITICAL, MAJOR, MINOR, RESTORE_BEFORE_EPOCH, SEVERE, Incident
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +135,10 @@ class CollapseMonitor:
     Chance is the loss of a uniform guess, ln(classes) (`Validation.chance_loss`). The loss counts
     as collapsed at `fraction` x chance or above, or non-finite, once it was at `below` x chance or
     less; a task without a chance loss (regression) is never judged. `note` takes the boundary's
-    validation, `observe` judges it at the boundary's monitors (the accuracy monitor's point), so
-    the response is the accuracy collapse's: a rollback to the last healthy snapshot, from before
-    a mutation applied at the previous boundary."""
+    validation, `observe` judges it at the boundary's monitors (the accuracy monitor's point).
+    The response is a full rollback to the state before the previous boundary's command: boundary
+    E's validation is the first to see what boundary E - 1 applied, and the newest checkpoint
+    (boundary E - 1's) holds that mutation, so restoring it would train into the same collapse."""
 
     def __init__(self, fraction: float = 0.9, below: float = 0.5) -> None:
         if not 0 < below < fraction <= 1:
@@ -159,7 +160,8 @@ class CollapseMonitor:
             return Incident(MAJOR, "loss_collapse",
                             f"validation loss {loss:.4g} is back near chance ln(classes) = {chance:.4g} "
                             f"({ratio:.2f} of it; it was {best:.2f})", epoch, step,
-                            {"val_loss": f"{loss:.6g}", "chance_loss": f"{chance:.6g}", "best_ratio": f"{best:.6g}"})
+                            {"val_loss": f"{loss:.6g}", "chance_loss": f"{chance:.6g}", "best_ratio": f"{best:.6g}",
+                             RESTORE_BEFORE_EPOCH: str(epoch)})
         self.best_ratio = ratio if best is None else min(best, ratio)
         return None
 

@@ -19,7 +19,7 @@ from esper.tolaria.config import TolariaConfig
 from esper.tolaria.distributed import World
 from esper.tolaria.observe.runlog import RollbackEntry, RunLog
 from esper.tolaria.recovery.checkpoints import Checkpoints
-from esper.tolaria.recovery.emergency import ActionResult, Incident, level_name
+from esper.tolaria.recovery.emergency import RESTORE_BEFORE_EPOCH, ActionResult, Incident, level_name
 from esper.tolaria.recovery.rollback import RollbackCoordinator, RollbackOutcome, Tier
 from esper.tolaria.recovery.snapshots import Snapshots
 from esper.tolaria.state.position import StopRequest, TrainerState
@@ -76,12 +76,17 @@ class Responses:
         return ActionResult(True, "fast rollback", detail)
 
     def major(self, incident: Incident) -> ActionResult:
-        """Full rollback from the newest valid committed checkpoint, then a fresh checkpoint."""
+        """Full rollback from the newest valid committed checkpoint (one that resumes before the
+        incident's `restore_before_epoch` attribute, when it names one and one is kept), then a
+        fresh checkpoint."""
         if self.checkpoints.directory is None:
             return ActionResult(False, "full rollback", "checkpoints are disabled: nothing durable to restore")
         if (looping := self._rollback_loop()) is not None:
             return ActionResult(False, "full rollback", looping)
-        target = self.checkpoints.newest()
+        target = None
+        if (before := incident.attributes.get(RESTORE_BEFORE_EPOCH)) is not None:
+            target = self.checkpoints.newest(before_epoch=int(before))
+        target = target or self.checkpoints.newest()  # none that old kept: the newest is what is left
         if target is None:
             return ActionResult(False, "full rollback", "no valid committed checkpoint")
         outcome = self._rollback(target, "full", incident)
