@@ -136,6 +136,22 @@ def test_a_seed_whose_lifecycle_command_was_rolled_back_is_culled() -> None:
     assert tamiyo.state_dict()["doomed"] == []
 
 
+def test_a_seed_the_rollback_removed_altogether_is_not_culled_when_its_id_comes_back() -> None:
+    tamiyo = HeuristicTamiyo(CONFIG)
+    slots = [_free("a", 0), _free("b", 1)]
+    packet = _rolled_back(_packet(1, slots), SEED_OP_GERMINATE, "a")
+    packet.rolled_back_commands.add(command_id="c2", target_seed_id="seed1", operation=SEED_OP_FOSSILIZE,  # type: ignore[arg-type]
+                                    applied_epoch=2, reason="major loss_collapse: ...", incident_kind="loss_collapse")
+    tamiyo.evaluate_epoch(packet)  # the restored state holds no seed1: its germination was undone too
+    assert tamiyo.state_dict()["doomed"] == []
+    reborn = _seed(SEED_STAGE_SHADOWING, epochs_in_stage=0)  # a new seed, given the freed id seed1
+    assert not _is_cull(tamiyo.evaluate_epoch(_packet(2, [reborn])))
+
+
+def _is_cull(command: AdaptationCommand) -> bool:
+    return command.command_type == COMMAND_SEED and command.seed_operation.operation == SEED_OP_CULL
+
+
 def test_no_germination_once_the_training_flop_budget_is_spent() -> None:
     tamiyo = HeuristicTamiyo(CONFIG.model_copy(update={"max_flops": 1e9}))
     slots = [_free("a", 0)]

@@ -8,7 +8,8 @@ priority order (the first that fires wins; seeds are considered oldest first, ti
    accuracy collapse) teach anything; a NaN or a spike in a step is the data's or the machine's
    fault, and its replay must end where a run without it ends. A GERMINATE so undone counts as a
    cull in its slot and restarts the cooldown; a seed whose lifecycle command was so undone is
-   culled at the next chance (before rule 1), rather than walked into the same failure again.
+   culled at the next chance (before rule 1), rather than walked into the same failure again;
+   unless the seed is gone from the packet (the rollback undid its GERMINATE as well).
 1. Cull harm: a seed in BLENDING, SHADOWING or PROBATIONARY whose `val_loss_delta` metric
    (relative val-loss change since blending began) exceeds `cull_tolerance` is culled; so is a
    seed at full strength (SHADOWING, PROBATIONARY) whose counterfactual attribution says the
@@ -221,6 +222,9 @@ class HeuristicTamiyo:
     def _learn(self, packet: SystemStatePacket) -> None:
         """Rule 0: what the packet's rolled-back commands teach."""
         depth = {s.seed_id: s.layer_depth for s in packet.seed_states if s.stage == SEED_STAGE_DORMANT}
+        # A seed the rollback removed altogether (its GERMINATE undone too) is not doomed: its id is
+        # free again, and the next seed germinated may get it.
+        present = {s.seed_id for s in packet.seed_states if s.stage != SEED_STAGE_DORMANT}
         for undone in packet.rolled_back_commands:
             if undone.incident_kind not in _BLAMES_THE_MODEL:
                 continue
@@ -229,7 +233,7 @@ class HeuristicTamiyo:
                 if slot is not None:
                     self._slot_culls[slot] = self._slot_culls.get(slot, 0) + 1
                 self._last_germination_epoch = packet.current_epoch
-            else:
+            elif undone.target_seed_id in present:
                 self._doomed.add(undone.target_seed_id)
 
     def _cull(self, seeds: Sequence[SeedState], val_loss: float) -> AdaptationCommand | None:
