@@ -186,6 +186,7 @@ def test_a_checkpoint_commits_only_after_its_files_and_both_directories_are_dura
 def test_a_store_without_fsync_syncs_nothing_but_commits_in_the_same_order(tmp_path: Path, recorder: Recorder) -> None:
     effects = _saved_twice(tmp_path, recorder, fsync=False)
     assert not any(e[0] == "fsync" for e in effects)
+    assert not recorder.open_flags["ck/wal-000001.log"] & getattr(os, "O_DSYNC", 0)  # nor its WAL
     kinds = [e[0] if e[0] != "wal" else e[1] for e in effects]
     assert kinds == ["BEGIN", "replace", "replace", "replace", "rename", "COMMIT", "rename"]
 

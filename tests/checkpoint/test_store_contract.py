@@ -12,7 +12,7 @@ from ckpt_helpers import make_snapshot
 
 import esper.tolaria.checkpoint.store as store_module
 from esper.leyline import CheckpointManifest, noop_command
-from esper.tolaria.checkpoint import CheckpointStore, CheckpointWriteError, RecordType, recover
+from esper.tolaria.checkpoint import BestScore, CheckpointStore, CheckpointWriteError, RecordType, recover
 from esper.tolaria.checkpoint.wal import WriteAheadLog, replay
 from esper.tolaria.state.snapshot import Snapshot
 
@@ -233,3 +233,36 @@ def test_close_does_not_wait_for_a_stuck_write_past_its_timeout(tmp_path: Path) 
     assert store.close(timeout=0.05) is False
     assert not returned.is_set()  # close gave up on the writer instead of joining it
     release.set()
+
+
+def test_a_store_keeps_its_own_number_of_best_and_an_async_save_keeps_its_score(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, fsync=False, keep_last=1, keep_best=2)
+    for step, value in ((10, 0.9), (20, 0.8)):
+        store.save(make_snapshot(step), BestScore("accuracy", "max", value, step // 10, 1))
+    store.save_async(make_snapshot(30), BestScore("accuracy", "max", 0.95, 3, 1)).result(10)
+    assert [c.step for c in store.best()] == [30, 10]  # keep_best=2 wins over the score's top_k=1
+    assert sorted(int(p.name[5:17]) for p in tmp_path.glob("ckpt-*")) == [10, 30]
+    store.close()
+
+
+def test_a_default_store_keeps_three_and_names_no_run(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, fsync=False)
+    infos = [store.save(make_snapshot(step, epoch=step // 10)) for step in (10, 20, 30, 40)]
+    store.close()
+    assert [c.step for c in store.committed()] == [40, 30, 20] and infos[-1].epoch == 4
+    manifest = CheckpointManifest.FromString((infos[-1].path / "manifest.pb").read_bytes())
+    assert (manifest.run_id, manifest.config_sha256) == ("", "")
+
+
+def test_a_reopened_store_knows_its_checkpoints_epochs_and_taken_names(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, fsync=False, keep_last=1)
+    store.save(make_snapshot(10, epoch=1))
+    store.save(make_snapshot(20, epoch=2))  # retires step 10; its name stays taken in the WAL
+    store.close()
+    (tmp_path / ".ckpt-000000000030.9.tmp").mkdir()  # a leftover of a killed write
+    reopened = CheckpointStore(tmp_path, fsync=False, keep_last=1)
+    assert not (tmp_path / ".ckpt-000000000030.9.tmp").exists()
+    latest = reopened.latest()
+    assert latest is not None and (latest.name, latest.epoch, latest.step) == ("ckpt-000000000020", 2, 20)
+    assert reopened.save(make_snapshot(10, epoch=1)).name == "ckpt-000000000010.t3"
+    reopened.close()
