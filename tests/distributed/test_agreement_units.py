@@ -117,3 +117,13 @@ def test_rank_faults_fire_in_the_first_attempt_only_and_on_their_rank(monkeypatc
     assert [d.kind for d in FaultPlan.parse(specs, rank=0).drills] == ["rank-kill"]
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     assert [d.kind for d in FaultPlan.parse(specs, rank=1).drills] == ["nan-loss"]
+
+
+def test_a_drill_on_a_rank_the_job_does_not_have_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(DrillError, match=r"rank=2, but this job has 2 process\(es\) \(ranks 0-1\): name one"):
+        FaultPlan.parse(["rank-kill@epoch=1,step=3,rank=2"], rank=0)
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(DrillError, match=r"rank=1, but this job has 1 process\(es\) \(rank 0\)"):
+        FaultPlan.parse(["nan-loss@epoch=1,rank=1"])
+    assert FaultPlan.parse(["nan-loss@epoch=1,rank=0"]).drills[0].rank == 0

@@ -108,10 +108,16 @@ class FaultPlan:
         Under torchrun's restarts (`TORCHELASTIC_RESTART_COUNT` > 0) the rank faults are left out:
         the attempt they ended is the one they rehearsed."""
         drills = [parse_drill(spec) for spec in specs]
+        size = int(os.environ.get("WORLD_SIZE", "1") or 1)
         hang = next((spec for spec, d in zip(specs, drills, strict=True) if d.kind == "rank-hang"), None)
-        if hang is not None and int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        if hang is not None and size <= 1:
             raise DrillError(f"--inject {hang!r}: rank-hang needs torchrun (WORLD_SIZE > 1): one process has no "
                              "peer to time out on it and would hang for good; use hang-step for one process")
+        for spec, drill in zip(specs, drills, strict=True):
+            if drill.rank is not None and drill.rank >= size:  # it would never fire, and nothing would say so
+                ranks = "rank 0" if size == 1 else f"ranks 0-{size - 1}"
+                raise DrillError(f"--inject {spec!r}: rank={drill.rank}, but this job has {size} process(es) "
+                                 f"({ranks}): name one of them, or drop rank= to drill every rank")
         restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0
         return cls([d for d in drills if (d.rank is None or d.rank == rank)
                     and not (restarted and d.kind in RANK_FAULTS)])
