@@ -164,6 +164,7 @@ def test_a_checkpoint_commits_only_after_its_files_and_both_directories_are_dura
 ) -> None:
     effects = _saved_twice(tmp_path, recorder)
     staging, final = "ck/.ckpt-000000000020.2.tmp", "ck/ckpt-000000000020"
+    assert recorder.open_flags["ck/wal-000001.log"] & getattr(os, "O_DSYNC", 0)  # its WAL records are durable
     assert effects[0] == ("wal", "BEGIN")  # nothing touches the disk before the transaction is open
     publish = recorder.index(("rename", staging, final))
     replaced = {}
