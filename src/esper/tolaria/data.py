@@ -12,6 +12,7 @@ a DataLoader delivers batches in sampler order (its default `in_order=True`).
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -112,6 +113,21 @@ def load_arrays(config: DataConfig) -> tuple[torch.Tensor, torch.Tensor, torch.T
             torch.from_numpy(y[val]), n_classes)
 
 
+def worker_in_own_group(_worker_id: int) -> None:
+    """A DataLoader worker's `worker_init_fn`: the worker leaves its rank's process group.
+
+    Why: torchrun stops a rank by signalling its whole process group, and Ctrl-C reaches the whole
+    foreground group. The rank's main process turns the signal into a stop after the current step
+    (under torchrun, at the next vote), which may still need batches; a worker killed by the same
+    signal makes the main process die of "DataLoader worker killed by signal" instead, with no stop
+    checkpoint. The workers still end with their loader, and on their own when the main process dies
+    (each watches its parent)."""
+    try:
+        os.setpgid(0, 0)
+    except OSError:  # not permitted here: the worker stays in the group, as without this
+        pass
+
+
 def make_loaders(config: DataConfig, *, seed: int, num_replicas: int = 1, rank: int = 0, pin_memory: bool = False
                  ) -> tuple[DataLoader[Any], DataLoader[Any], int, int]:
     """Train loader (resumable sampler), validation loader, input features, classes. `pin_memory` for
@@ -121,6 +137,6 @@ def make_loaders(config: DataConfig, *, seed: int, num_replicas: int = 1, rank: 
     # Fresh workers each epoch: the trainer rebuilds the iterator from a known RNG state (see
     # `TolariaTrainer._epoch_batches`); persistent workers would keep seeds from before a resume.
     train = DataLoader(TensorDataset(x_tr, y_tr), batch_sampler=sampler, num_workers=config.num_workers,
-                       persistent_workers=False, pin_memory=pin_memory)
+                       persistent_workers=False, pin_memory=pin_memory, worker_init_fn=worker_in_own_group)
     val = DataLoader(TensorDataset(x_va, y_va), batch_size=512, shuffle=False, pin_memory=pin_memory)
     return train, val, int(x_tr.shape[1]), n_classes

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from esper.tolaria.config import ConfigError, TolariaConfig
-from esper.tolaria.data import ResumableBatchSampler, make_loaders
+from esper.tolaria.data import ResumableBatchSampler, make_loaders, worker_in_own_group
 from esper.tolaria.drills import FaultPlan
 from esper.tolaria.imports import call_factory, load_class
 from esper.tolaria.loop.early_stopping import EarlyStopping
@@ -144,7 +144,7 @@ def _train_loader(data: Any, config: TolariaConfig, num_replicas: int, rank: int
     sampler = ResumableBatchSampler(len(data), c.batch_size, seed=config.run.seed, num_replicas=num_replicas,
                                     rank=rank)
     return DataLoader(data, batch_sampler=sampler, num_workers=c.num_workers, persistent_workers=False,
-                      pin_memory=_pins(config))
+                      pin_memory=_pins(config), worker_init_fn=worker_in_own_group)
 
 
 def _val_loader(data: Any, config: TolariaConfig) -> Any:
