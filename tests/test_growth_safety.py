@@ -80,6 +80,9 @@ def test_a_run_under_a_tight_parameter_budget_never_grows_and_says_why() -> None
     vetoes = [f["error"] for f in result.summary["apply_failures"]]
     assert vetoes and all(v.startswith("vetoed: GERMINATE") for v in vetoes)
     assert "command_vetoed" in bus.events()
+    # The history (the console's and the report's line) says the germination did not happen.
+    germinations = [e["command"] for e in result.summary["history"] if e["command"].startswith("germinate")]
+    assert germinations and all("[not applied: vetoed: GERMINATE" in line for line in germinations)
 
 
 def test_the_packet_tells_tamiyo_the_training_flops_spent() -> None:

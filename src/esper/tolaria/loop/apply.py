@@ -158,6 +158,17 @@ class CommandApplier:
                     error=str(exc), model_unchanged=unchanged, breaker_opened=opened)
 
 
+def command_note(command: AdaptationCommand | None, applied: bool, apply_reason: str) -> str:
+    """The history's line for a boundary's command: Tamiyo's reason, and why it was not applied when
+    a seed command was refused (vetoed, rejected, blocked), so the console and the report never
+    show a germination that did not happen as if it had."""
+    if command is None:
+        return ""
+    reason = command.annotations.get("reason", "")
+    refused = command.command_type == COMMAND_SEED and not applied and apply_reason
+    return f"{reason} [not applied: {apply_reason}]" if refused else reason
+
+
 def incident_kind(rollback_reason: str) -> str:
     """The incident kind in a rollback's reason, which responses.py writes "<level> <kind>: <reason>"."""
     head = rollback_reason.split(":", 1)[0].split()

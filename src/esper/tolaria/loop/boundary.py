@@ -44,7 +44,7 @@ from esper.tolaria.control.breakers import BreakerBoard, CircuitBreaker
 from esper.tolaria.control.conservative import ConservativeMode
 from esper.tolaria.control.lr import UnifiedLRController
 from esper.tolaria.distributed import World
-from esper.tolaria.loop.apply import CommandApplier
+from esper.tolaria.loop.apply import CommandApplier, command_note
 from esper.tolaria.loop.evaluate import Validation
 from esper.tolaria.loop.handshake import HandshakeOutcome, TamiyoHandshake, is_germination
 from esper.tolaria.observe.profiling import Profiler
@@ -67,6 +67,10 @@ class BoundaryReport:
     phases_ms: dict[str, float] = field(default_factory=dict)
     own_ms: float = 0.0
     breaches: dict[str, float] = field(default_factory=dict)
+
+    def command_line(self) -> str:
+        """The history's line for this boundary's command (`apply.command_note`)."""
+        return command_note(self.command, self.applied, self.apply_reason)
 
 
 def hardware_context() -> HardwareContext:

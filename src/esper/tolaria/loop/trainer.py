@@ -238,7 +238,7 @@ class TolariaTrainer:
 
     def _end_epoch(self, epoch: int, train_loss: float, report: BoundaryReport, seconds: float) -> None:
         self.log.add_stage_changes(epoch, seed_stages(self.kasmina.export_seed_states(), self.log.seed_stage))
-        command = report.command.annotations.get("reason", "") if report.command is not None else ""
+        command = report.command_line()
         record = EpochRecord(epoch, self.state.global_step, train_loss, report.val_loss, report.val_accuracy,
                              self.lr.current(), param_count(self.model), self.conservative.active, seconds,
                              report.own_ms, command, report.val_metrics, report.attribution)
