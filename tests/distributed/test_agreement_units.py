@@ -87,9 +87,22 @@ def test_a_signal_on_a_rank_already_leaving_after_a_failed_collective_waits_for_
         monkeypatch: pytest.MonkeyPatch) -> None:
     left: list[str] = []
     monkeypatch.setattr(agreement, "leave", left.append)
-    stop = agreement.PendingStop(rank=0, since_sync=lambda: 11.0, hung_after_s=5.0, leaving=lambda: True)
+    stop = agreement.PendingStop(rank=0, since_sync=lambda: 11.0, hung_after_s=5.0, with_peers=lambda: True)
     stop.request("SIGTERM")  # it waited out the timeout on a hung peer: out of step, but not the stuck one
     assert left == [] and stop.reason == "SIGTERM"
+
+
+def test_a_signal_handled_as_a_long_collective_returns_does_not_take_the_waiting_rank_for_the_hung_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    left: list[str] = []
+    monkeypatch.setattr(agreement, "leave", left.append)
+    world = World(rank=1, size=2, backend="gloo", timeout_s=10.0, sync=SyncClock(at=time.monotonic() - 8))
+    stop = agreement.PendingStop(rank=1, since_sync=world.sync.since, hung_after_s=5.0,
+                                 with_peers=world.sync.with_peers)
+    with world._collective("barrier"):  # rank 0 took 8 s to reach it; the SIGTERM's handler runs here
+        stop.request("SIGTERM")
+    assert left == [] and stop.reason == "SIGTERM"
+    assert not world.sync.inside and world.sync.since() < 5
 
 
 def test_a_failed_collective_is_a_lost_peer_naming_the_limit_and_a_good_one_is_a_sync() -> None:

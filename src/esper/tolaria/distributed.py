@@ -50,14 +50,22 @@ class PeerLost(RuntimeError):
 
 @dataclass
 class SyncClock:
-    """When this rank last completed a collective with its peers (monotonic seconds), and whether one
-    of its collectives has failed (`lost`: this rank is on its way out, flushing what it must)."""
+    """When this rank last completed a collective with its peers (monotonic seconds), whether it is
+    inside one now (`inside`), and whether one of its collectives has failed (`lost`: this rank is on
+    its way out, flushing what it must)."""
 
     at: float = field(default_factory=time.monotonic)
+    inside: bool = False
     lost: bool = False
 
     def since(self) -> float:
         return time.monotonic() - self.at
+
+    def with_peers(self) -> bool:
+        """Whether a long time out of step is its peers' doing, not a hang of this rank: it is waiting
+        inside a collective (a signal's handler runs as the wait returns, before the sync is noted),
+        or leaving after one failed."""
+        return self.inside or self.lost
 
 
 @dataclass(frozen=True)
@@ -120,6 +128,7 @@ class World:
     @contextmanager
     def _collective(self, what: str) -> Iterator[None]:
         """Run one collective: a failure (timeout, closed connection) is `PeerLost`; success is a sync."""
+        self.sync.inside = True
         try:
             yield
         except RuntimeError as exc:  # gloo and NCCL raise RuntimeError (DistBackendError) for both
@@ -127,7 +136,10 @@ class World:
             limit = f" (limit {self.timeout_s:g} s)" if self.timeout_s else ""
             self.sync.lost = True
             raise PeerLost(f"{what} failed on rank {self.rank} of {self.size}{limit}: {first}") from exc
-        self.sync.at = time.monotonic()
+        else:
+            self.sync.at = time.monotonic()
+        finally:
+            self.sync.inside = False  # after `at` (and `lost`): a handler never sees neither
 
     # ---------------------------------------------------------------- collectives
     def broadcast_object(self, obj: Any) -> Any:

@@ -123,17 +123,18 @@ class PendingStop(StopRequest):
     stuck one (torchrun stops the others' group after a peer timed out on it). Its training thread
     will not reach a vote, and its peers have given up on it, so it leaves at once (`leave`), from
     the signal handler; its state is not checkpointed (rank 0's last committed checkpoint is the
-    truth). A rank whose own collective failed (`leaving`) is not stuck, however long it waited: it
-    is on its way out through `job`, flushing its checkpoint writes, and the signal must not cut that."""
+    truth). A rank `with_peers` is not stuck, however long since its last sync: one waiting inside a
+    collective serves the stop at the vote, and one whose collective failed is on its way out through
+    `job`, flushing its checkpoint writes, which the signal must not cut."""
 
     rank: int = 0
     since_sync: Callable[[], float] = field(default=lambda: 0.0)
     hung_after_s: float = 0.0
-    leaving: Callable[[], bool] = field(default=lambda: False)
+    with_peers: Callable[[], bool] = field(default=lambda: False)
 
     def request(self, reason: str) -> None:
         stalled = self.since_sync()
-        if self.hung_after_s and stalled >= self.hung_after_s and not self.leaving():
+        if self.hung_after_s and stalled >= self.hung_after_s and not self.with_peers():
             leave(f"tolaria: rank {self.rank}: {reason} after {stalled:.0f} s out of step with its peers "
                   f"(hung; they timed out on it): leaving; the job continues from rank 0's last committed "
                   f"checkpoint")

@@ -82,7 +82,7 @@ class Safety:
         # Where signals land: the stop itself in one process; under torchrun a request the next vote serves.
         self.signals: StopRequest = stop if not world.distributed else agreement.PendingStop(
             rank=world.rank, since_sync=world.sync.since, hung_after_s=world.timeout_s / 2,
-            leaving=lambda: world.sync.lost)
+            with_peers=world.sync.with_peers)
         self._verdict = agreement.StepVerdict(True, 0, False, None, False)  # the last step's vote
 
     # ---------------------------------------------------------------- the run's ends
