@@ -36,6 +36,17 @@ class MemoryBus:
         return out
 
 
+class StopAfter:
+    """Asks the run to stop (checkpoint and leave) once `epoch` has ended, as SIGTERM would."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_boundary_end(self, trainer: Any, epoch: int, report: Any) -> None:
+        if epoch == self.epoch:
+            trainer.request_stop("test stop")
+
+
 def small_config(**sections: dict[str, Any]) -> TolariaConfig:
     data: dict[str, Any] = {
         "run": {"name": "unit", "epochs": 6, "seed": 0, "threads": 1},

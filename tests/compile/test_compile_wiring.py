@@ -4,7 +4,6 @@ once, and a compiled run ends where the eager run of the same job ends."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,11 +11,9 @@ from typing import Any
 import pytest
 import torch
 import torch._dynamo
+from trainer_fixtures import StopAfter, small_config  # type: ignore[import-not-found]
 
 from esper.tolaria.loop.build import build_trainer
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from trainer_fixtures import small_config  # type: ignore[import-not-found]  # noqa: E402
 
 COMPILED = {"compile": True, "compile_backend": "aot_eager"}  # traced, no C++ compiler needed
 
@@ -57,14 +54,9 @@ def test_an_eager_run_reports_no_compile() -> None:
 
 def test_a_resumed_compiled_run_drops_the_graphs_of_the_rebuilt_seeds_and_ends_where_the_whole_run_does(
         tmp_path: Path) -> None:
-    class StopAfterEpoch2:
-        def on_boundary_end(self, trainer: Any, *, epoch: int, report: Any) -> None:
-            if epoch == 2:
-                trainer.request_stop("test")
-
     config = small_config(run={"epochs": 5, **COMPILED}, checkpoint={"enabled": True})
     whole = build_trainer(config, run_dir=tmp_path / "whole").fit().summary
-    cut = build_trainer(config, run_dir=tmp_path / "cut", callbacks=[StopAfterEpoch2()]).fit().summary
+    cut = build_trainer(config, run_dir=tmp_path / "cut", callbacks=[StopAfter(2)]).fit().summary
     assert cut["epochs_completed"] == 3 and cut["seeds"]
     resumed = build_trainer(config, run_dir=tmp_path / "cut")
     resumed.resume_from(tmp_path / "cut" / "checkpoints")

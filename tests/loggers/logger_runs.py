@@ -7,22 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from trainer_fixtures import MemoryBus, small_config  # type: ignore[import-not-found]
+from trainer_fixtures import MemoryBus, StopAfter, small_config  # type: ignore[import-not-found]
 
 from esper.tolaria.config import TolariaConfig
 from esper.tolaria.drills import FaultPlan
 from esper.tolaria.observe.loggers import loggers_from_config
-
-
-class StopAfter:
-    """Asks the run to stop (checkpoint and leave) once `epoch` has ended, as SIGTERM would."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_boundary_end(self, trainer: Any, epoch: int, report: Any) -> None:
-        if epoch == self.epoch:
-            trainer.request_stop("test stop")
 
 
 def logged_config(epochs: int = 3, **sections: dict[str, Any]) -> TolariaConfig:

@@ -5,21 +5,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from trainer_fixtures import MemoryBus, small_config  # type: ignore[import-not-found]
+from trainer_fixtures import MemoryBus, StopAfter, small_config  # type: ignore[import-not-found]
 
 from esper.leyline import TelemetryPacket, parse
 from esper.tolaria.loop.build import build_trainer
 from esper.tolaria.observe.telemetry import RUN_ENDED, RUN_ID, RUN_STARTED, TelemetryCollector
 from esper.tolaria.state.position import TrainerState
-
-
-class StopAfter:
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_boundary_end(self, trainer: Any, epoch: int, report: Any) -> None:
-        if epoch == self.epoch:
-            trainer.request_stop("test stop")
 
 
 def _events(bus: MemoryBus) -> list[tuple[str, dict[str, str]]]:

@@ -8,10 +8,9 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
-from trainer_fixtures import FAST_GROWTH, MemoryBus, small_config  # type: ignore[import-not-found]
+from trainer_fixtures import FAST_GROWTH, MemoryBus, StopAfter, small_config  # type: ignore[import-not-found]
 
 from esper.tolaria.loop.build import build_trainer
 from esper.tolaria.observe.compare import compare_runs
@@ -35,16 +34,6 @@ def two_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         made.append(run_dir)
     return made[0], made[1]
 
-
-class StopAfter:
-    """Asks the run to stop (checkpoint and leave) once `epoch` has ended, as SIGTERM would."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_boundary_end(self, trainer: Any, epoch: int, report: Any) -> None:
-        if epoch == self.epoch:
-            trainer.request_stop("test stop")
 
 
 @pytest.fixture(scope="module")

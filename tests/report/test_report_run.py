@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from trainer_fixtures import MemoryBus, small_config  # type: ignore[import-not-found]
+from trainer_fixtures import MemoryBus, StopAfter, small_config  # type: ignore[import-not-found]
 
 from esper.tolaria.drills import FaultPlan
 from esper.tolaria.loop.build import build_trainer
@@ -68,16 +68,6 @@ class Sections(HTMLParser):
     def header(self) -> dict[str, str]:
         return {row[0]: row[1] for row in self.rows("") if len(row) == 2}
 
-
-class StopAfter:
-    """Asks the run to stop (checkpoint and leave) once `epoch` has ended, as SIGTERM would."""
-
-    def __init__(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def on_boundary_end(self, trainer: Any, epoch: int, report: Any) -> None:
-        if epoch == self.epoch:
-            trainer.request_stop("test stop")
 
 
 def _train(run_dir: Path, *, resume: bool = False, stop_after: int | None = None, drills: tuple[str, ...] = (),
