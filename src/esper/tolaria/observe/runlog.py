@@ -27,8 +27,8 @@ class EpochRecord:
     boundary_ms: float
     command: str
     val_metrics: dict[str, float] = field(default_factory=dict)  # every metric of the task, by name
-    flops: float = 0.0  # training FLOPs of the run up to this epoch's end (loop/flops.py)
     attribution: dict[str, dict[str, float]] = field(default_factory=dict)  # seed id -> loss/score attribution
+    flops: float = 0.0  # training FLOPs of the run up to this epoch's end (loop/flops.py)
 
 
 @dataclass
