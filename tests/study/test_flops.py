@@ -143,6 +143,7 @@ def test_a_grown_run_counts_more_per_step_after_the_seed_arrives() -> None:
     assert rates[0] == pytest.approx(analytic_step(64, [64, 8, 10]))
     assert max(rates) > rates[0]
     assert summary["flops"]["total"] == history[-1]["flops"]
+    assert any(h["attribution"] for h in history)  # the record's other fields keep their values beside flops
 
 
 def test_counting_changes_nothing_about_the_run() -> None:
