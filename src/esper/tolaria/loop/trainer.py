@@ -74,8 +74,7 @@ class TolariaTrainer:
         self.model.to(self.device)  # parameters stay the same objects: an optimizer built over them still holds them
         self.precision = Precision(cfg.run.precision, self.device)
         self.place = wiring.batch_placer(self.device, train_loader)
-        self.val_loader = val_loader
-        self._step_interval = cfg.telemetry.step_interval  # read per step
+        self.val_loader, self._step_interval = val_loader, cfg.telemetry.step_interval  # the interval: read per step
         # The loss of the host's forward, (output, batch) -> loss: the task's, as drills perturb it.
         self.host_loss = self.drills.wrap_loss(lambda out, batch: self.task.loss(out, batch)) or self.task.loss
         self.batches = EpochBatches(train_loader, self.state, accumulate=cfg.optimizer.accumulate_steps)
@@ -120,7 +119,8 @@ class TolariaTrainer:
                                    accumulate=cfg.optimizer.accumulate_steps,
                                    defer_reads=defers_reads(cfg.run.loss_readback, self.device, self.world.size),
                                    reduce=self.world.reduce_gradients if self.world.distributed else None)
-        self.flops = wiring.build_flops(cfg, kasmina, self.task, train_loader, val_loader, self.place, self.precision)
+        self.flops = wiring.build_flops(cfg, kasmina, self.task, train_loader, val_loader, self.place, self.precision,
+                                        world_size=self.world.size)
         self.resumed_from, self._closed = "", False  # the snapshot id a resume started from
 
     # ---------------------------------------------------------------- the loop

@@ -9,7 +9,6 @@ are checked here, once, as protocols.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -226,10 +225,10 @@ def _schedule_steps(config: TolariaConfig, loader: Iterable[Any]) -> int:
 
 
 def build_flops(config: TolariaConfig, kasmina: ExecutionLayer, task: Task, train_loader: Iterable[Any],
-                val_loader: Iterable[Any], place: Callable[[Any], Any] | None, precision: Precision) -> TrainingFlops:
+                val_loader: Iterable[Any], place: Callable[[Any], Any] | None, precision: Precision, *,
+                world_size: int) -> TrainingFlops:
     """The run's compute accounting: counted on the first validation batch, scaled to a training step of
-    every rank (`WORLD_SIZE` from torchrun's environment, as `World` reads it)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    every one of the `world_size` ranks."""
     rows = rows_per_step(train_loader, accumulate=config.optimizer.accumulate_steps, world_size=world_size,
                          fallback=config.data.batch_size)
     return TrainingFlops(model=kasmina.model, kasmina=kasmina, task=task, batches=val_loader, place=place,
