@@ -4,13 +4,16 @@ of what comes back, the constructor's refusals, refusal events, and how a memory
 from __future__ import annotations
 
 import logging
+import threading
 
 import pytest
 import torch
 
+from esper.tolaria.config import SnapshotConfig
+from esper.tolaria.recovery import snapshot_copier
 from esper.tolaria.recovery.host_memory import BASE_CAP_BYTES
 from esper.tolaria.recovery.snapshot_cache import MAX_EVENTS, SnapshotCache, copy_behind_rule
-from esper.tolaria.state.snapshot import Snapshot
+from esper.tolaria.state.snapshot import Snapshot, SnapshotCopyError
 
 
 def _fake(sid: str, nbytes: int, step: int = 1) -> Snapshot:
@@ -116,6 +119,10 @@ def test_a_cache_refuses_a_capacity_or_byte_budget_below_one_naming_the_value() 
     assert SnapshotCache(capacity=1, max_bytes=1).max_bytes == 1  # one byte is a (tiny) budget
 
 
+def test_a_cache_built_without_a_capacity_keeps_as_many_as_the_config_default() -> None:
+    assert SnapshotCache().capacity == SnapshotConfig().capacity
+
+
 def test_the_event_log_keeps_only_the_newest_events() -> None:
     cache = SnapshotCache(capacity=1, max_bytes=10)
     for i in range(MAX_EVENTS + 5):
@@ -183,3 +190,21 @@ def test_a_grown_cap_counts_the_recycling_spare_as_room() -> None:
     cache.put(_fake("b", 200, step=2))  # a is evicted into the spare
     cache.put(_fake("huge", BASE_CAP_BYTES, step=3))
     assert cache.max_bytes == BASE_CAP_BYTES + 300
+
+
+def test_a_copy_behind_that_misses_the_settle_deadline_loses_its_snapshot(monkeypatch: pytest.MonkeyPatch) -> None:
+    gate = threading.Event()
+    real_copy = torch._foreach_copy_
+
+    def held_copy(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+        gate.wait(5.0)  # released after the settle below gave up; the bound keeps a broken settle finite
+        real_copy(dst, src)
+
+    monkeypatch.setattr(snapshot_copier.torch, "_foreach_copy_", held_copy)
+    cache = SnapshotCache(capacity=2, max_bytes=1 << 20)
+    cache.take("slow", 0, 1, {"optimizer": {"m": torch.ones(4)}}, defer=_always)
+    with pytest.raises(SnapshotCopyError, match="did not finish within 0.05 s"):
+        cache.settle(timeout=0.05)
+    gate.set()
+    assert "slow" not in cache
+    cache.close()
