@@ -59,18 +59,21 @@ def test_on_a_terminal_the_bar_shows_eta_speed_and_the_running_loss(tmp_path: Pa
     session = f"tolaria-progress-{time.monotonic_ns()}"
     cmd = (f"{sys.executable} -m esper.tolaria run {ROOT / 'examples' / 'digits.toml'} --run-dir {tmp_path / 'run'} "
            "--no-report --set run.epochs=40 --set run.threads=1")
-    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "200", "-y", "40", cmd], check=True, cwd=ROOT)
+    # A private tmux server (-L): a server already running elsewhere would start the command with *its*
+    # environment and working directory, not this test's.
+    tmux = ["tmux", "-L", session]
+    subprocess.run([*tmux, "new-session", "-d", "-s", session, "-x", "200", "-y", "40", cmd], check=True, cwd=ROOT)
     seen = ""
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            seen = subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True,
+            seen = subprocess.run([*tmux, "capture-pane", "-p", "-t", session], capture_output=True,
                                   text=True).stdout
             if re.search(r"loss \d+\.\d{4}", seen) and "epoch 2/39" in seen:
                 break
             time.sleep(0.2)
     finally:
-        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+        subprocess.run([*tmux, "kill-server"], capture_output=True)
     bar = next((line for line in seen.splitlines() if "it/s" in line and "ETA" in line), "")
     assert re.search(r"\d+\.\d it/s", bar) and re.search(r"loss \d+\.\d{4}", bar), seen
     assert re.search(r"ETA \d+:\d\d:\d\d", bar) and "run 0:" in bar, seen
