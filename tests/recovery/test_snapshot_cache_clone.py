@@ -208,3 +208,12 @@ def test_a_copy_behind_that_misses_the_settle_deadline_loses_its_snapshot(monkey
     gate.set()
     assert "slow" not in cache
     cache.close()
+
+
+def test_an_unproven_snapshot_older_in_use_order_does_not_hide_the_target() -> None:
+    cache = SnapshotCache(capacity=3, max_bytes=1 << 20)
+    cache.put(_fake("unproven", 4, step=1))
+    cache.put(_fake("proven", 4, step=2))
+    cache.mark_healthy("proven")
+    target = cache.last_healthy()
+    assert target is not None and target.snapshot_id == "proven"
