@@ -217,3 +217,12 @@ def test_an_unproven_snapshot_older_in_use_order_does_not_hide_the_target() -> N
     cache.mark_healthy("proven")
     target = cache.last_healthy()
     assert target is not None and target.snapshot_id == "proven"
+
+
+def test_an_eviction_names_the_cap_that_forced_it() -> None:
+    cache = SnapshotCache(capacity=2, max_bytes=100)
+    cache.put(_fake("a", 60, step=1))
+    cache.put(_fake("b", 60, step=2))  # 120 bytes with room for two snapshots: the byte cap
+    cache.put(_fake("c", 10, step=3))
+    cache.put(_fake("d", 10, step=4))  # three snapshots, 80 bytes: the count cap
+    assert [(e.snapshot_id, e.reason.rsplit(" ", 2)[-2]) for e in cache.events] == [("a", "bytes"), ("b", "count")]
