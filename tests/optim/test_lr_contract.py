@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 from torch import nn
 
@@ -13,6 +14,8 @@ from esper.leyline import TELEMETRY_LEVEL_ERROR
 from esper.tolaria.control.breakers import CircuitBreaker
 from esper.tolaria.control.lr import (
     ConstantPolicy,
+    CosinePolicy,
+    FrozenPolicy,
     MorphoAdaptivePolicy,
     SeedWarmupPolicy,
     StepPolicy,
@@ -164,3 +167,69 @@ def test_each_caught_write_is_a_breaker_failure_and_an_error_event() -> None:
                        {"group": "host", "expected": 0.1, "found": 0.5, "step": 1, "breaker_opened": True})]
     record_lr_violations(ctl, breaker, sink)  # drained: nothing twice
     assert breaker.total_failures == 1 and len(events) == 1
+
+
+# more boundaries: cosine from a later registration, plateau counters, refusals, defaults
+
+def test_a_cosine_registered_later_counts_from_its_registration() -> None:
+    policy = CosinePolicy(base_lr=1.0, min_lr=0.0, warmup_steps=0, total_steps=10)
+    assert policy.lr(10, 10, 0.0) == 1.0  # its first step: the peak, not 20 steps in
+    one_step = CosinePolicy(base_lr=1.0, min_lr=0.25, warmup_steps=0, total_steps=1)
+    assert one_step.lr(1, 0, 0.0) == 0.25  # a one-step cosine is at its floor after that step
+
+
+def test_an_improvement_and_a_reduction_each_restart_the_patience_count() -> None:
+    policy = MorphoAdaptivePolicy(base_lr=1.0, factor=0.5, patience=2, threshold=0.0)
+    for loss in (1.0, 0.5, 0.6):  # an improvement, then one bad report: not yet a plateau
+        policy.on_validation(loss)
+    assert policy.lr(0, 0, 0.0) == 1.0
+    policy.on_validation(0.6)  # the second bad report: one reduction
+    policy.on_validation(0.6)  # one bad report after the reduction: not another
+    assert policy.lr(0, 0, 0.0) == 0.5
+
+
+def test_bad_arguments_are_refused_naming_the_value() -> None:
+    with pytest.raises(ValueError, match="tolerance must be > 0"):
+        UnifiedLRController(lambda: _optimizer(), tolerance=0.0)
+    ctl = UnifiedLRController(lambda: _optimizer())
+    with pytest.raises(ValueError, match="start_step must be >= 0 or None"):
+        ctl.register_group("host", ConstantPolicy(lr_value=0.1), start_step=-1)
+    unnamed = torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1)
+    bare = UnifiedLRController(lambda: unnamed)
+    with pytest.raises(ValueError, match="has no 'name'"):
+        bare.step(0)
+
+
+def test_a_policy_given_as_a_config_mapping_is_parsed() -> None:
+    opt = _optimizer(("host",))
+    ctl = UnifiedLRController(lambda: opt)
+    ctl.register_group("host", {"kind": "constant", "lr": 0.07})
+    assert ctl.step(0) == {"host": 0.07}
+
+
+def test_without_a_host_group_a_seed_following_the_host_gets_zero() -> None:
+    opt = _optimizer(("s1", "s2"))
+    ctl = UnifiedLRController(lambda: opt)
+    ctl.register_group("s1", SeedWarmupPolicy(warmup_steps=1), start_step=0)
+    ctl.register_group("s2", SeedWarmupPolicy(warmup_steps=1, base_lr=0.2), start_step=0)
+    assert ctl.step(0) == {"s1": 0.0, "s2": 0.2}
+
+
+def test_a_fresh_controller_keeps_the_last_32_scale_reasons() -> None:
+    ctl = UnifiedLRController(lambda: _optimizer())
+    for i in range(40):
+        ctl.scale(1.0, f"minor {i}")
+    reasons = ctl.state_dict()["scale_reasons"]
+    assert len(reasons) == 32 and reasons[0] == (1.0, "minor 8")
+
+
+def test_drift_within_the_relative_tolerance_or_float_noise_on_a_frozen_group_is_no_violation() -> None:
+    opt = _optimizer()
+    ctl = UnifiedLRController(lambda: opt)  # tolerance 1e-6
+    ctl.register_group("host", ConstantPolicy(lr_value=0.1), start_step=0)
+    ctl.register_group("s1", FrozenPolicy(), start_step=0)
+    ctl.step(0)
+    opt.param_groups[0]["lr"] = 0.1 * (1 + 1e-7)
+    opt.param_groups[1]["lr"] = 1e-16
+    ctl.step(1)
+    assert ctl.drain_violations() == []
