@@ -225,4 +225,5 @@ def test_an_eviction_names_the_cap_that_forced_it() -> None:
     cache.put(_fake("b", 60, step=2))  # 120 bytes with room for two snapshots: the byte cap
     cache.put(_fake("c", 10, step=3))
     cache.put(_fake("d", 10, step=4))  # three snapshots, 80 bytes: the count cap
-    assert [(e.snapshot_id, e.reason.rsplit(" ", 2)[-2]) for e in cache.events] == [("a", "bytes"), ("b", "count")]
+    assert [(e.snapshot_id, e.global_step, e.nbytes, e.reason.rsplit(" ", 2)[-2]) for e in cache.events] == [
+        ("a", 1, 60, "bytes"), ("b", 2, 60, "count")]
