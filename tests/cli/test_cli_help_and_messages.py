@@ -108,6 +108,12 @@ def test_resuming_a_finished_run_says_so_and_how_to_train_further(run: Path,
     assert json.loads((run / "summary.json").read_text())["epochs_completed"] == 3
 
 
+def test_a_run_killed_after_its_last_checkpoint_but_before_its_summary_resumes_to_write_it(run: Path) -> None:
+    (run / "summary.json").unlink()  # SIGKILL between the last checkpoint's commit and the summary
+    assert main(["resume", str(run), *QUIET]) == 0
+    assert json.loads((run / "summary.json").read_text())["epochs_completed"] == 2
+
+
 def test_run_resume_of_a_finished_run_says_so_too(finished: Path, run: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     before = tree(run)

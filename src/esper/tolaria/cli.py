@@ -255,12 +255,20 @@ def _already_trained(run_dir: Path, checkpoint: str | None, epochs: int | None) 
         found = recover(run_dir / "checkpoints", clean=False, name=name).checkpoint
     except (CheckpointNotFound, ValueError):
         return ""
-    if found is None or found.epoch < epochs:
-        return ""
+    if found is None or found.epoch < epochs or not _summary_covers(run_dir, found.epoch):
+        return ""  # a run killed after its last checkpoint but before its summary: the resume writes it
     trained = f"all {epochs} of its epochs" if found.epoch == epochs else \
         f"{found.epoch} epochs, more than the {epochs} asked"
     return (f"{run_dir} has already trained {trained} ({found.name} resumes at epoch {found.epoch}, epochs counting "
             "from 0): nothing to train")
+
+
+def _summary_covers(run_dir: Path, epochs: int) -> bool:
+    """Whether RUN_DIR/summary.json was written for a run that had trained `epochs` epochs."""
+    try:
+        return int(json.loads((run_dir / "summary.json").read_text())["epochs_completed"]) == epochs
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _epoch_count(text: str) -> int:
