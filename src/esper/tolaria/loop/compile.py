@@ -20,7 +20,7 @@ Contract:
   blending seed's alpha is a buffer, read as a tensor.
 - `RecompileOnGrowth` is the trainer's callback that calls it: at fit begin (a resume rebuilt the
   seeds), at each epoch begin (a rollback restored other seeds) and at each boundary end (a command
-  changed them) it compares the seeds' (id, stage) key with the last one it saw.
+  changed them) it compares `loop.structure.structure_key` with the last one it saw.
 - Modes other than the default apply to the inductor backend only; a test passes `backend="eager"`
   or `"aot_eager"`, which need no compiler.
 """
@@ -75,8 +75,8 @@ def compile_host(model: nn.Module, setting: bool | str, *, backend: str = "induc
 
 class RecompileOnGrowth:
     """Trainer callback: `structure_changed()` whenever the seeds' structure key differs from the last
-    one seen (see the module docstring for when it looks). The key is cheap (ids and stages), and a
-    graph stays valid across alpha changes, so looking costs no recompile."""
+    one seen (see the module docstring for when it looks). A graph stays valid across alpha changes,
+    so looking costs no recompile."""
 
     def __init__(self, compiled: HostCompile, structure: Callable[[], Hashable]) -> None:
         self.compiled, self._structure = compiled, structure

@@ -34,12 +34,12 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from esper.contracts import ExecutionLayer
+from esper.tolaria.loop.structure import StructureKey, structure_key
 from esper.tolaria.observe.runlog import EpochRecord
 from esper.tolaria.tasks import Task
 
 log = logging.getLogger(__name__)
 
-StructureKey = tuple[tuple[tuple[str, str], ...], int, int]
 
 
 def count_step_flops(model: nn.Module, task: Task, batch: Any, *, own_losses: Callable[[Callable[[], torch.Tensor],
@@ -87,7 +87,7 @@ class TrainingFlops:
         """Count the current structure if it is not the one counted last. Accounting never stops a
         run: with no validation batch, or a model the counter cannot run, the count is 0 and the
         summary says why."""
-        key = self._structure()
+        key = structure_key(self.kasmina)
         if key == self._key:
             return
         self._key = key
@@ -123,12 +123,6 @@ class TrainingFlops:
                 "total": last.flops if last is not None else 0.0, "structures_counted": self.counts,
                 "not_counted": self.problem,
                 "counter": "torch.utils.flop_counter (matmul, conv, attention; forward + backward, seed own losses)"}
-
-    def _structure(self) -> StructureKey:
-        stages = tuple((str(s.get("seed_id", "")), str(s.get("stage", "")))
-                       for s in self.kasmina.manifest().get("seeds", []))
-        params = list(self.model.parameters())
-        return stages, sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
     def _representative(self) -> Any:
         if self._batch is None:

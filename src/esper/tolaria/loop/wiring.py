@@ -36,6 +36,7 @@ from esper.tolaria.loop.flops import TrainingFlops, rows_per_step
 from esper.tolaria.loop.handshake import TamiyoHandshake
 from esper.tolaria.loop.keep_best import best_scorer
 from esper.tolaria.loop.precision import Precision
+from esper.tolaria.loop.structure import structure_key
 from esper.tolaria.observe.profiling import Profiler
 from esper.tolaria.observe.runlog import RunLog
 from esper.tolaria.observe.timing import EventFactory, MonotonicTimer
@@ -100,7 +101,7 @@ def compile_watch(config: TolariaConfig, kasmina: ExecutionLayer) -> RecompileOn
     compiled = compile_host(kasmina.model, config.run.compile, backend=config.run.compile_backend)
     if compiled is None:
         return None
-    return RecompileOnGrowth(compiled, lambda: tuple((s.seed_id, s.stage) for s in kasmina.export_seed_states()))
+    return RecompileOnGrowth(compiled, lambda: structure_key(kasmina))
 
 
 def build_monitors(config: TolariaConfig) -> MonitorSet:
