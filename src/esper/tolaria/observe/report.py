@@ -28,13 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from esper.tolaria.observe.report_data import load_summary, read_run_config, read_telemetry, read_trace_stats
-from esper.tolaria.observe.report_html import CSS, escape, html_table, render_html
-from esper.tolaria.observe.report_plots import PLOTS, new_axes, save_figure
+from esper.tolaria.observe.report_html import render_html
+from esper.tolaria.observe.report_plots import PLOTS
 from esper.tolaria.observe.report_view import RunView, conservative_spans
 
-# What other modules and the tests import from here, from before the split.
-__all__ = ["CSS", "PLOTS", "REPORT_DIR", "RunView", "conservative_spans", "escape", "generate_report", "html_table",
-           "new_axes", "read_telemetry", "save_figure"]
+# What the tests import from here, from before the split.
+__all__ = ["PLOTS", "REPORT_DIR", "RunView", "conservative_spans", "generate_report", "read_telemetry"]
 
 REPORT_DIR = "report"
 

@@ -17,7 +17,8 @@ from typing import Any
 
 from matplotlib.axes import Axes
 
-from esper.tolaria.observe.report import CSS, escape, html_table, new_axes, save_figure
+from esper.tolaria.observe.report_html import CSS, escape, html_table
+from esper.tolaria.observe.report_plots import new_axes, save_figure
 
 STUDY_FORMAT = "tolaria.study/1"
 ARM_STYLE = {"host": ("#7f7f7f", "host alone"), "grown": ("#1f77b4", "grown"),
