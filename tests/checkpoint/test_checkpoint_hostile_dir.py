@@ -137,3 +137,14 @@ def manifest_first_file(run: Path) -> str:
     manifest = CheckpointManifest()
     manifest.ParseFromString((run / NEWEST / "manifest.pb").read_bytes())
     return manifest.files[0].name
+
+
+def test_a_reopened_store_reports_a_forged_commit_in_its_own_events(run: Path) -> None:
+    forged = json.dumps({"checkpoint": "../../victim", "manifest_sha256": "0" * 64}).encode()
+    _append(run, RecordType.COMMIT, 99, forged)
+    store = CheckpointStore(run, fsync=False)
+    try:
+        assert any("WAL COMMIT names '../../victim', not a checkpoint name" in e for e in store.events), store.events
+        assert sorted(c.name for c in store.committed()) == [PREVIOUS, NEWEST]
+    finally:
+        store.close()

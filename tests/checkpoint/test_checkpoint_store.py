@@ -199,3 +199,17 @@ def test_commit_failure_after_rename_restores_the_superseded_checkpoint(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("wal")) == ["ckpt-000000000010"]
     loaded = recover(tmp_path).checkpoint
     assert loaded is not None and loaded.txn_id == 1 and loaded.state["trainer"]["note"] is None
+
+
+def test_a_reopened_store_reports_each_checkpoint_size_as_on_disk(tmp_path: Path) -> None:
+    first = CheckpointStore(tmp_path, fsync=False)
+    written = [first.save(make_snapshot(step)) for step in (10, 20)]
+    first.close()
+    reopened = CheckpointStore(tmp_path, fsync=False)
+    try:
+        sizes = {c.name: c.size_bytes for c in reopened.committed()}
+        on_disk = {c.name: sum(f.stat().st_size for f in c.path.iterdir()) for c in written}
+        assert sizes == on_disk == {c.name: c.size_bytes for c in written}
+        assert all(size > 0 for size in sizes.values())
+    finally:
+        reopened.close()

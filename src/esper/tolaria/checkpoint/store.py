@@ -312,8 +312,9 @@ class CheckpointStore:
         self._taken = present | {e.name for e in entries}
         for entry in entries:
             if entry.name in present:
+                path = self.directory / entry.name
                 self._committed[entry.name] = CheckpointInfo(
-                    entry.name, self.directory / entry.name, entry.txn_id, entry.epoch, entry.step, 0, entry.best)
+                    entry.name, path, entry.txn_id, entry.epoch, entry.step, _size_on_disk(path), entry.best)
 
     def _remove_leftovers(self) -> None:
         for path in self.directory.iterdir():
@@ -350,6 +351,17 @@ class CheckpointStore:
             future.set_exception(exc)  # the writer carries on; the caller's breaker decides
         except BaseException as exc:  # noqa: BLE001 - a bug must reach the caller's future, not kill the thread
             future.set_exception(exc)
+
+
+def _size_on_disk(directory: Path) -> int:
+    """Bytes of the regular files in a checkpoint this store did not write, from `lstat` alone:
+    nothing is opened or read and no link is followed (the directory may be hostile)."""
+    total = 0
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.is_file(follow_symlinks=False):
+                total += entry.stat(follow_symlinks=False).st_size
+    return total
 
 
 def _serialize(snapshot: Snapshot) -> dict[str, bytes]:
