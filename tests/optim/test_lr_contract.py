@@ -233,3 +233,40 @@ def test_drift_within_the_relative_tolerance_or_float_noise_on_a_frozen_group_is
     opt.param_groups[1]["lr"] = 1e-16
     ctl.step(1)
     assert ctl.drain_violations() == []
+
+
+def test_a_host_warm_up_that_would_follow_itself_is_refused_and_one_with_a_target_warms_up() -> None:
+    opt = _optimizer(("host",))
+    ctl = UnifiedLRController(lambda: opt)
+    with pytest.raises(ValueError, match="give it a base_lr"):
+        ctl.register_group("host", SeedWarmupPolicy(warmup_steps=4))
+    with pytest.raises(ValueError, match="give it a base_lr"):
+        ctl.register_group("host", {"kind": "seed_warmup", "warmup_steps": 4})
+    assert ctl.groups() == {}  # nothing half-registered
+    ctl.register_group("host", SeedWarmupPolicy(warmup_steps=4, base_lr=0.8), start_step=0)
+    assert [ctl.step(s)["host"] for s in range(5)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 0.8])
+
+
+def test_an_out_of_band_write_after_a_group_not_yet_written_is_still_caught() -> None:
+    opt = _optimizer(("host",))
+    ctl = UnifiedLRController(lambda: opt)
+    ctl.register_group("host", ConstantPolicy(lr_value=0.1), start_step=0)
+    ctl.step(0)
+    # A seed's group joins the same optimizer ahead of the host's (not written yet), then the
+    # host's LR is changed behind the controller's back.
+    opt.param_groups.insert(0, {**opt.param_groups[0], "params": [nn.Parameter(torch.zeros(2))], "name": "s1"})
+    ctl.register_group("s1", ConstantPolicy(lr_value=0.05))
+    opt.param_groups[1]["lr"] = 0.7
+    ctl.step(1)
+    assert [(v.group, v.found) for v in ctl.drain_violations()] == [("host", 0.7)]
+
+
+def test_a_registered_policy_object_is_the_one_the_controller_drives() -> None:
+    opt = _optimizer(("host",))
+    ctl = UnifiedLRController(lambda: opt)
+    policy = MorphoAdaptivePolicy(base_lr=1.0, factor=0.5, patience=1, threshold=0.0)
+    ctl.register_group("host", policy, start_step=0)
+    for loss in (1.0, 1.0):
+        ctl.report_validation(loss)
+    assert policy.lr(0, 0, 0.0) == 0.5  # the caller's object saw the plateau
+    assert ctl.step(0)["host"] == 0.5

@@ -221,7 +221,11 @@ class UnifiedLRController:
         if start_step is not None and start_step < 0:
             raise ValueError(f"start_step must be >= 0 or None (the next step), got {start_step}")
         start = self._next_step() if start_step is None else start_step
-        self._policies[name] = policy if isinstance(policy, BasePolicy) else parse_policy(policy)
+        parsed = policy if isinstance(policy, BasePolicy) else parse_policy(policy)
+        if name == HOST_GROUP and isinstance(parsed, SeedWarmupPolicy) and parsed.base_lr is None:
+            raise ValueError("the host group's seed_warmup policy has no base_lr, so it would follow the "
+                             "host LR, i.e. itself; give it a base_lr (the LR it warms up to)")
+        self._policies[name] = parsed
         self._definitions[name] = self._policies[name].model_dump(by_alias=True)
         self._starts[name] = start
 
@@ -329,6 +333,7 @@ class UnifiedLRController:
 
     def _compute(self, step: int) -> dict[str, float]:
         host_policy = self._policies.get(HOST_GROUP)
+        # The host's own policy never reads its third argument: register_group refuses one that would.
         host_lr = host_policy.lr(step, self._starts[HOST_GROUP], 0.0) if host_policy is not None else 0.0
         out: dict[str, float] = {}
         for name, policy in self._policies.items():
