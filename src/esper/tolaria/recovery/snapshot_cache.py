@@ -197,18 +197,22 @@ class SnapshotCache:
 
     def _submit(self, todo: _Copies) -> CopyJob | None:
         """Hand what `_clone_into` left to the engine of the model's device (None: nothing left)."""
-        device = todo.device_now + todo.device_behind
-        if device:
-            if todo.behind:  # a CUDA model's few CPU-held tensors (e.g. Adam's step counts): at once
-                copy_in_place_([d for d, _ in todo.behind], [s for _, s in todo.behind])
-            if self._streams is None:
-                self._streams = StreamCopier()
-            return self._streams.submit([d for d, _ in device], [s for _, s in device], at_once=len(todo.device_now))
+        if todo.device_now or todo.device_behind:
+            return self._submit_device(todo)
         if todo.behind:
             if self._copier is None:
                 self._copier = BackgroundCopier()
             return self._copier.submit([d for d, _ in todo.behind], [s for _, s in todo.behind])
         return None
+
+    def _submit_device(self, todo: _Copies) -> CopyJob:
+        """A CUDA model's copies: the device tensors to the stream engine, its CPU-held ones at once."""
+        device = todo.device_now + todo.device_behind
+        if todo.behind:  # a CUDA model's few CPU-held tensors (e.g. Adam's step counts): at once
+            copy_in_place_([d for d, _ in todo.behind], [s for _, s in todo.behind])
+        if self._streams is None:
+            self._streams = StreamCopier()
+        return self._streams.submit([d for d, _ in device], [s for _, s in device], at_once=len(todo.device_now))
 
     def settle(self, timeout: float | None = None) -> None:
         """Order the training thread's next work after the last snapshot's copy job: on the CPU,
