@@ -1,0 +1,108 @@
+"""The emergency protocol's exact contract: the incident record the run summary carries, the
+signal's stamp and attributes, level names, what another rank's failure does, how long a
+CRITICAL broadcast waits for acks, and what an abort carries."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from esper.tolaria.recovery.emergency import (
+    CRITICAL,
+    LEVELS,
+    MAJOR,
+    SEVERE,
+    ActionResult,
+    EmergencyAbort,
+    EmergencyProtocol,
+    Incident,
+    IncidentRecord,
+    build_signal,
+    level_name,
+)
+from esper.tolaria.recovery.signal import EmergencyChannel
+
+
+def _ok(level: int) -> Callable[[Incident], ActionResult]:
+    return lambda incident: ActionResult(ok=True, action=LEVELS[level].action)
+
+
+def _incident(level: int) -> Incident:
+    return Incident(level=level, kind="loss_spike", reason="loss x12", epoch=3, step=120)
+
+
+def test_an_incident_record_reaches_the_summary_with_every_field_named_and_rounded() -> None:
+    record = IncidentRecord(level=SEVERE, kind="loss_spike", reason="loss x12", epoch=3, step=120,
+                            action="fast rollback", ok=False, duration_ms=612.34567, deadline_ms=500.0,
+                            escalated_to=MAJOR, detail="no healthy snapshot", signal_seq=7, acked=(2, 1),
+                            unacked=(3,), publish_error="ConnectionError: down")
+    assert record.as_dict() == {
+        "level": "severe", "wire_level": SEVERE, "kind": "loss_spike", "reason": "loss x12", "epoch": 3,
+        "step": 120, "action": "fast rollback", "ok": False, "duration_ms": 612.346, "deadline_ms": 500.0,
+        "deadline_missed": True, "late": False, "escalated_to": "major", "detail": "no healthy snapshot",
+        "signal_seq": 7, "acked": [2, 1], "unacked": [3], "publish_error": "ConnectionError: down"}
+
+
+def test_level_names_and_an_unknown_level() -> None:
+    assert [level_name(level) for level in LEVELS] == [p.name for p in LEVELS.values()]
+    assert level_name(None) == "" and level_name(9) == "unknown(9)"
+    protocol = EmergencyProtocol({level: _ok(level) for level in LEVELS})
+    with pytest.raises(ValueError, match=r"emergency level 9 is not one of \[1, 2, 3, 4\]"):
+        protocol.handle(Incident(level=9, kind="x", reason="x", epoch=0, step=0))
+
+
+def test_a_signal_is_stamped_now_and_names_its_epoch_step_and_design_level() -> None:
+    before = time.monotonic_ns() // 1_000_000
+    signal = build_signal(_incident(CRITICAL), "run-1")
+    after = time.monotonic_ns() // 1_000_000
+    assert before <= signal.monotonic_time_ms <= after
+    assert dict(signal.attributes) == {"kind": "loss_spike", "epoch": "3", "step": "120", "design_level": "critical"}
+
+
+def test_a_response_that_failed_on_another_rank_escalates_here_too() -> None:
+    asked: list[bool] = []
+
+    def agree(ok: bool) -> bool:
+        asked.append(ok)
+        return len(asked) > 1  # the SEVERE response failed on some rank; the MAJOR one did not
+
+    protocol = EmergencyProtocol({level: _ok(level) for level in LEVELS})
+    final = protocol.handle(_incident(SEVERE), agree=agree)
+    first = protocol.records[0]
+    assert asked == [True, True]
+    assert not first.ok and first.escalated_to == MAJOR and first.detail.endswith("failed on another rank")
+    assert final.level == MAJOR and final.ok
+
+
+@pytest.fixture()
+def channel() -> Iterator[EmergencyChannel]:
+    ch = EmergencyChannel.create(f"contract-{uuid.uuid4().hex[:10]}")
+    yield ch
+    ch.close()
+
+
+def test_a_critical_broadcast_waits_for_acks_up_to_the_levels_deadline(channel: EmergencyChannel) -> None:
+    channel.register_participant("supervisor")
+    waits: list[float] = []
+    real_wait = channel.wait_for_acks
+
+    def recorded(seq: int, participants: list[int], timeout_s: float) -> set[int]:
+        waits.append(timeout_s)
+        return real_wait(seq, participants, 0.0)
+
+    channel.wait_for_acks = recorded  # type: ignore[method-assign]
+    EmergencyProtocol({level: _ok(level) for level in LEVELS}, channel=channel).handle(_incident(CRITICAL))
+    [timeout] = waits
+    assert 0.05 < timeout <= LEVELS[CRITICAL].deadline_s
+
+
+def test_a_failed_critical_response_aborts_carrying_its_record() -> None:
+    handlers = {level: _ok(level) for level in LEVELS}
+    handlers[CRITICAL] = lambda incident: ActionResult(ok=False, action="freeze", detail="ranks did not ack")
+    with pytest.raises(EmergencyAbort, match="resume from the last committed checkpoint") as caught:
+        EmergencyProtocol(handlers).handle(_incident(CRITICAL))
+    record = caught.value.record
+    assert (record.level, record.ok, record.detail) == (CRITICAL, False, "ranks did not ack")
