@@ -23,7 +23,7 @@ from esper.tolaria.recovery.emergency import (
     build_signal,
     level_name,
 )
-from esper.tolaria.recovery.signal import EmergencyChannel
+from esper.tolaria.recovery.signal import ChannelError, EmergencyChannel
 
 
 def _ok(level: int) -> Callable[[Incident], ActionResult]:
@@ -106,3 +106,83 @@ def test_a_failed_critical_response_aborts_carrying_its_record() -> None:
         EmergencyProtocol(handlers).handle(_incident(CRITICAL))
     record = caught.value.record
     assert (record.level, record.ok, record.detail) == (CRITICAL, False, "ranks did not ack")
+
+
+# ------------------------------------------------------------------ what a response records and logs
+
+LOGGER = "esper.tolaria.recovery.emergency"
+
+
+def test_a_response_records_its_kind_deadline_signal_and_a_clean_publish() -> None:
+    published: list[object] = []
+    protocol = EmergencyProtocol({level: _ok(level) for level in LEVELS}, publish=published.append)
+    record = protocol.handle(_incident(SEVERE))
+    assert (record.kind, record.deadline_ms, record.publish_error) == ("loss_spike", 500.0, "")
+    assert protocol.signals == published and len(published) == 1
+
+
+def test_a_failed_response_is_logged_as_an_error_naming_level_kind_detail_and_times(
+        caplog: pytest.LogCaptureFixture) -> None:
+    handlers = {level: _ok(level) for level in LEVELS}
+    handlers[SEVERE] = lambda incident: ActionResult(ok=False, action="fast rollback", detail="no snapshot")
+    with caplog.at_level("WARNING", logger=LOGGER):
+        EmergencyProtocol(handlers).handle(_incident(SEVERE))
+    [error] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert error.getMessage().startswith("emergency severe loss_spike: failed (no snapshot, ")
+    assert error.getMessage().endswith(" ms of 500 ms)")
+
+
+def test_a_late_success_is_logged_as_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+
+    def slow(incident: Incident) -> ActionResult:
+        now[0] += 1.0  # a second, against SEVERE's 0.5 s
+        return ActionResult(ok=True, action="fast rollback", detail="restored e0002")
+
+    handlers = {level: _ok(level) for level in LEVELS}
+    handlers[SEVERE] = slow
+    with caplog.at_level("WARNING", logger=LOGGER):
+        record = EmergencyProtocol(handlers, clock=lambda: now[0]).handle(_incident(SEVERE))
+    assert record.late and record.escalated_to is None
+    [warning] = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.getMessage() == ("emergency severe loss_spike: succeeded late (restored e0002, 1000.0 ms of "
+                                    "500 ms); not escalated")
+
+
+def test_a_raising_handler_fails_under_its_own_name_and_is_logged_with_its_level(
+        caplog: pytest.LogCaptureFixture) -> None:
+    def restore_from_disk(incident: Incident) -> ActionResult:
+        raise OSError("disk gone")
+
+    handlers = {level: _ok(level) for level in LEVELS}
+    handlers[MAJOR] = restore_from_disk
+    with caplog.at_level("ERROR", logger=LOGGER):
+        protocol = EmergencyProtocol(handlers)
+        protocol.handle(_incident(MAJOR))
+    first = protocol.records[0]
+    assert first.ok is False and first.action == "restore_from_disk"
+    assert first.detail == "raised OSError: disk gone"
+    assert any(r.getMessage() == "emergency handler for major raised" and r.exc_info for r in caplog.records)
+
+
+def test_a_failing_publisher_is_recorded_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    def down(signal: object) -> None:
+        raise ConnectionError("redis down")
+
+    with caplog.at_level("ERROR", logger=LOGGER):
+        record = EmergencyProtocol({level: _ok(level) for level in LEVELS}, publish=down).handle(_incident(SEVERE))
+    assert record.ok and record.publish_error == "ConnectionError: redis down"
+    assert any(r.getMessage() == "emergency signal could not be published" and r.exc_info for r in caplog.records)
+
+
+def test_a_broken_channel_leaves_no_broadcast_and_the_response_runs(
+        channel: EmergencyChannel, caplog: pytest.LogCaptureFixture) -> None:
+    def broken(signal: object) -> int:
+        raise ChannelError("segment unmapped")
+
+    channel.raise_signal = broken  # type: ignore[method-assign,assignment]
+    with caplog.at_level("ERROR", logger=LOGGER):
+        record = EmergencyProtocol({level: _ok(level) for level in LEVELS}, channel=channel).handle(
+            _incident(CRITICAL))
+    assert record.ok and (record.signal_seq, record.acked, record.unacked) == (0, (), ())
+    assert any(r.getMessage() == "CRITICAL broadcast failed: segment unmapped" for r in caplog.records)
