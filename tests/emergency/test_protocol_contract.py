@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from esper.leyline import EmergencySignal
 from esper.tolaria.recovery.emergency import (
     CRITICAL,
     LEVELS,
@@ -186,3 +187,29 @@ def test_a_broken_channel_leaves_no_broadcast_and_the_response_runs(
             _incident(CRITICAL))
     assert record.ok and (record.signal_seq, record.acked, record.unacked) == (0, (), ())
     assert any(r.getMessage() == "CRITICAL broadcast failed: segment unmapped" for r in caplog.records)
+
+
+def test_a_raising_handler_without_a_name_fails_as_handler() -> None:
+    class Restore:
+        def __call__(self, incident: Incident) -> ActionResult:
+            raise RuntimeError("no checkpoint")
+
+    handlers = {level: _ok(level) for level in LEVELS}
+    handlers[MAJOR] = Restore()
+    protocol = EmergencyProtocol(handlers)
+    protocol.handle(_incident(MAJOR))
+    assert protocol.records[0].action == "handler" and protocol.records[0].ok is False
+
+
+def test_handlers_must_be_keyed_by_exactly_the_four_levels() -> None:
+    handlers = {level: _ok(level) for level in LEVELS}
+    with pytest.raises(ValueError, match=r"handlers for unknown emergency levels \[0, 9\]: key them by MINOR"):
+        EmergencyProtocol({**handlers, 9: _ok(MAJOR), 0: _ok(MAJOR)})
+    with pytest.raises(ValueError, match="missing: severe, critical$"):
+        EmergencyProtocol({level: h for level, h in handlers.items() if level not in (SEVERE, CRITICAL)})
+
+
+def test_a_protocol_without_a_run_id_signals_an_empty_one() -> None:
+    published: list[EmergencySignal] = []
+    EmergencyProtocol({level: _ok(level) for level in LEVELS}, publish=published.append).handle(_incident(SEVERE))
+    assert [s.run_id for s in published] == [""]
