@@ -3,6 +3,7 @@ cache and a rollback then trust), and which journaled commands a rewind to a com
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +16,7 @@ from esper.tolaria.checkpoint import CheckpointStore, WriteAheadLog, recover
 from esper.tolaria.checkpoint.layout import (
     MAX_DATA_FILE_BYTES,
     MODEL_FILE,
+    STATE_FILE,
     checkpoint_name,
     crc32c_of,
     remove_path,
@@ -22,11 +24,17 @@ from esper.tolaria.checkpoint.layout import (
 )
 from esper.tolaria.checkpoint.recovery import (
     CheckpointNotFound,
+    CommitEntry,
     LoadedCheckpoint,
     RecoveryResult,
+    Verification,
+    committed_index,
     load_for_rollback,
+    max_manifest_txn,
+    verify_and_load,
+    verify_checkpoint,
 )
-from esper.tolaria.checkpoint.wal import RecordType
+from esper.tolaria.checkpoint.wal import RecordType, replay
 
 
 def test_a_loaded_checkpoint_becomes_a_healthy_snapshot_of_its_own_step_state_and_size(tmp_path: Path) -> None:
@@ -177,3 +185,118 @@ def _recommit(checkpoint: Path, edit: Callable[[CheckpointManifest], None]) -> N
     wal.append(RecordType.COMMIT, manifest.txn_id, 0, 0,
                json.dumps({"checkpoint": checkpoint.name, "manifest_sha256": sha256_hex(data)}).encode())
     wal.close()
+
+
+# ------------------------------------------------------------------ one checkpoint's verdict, exactly
+
+
+def _entry(directory: Path, name: str) -> CommitEntry:
+    return next(e for e in committed_index(replay(directory).records) if e.name == name)
+
+
+def _write_manifest(checkpoint: Path, edit: Callable[[CheckpointManifest], None]) -> None:
+    manifest = CheckpointManifest()
+    manifest.ParseFromString((checkpoint / "manifest.pb").read_bytes())
+    edit(manifest)
+    (checkpoint / "manifest.pb").write_bytes(manifest.SerializeToString(deterministic=True))
+
+
+def test_a_sound_checkpoint_verifies_with_its_manifest_and_no_problem(three: Path) -> None:
+    name = checkpoint_name(30)
+    verdict = verify_checkpoint(three / name, _entry(three, name))
+    assert verdict.ok is True and verdict.problem == "" and verdict.manifest is not None
+    assert verdict.manifest.txn_id == _entry(three, name).txn_id
+
+
+def test_a_zero_byte_file_listed_at_zero_bytes_verifies(three: Path) -> None:
+    checkpoint = three / checkpoint_name(30)
+    (checkpoint / "empty.bin").write_bytes(b"")
+    _write_manifest(checkpoint, lambda m: m.files.append(CheckpointFile(name="empty.bin", size_bytes=0, crc32c=0)))
+    verdict = verify_checkpoint(checkpoint)
+    assert (verdict.ok, verdict.problem) == (True, "")
+
+
+def _not_a_dir(c: Path) -> None:
+    remove_path(c)
+    c.write_text("a file where the checkpoint was")
+
+
+def _no_manifest(c: Path) -> None:
+    (c / "manifest.pb").unlink()
+
+
+def _garbage_manifest(c: Path) -> None:
+    (c / "manifest.pb").write_bytes(b"\xff\xff\xff")
+
+
+def _listed_twice(c: Path) -> None:
+    _write_manifest(c, lambda m: m.files.append(CheckpointFile(name=MODEL_FILE, size_bytes=1, crc32c=0)))
+
+
+def _state_unlisted(c: Path) -> None:
+    def drop(m: CheckpointManifest) -> None:
+        kept = [f for f in m.files if f.name != STATE_FILE]
+        del m.files[:]
+        m.files.extend(kept)
+    _write_manifest(c, drop)
+
+
+@pytest.mark.parametrize(("damage", "with_commit", "problem", "has_manifest"), [
+    (_not_a_dir, False, "is not a directory (a link or a file stands in its place)", False),
+    (_no_manifest, False, "manifest.pb missing", False),
+    (_garbage_manifest, True, "manifest.pb sha256 mismatch with its WAL COMMIT", False),
+    (_garbage_manifest, False, "manifest.pb does not parse: ", False),
+    (_listed_twice, False, f"manifest.pb lists '{MODEL_FILE}' twice", True),
+    (_state_unlisted, False, f"manifest.pb lists ['{MODEL_FILE}'], missing ['{STATE_FILE}']", True),
+])
+def test_each_kind_of_damage_fails_verification_naming_it(
+        three: Path, damage: Callable[[Path], None], with_commit: bool, problem: str, has_manifest: bool) -> None:
+    name = checkpoint_name(30)
+    entry = _entry(three, name)
+    damage(three / name)
+    verdict = verify_checkpoint(three / name, entry if with_commit else None)
+    assert verdict.ok is False and verdict.problem.startswith(problem), verdict.problem
+    assert (verdict.manifest is not None) == has_manifest
+
+
+def test_a_manifest_of_another_transaction_than_its_commit_fails_naming_both(three: Path) -> None:
+    name = checkpoint_name(30)
+    entry = _entry(three, name)
+    stale = dataclasses.replace(entry, txn_id=entry.txn_id + 7)
+    verdict = verify_checkpoint(three / name, stale)
+    assert verdict.ok is False and verdict.manifest is None
+    assert verdict.problem == (f"manifest.pb txn {entry.txn_id} has no durable COMMIT "
+                               f"(the WAL commits txn {entry.txn_id + 7} for this name)")
+
+
+def test_a_checksummed_file_that_does_not_load_fails_with_its_manifest(three: Path) -> None:
+    name = checkpoint_name(30)
+    garbage = b"not a tensor archive"
+    (three / name / MODEL_FILE).write_bytes(garbage)
+
+    def match(manifest: CheckpointManifest) -> None:
+        for f in manifest.files:
+            if f.name == MODEL_FILE:
+                f.size_bytes, f.crc32c = len(garbage), crc32c_of(garbage)
+
+    _write_manifest(three / name, match)
+    verdict = verify_and_load(three / name, dataclasses.replace(_entry(three, name), manifest_sha256=sha256_hex(
+        (three / name / "manifest.pb").read_bytes())))
+    assert isinstance(verdict, Verification)
+    assert verdict.ok is False and verdict.manifest is not None
+    assert verdict.problem.startswith(f"{MODEL_FILE} does not load: ")
+
+
+def test_a_commit_in_a_format_this_version_cannot_read_is_skipped(three: Path) -> None:
+    wal = WriteAheadLog(three, fsync=False)
+    wal.append(RecordType.COMMIT, 99, 9, 90, json.dumps({"format": "from the future"}).encode())
+    wal.close()
+    result = recover(three, clean=False)
+    assert _loaded(result).step == 30 and result.events == []
+
+
+def test_the_highest_transaction_any_readable_manifest_names_is_found(three: Path) -> None:
+    newest = _entry(three, checkpoint_name(30)).txn_id
+    assert max_manifest_txn(three) == newest
+    _garbage_manifest(three / checkpoint_name(30))
+    assert max_manifest_txn(three) == _entry(three, checkpoint_name(20)).txn_id < newest

@@ -58,7 +58,6 @@ class CommitEntry:
     epoch: int
     step: int
     manifest_sha256: str
-    record_index: int  # position of the COMMIT in the replayed records
     best: BestScore | None = None  # the score `checkpoint.keep_best` gave it, if any
 
 
@@ -103,7 +102,7 @@ def committed_index(records: list[WalRecord], events: MutableSequence[str] | Non
     """One entry per checkpoint name: its latest readable COMMIT, newest transaction first.
     A COMMIT naming something that is not a checkpoint name is skipped (and reported in `events`)."""
     latest: dict[str, CommitEntry] = {}
-    for i, rec in enumerate(records):
+    for rec in records:
         if rec.type != RecordType.COMMIT:
             continue
         try:
@@ -113,7 +112,7 @@ def committed_index(records: list[WalRecord], events: MutableSequence[str] | Non
                 events.append(f"{rec.segment} offset {rec.offset}: {exc}; ignored (the WAL was damaged or forged)")
             continue
         if info is not None and (info.name not in latest or rec.txn_id > latest[info.name].txn_id):
-            latest[info.name] = CommitEntry(info.name, rec.txn_id, rec.epoch, rec.step, info.manifest_sha256, i,
+            latest[info.name] = CommitEntry(info.name, rec.txn_id, rec.epoch, rec.step, info.manifest_sha256,
                                             info.best)
     return sorted(latest.values(), key=lambda e: e.txn_id, reverse=True)
 
