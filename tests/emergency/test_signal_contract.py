@@ -5,6 +5,8 @@ segment that is not a channel gets."""
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 import time
 import uuid
 from collections.abc import Iterator
@@ -71,3 +73,53 @@ def test_a_segment_of_another_program_under_the_runs_name_is_refused_naming_it()
     finally:
         foreign.close()
         foreign.unlink()
+
+
+def _raise(channel: EmergencyChannel, reason: str) -> int:
+    return channel.raise_signal(_signal(reason=reason))
+
+
+def test_a_participant_joining_after_a_signal_owes_no_ack_for_it(channel: EmergencyChannel) -> None:
+    seq = _raise(channel, "before it joined")
+    slot = channel.register_participant("late-joiner")
+    [info] = [p for p in channel.participants() if p.slot == slot]
+    assert info.acked_seq == seq == channel.sequence()
+    assert channel.acked(seq, [slot]) == {slot}
+    assert channel.acked(_raise(channel, "after"), [slot]) == set()
+
+
+def test_an_ack_records_the_sequence_and_refreshes_the_heartbeat(channel: EmergencyChannel) -> None:
+    slot = channel.register_participant("worker")
+    seq = _raise(channel, "hung rank")
+    before = time.monotonic_ns()
+    channel.ack(slot, seq)
+    after = time.monotonic_ns()
+    [info] = [p for p in channel.participants() if p.slot == slot]
+    assert info.acked_seq == seq and before <= info.heartbeat_ns <= after
+
+
+def test_a_released_slot_is_free_and_forgets_its_participant(channel: EmergencyChannel) -> None:
+    first = channel.register_participant("first")
+    channel.ack(first, _raise(channel, "one"))
+    channel.release_participant(first)
+    assert channel.participants() == [] and channel.live_participants() == []
+    again = channel.register_participant("second")
+    assert again == first
+    [info] = channel.participants()
+    assert (info.name, info.acked_seq) == ("second", channel.sequence())
+
+
+def test_waiting_returns_the_signal_raised_after_the_given_sequence(channel: EmergencyChannel) -> None:
+    channel.register_participant("waiter")  # waits on its doorbell
+    seq = _raise(channel, "first")
+    assert channel.wait(0, timeout_s=1.0).reason == "first"  # type: ignore[union-attr]
+    assert channel.wait(seq, timeout_s=0.05) is None
+    _raise(channel, "second")
+    got = channel.wait_entry(seq, timeout_s=1.0)
+    assert got is not None and got.signal.reason == "second"
+
+
+def test_a_doorbell_is_readable_by_its_owner_only(channel: EmergencyChannel) -> None:
+    slot = channel.register_participant("worker")
+    mode = os.stat(channel._bell_path(slot)).st_mode  # noqa: SLF001 - the FIFO's permissions
+    assert stat.S_ISFIFO(mode) and stat.S_IMODE(mode) == 0o600
