@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 from ckpt_helpers import assert_state_equal, make_snapshot, make_state
 
 from esper.leyline import SEED_OP_GERMINATE, AdaptationCommand, CheckpointFile, CheckpointManifest, parse, seed_command
-from esper.tolaria.checkpoint import CheckpointStore, WriteAheadLog, recover
+from esper.tolaria.checkpoint import BEST, BestScore, CheckpointStore, WriteAheadLog, recover
 from esper.tolaria.checkpoint.layout import (
     MAX_DATA_FILE_BYTES,
     MODEL_FILE,
@@ -300,3 +301,35 @@ def test_the_highest_transaction_any_readable_manifest_names_is_found(three: Pat
     assert max_manifest_txn(three) == newest
     _garbage_manifest(three / checkpoint_name(30))
     assert max_manifest_txn(three) == _entry(three, checkpoint_name(20)).txn_id < newest
+
+
+def test_a_damaged_data_file_fails_verification_naming_the_file_with_the_manifest(three: Path) -> None:
+    checkpoint = three / checkpoint_name(30)
+    data = bytearray((checkpoint / MODEL_FILE).read_bytes())
+    data[-1] ^= 0xFF
+    (checkpoint / MODEL_FILE).write_bytes(bytes(data))
+    verdict = verify_checkpoint(checkpoint)
+    assert verdict.ok is False and verdict.problem == f"{MODEL_FILE} crc32c mismatch"
+    assert verdict.manifest is not None
+
+
+def test_a_manifest_that_is_not_a_regular_file_fails_verification(three: Path) -> None:
+    checkpoint = three / checkpoint_name(30)
+    (checkpoint / "manifest.pb").unlink()
+    os.mkfifo(checkpoint / "manifest.pb")
+    verdict = verify_checkpoint(checkpoint)
+    assert verdict.ok is False and verdict.problem.startswith("manifest.pb ") and verdict.manifest is None
+
+
+def test_when_no_best_checkpoint_verifies_the_error_lists_each_failure(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, keep_last=1, keep_best=2, fsync=False)
+    for step, value in ((10, 0.9), (20, 0.8)):
+        store.save(make_snapshot(step), BestScore("accuracy", "max", value, step // 10, 2))
+    store.close()
+    for step in (10, 20):
+        (tmp_path / checkpoint_name(step) / "manifest.pb").unlink()
+    with pytest.raises(CheckpointNotFound) as caught:
+        recover(tmp_path, name=BEST)
+    assert str(caught.value) == (f"--from best: no best checkpoint verifies: best checkpoint "
+                                 f"{checkpoint_name(10)}/manifest.pb missing; best checkpoint "
+                                 f"{checkpoint_name(20)}/manifest.pb missing")
