@@ -143,8 +143,19 @@ def test_a_full_rollbacks_load_removes_nothing_from_the_directory(three: Path) -
 
 
 def test_a_full_rollback_with_no_checkpoint_says_so(tmp_path: Path) -> None:
-    with pytest.raises(CheckpointNotFound, match="no valid committed checkpoint"):
+    with pytest.raises(CheckpointNotFound, match=r"no valid committed checkpoint in .*: empty$"):
         load_for_rollback(tmp_path)
+
+
+def test_asking_for_a_checkpoint_by_name_where_there_is_none_says_none(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointNotFound, match=r"committed checkpoints: none \(see `tolaria inspect"):
+        recover(tmp_path, name=checkpoint_name(10))
+    store = CheckpointStore(tmp_path, fsync=False)
+    store.save(make_snapshot(10))
+    store.close()
+    (tmp_path / checkpoint_name(10) / "manifest.pb").unlink()
+    with pytest.raises(CheckpointNotFound, match=r"manifest.pb missing; other committed checkpoints: none$"):
+        recover(tmp_path, name=checkpoint_name(10))
 
 
 def test_a_refused_file_name_is_quoted_cut_to_80_characters(three: Path) -> None:
