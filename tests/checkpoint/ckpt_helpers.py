@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import random
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from esper.leyline import CheckpointManifest
+from esper.tolaria.checkpoint import WriteAheadLog
+from esper.tolaria.checkpoint.layout import sha256_hex
+from esper.tolaria.checkpoint.wal import RecordType
 from esper.tolaria.state.snapshot import Snapshot
 
 
@@ -45,3 +52,24 @@ def assert_state_equal(a: Any, b: Any) -> None:
             assert_state_equal(x, y)
     else:
         assert a == b
+
+
+FORGED_TXN = 50  # newer than any transaction the tests' stores write
+
+
+def forge_manifest(checkpoint: Path, edit: Callable[[CheckpointManifest], None], *, commit: bool = True) -> None:
+    """Rewrite the checkpoint's manifest with `edit`; with `commit`, as a forger with write access
+    could: as transaction FORGED_TXN, with a matching WAL COMMIT (the WAL is CRC only)."""
+    path = checkpoint / "manifest.pb"
+    manifest = CheckpointManifest()
+    manifest.ParseFromString(path.read_bytes())
+    edit(manifest)
+    if commit:
+        manifest.txn_id = FORGED_TXN
+    data = manifest.SerializeToString(deterministic=True)
+    path.write_bytes(data)
+    if commit:
+        wal = WriteAheadLog(checkpoint.parent, fsync=False)
+        wal.append(RecordType.COMMIT, manifest.txn_id, 0, 0,
+                   json.dumps({"checkpoint": checkpoint.name, "manifest_sha256": sha256_hex(data)}).encode())
+        wal.close()

@@ -8,12 +8,11 @@ import os
 from pathlib import Path
 
 import pytest
-from ckpt_helpers import make_snapshot
+from ckpt_helpers import forge_manifest, make_snapshot
 
 from esper.leyline import CheckpointFile, CheckpointManifest
 from esper.tolaria.checkpoint import CheckpointStore, WriteAheadLog, recover
 from esper.tolaria.checkpoint import recovery as recovery_module
-from esper.tolaria.checkpoint.layout import sha256_hex
 from esper.tolaria.checkpoint.wal import RecordType
 
 NEWEST, PREVIOUS = "ckpt-000000000020", "ckpt-000000000010"
@@ -38,19 +37,6 @@ def _append(directory: Path, rtype: RecordType, txn: int, payload: bytes) -> Non
     wal.close()
 
 
-def _forge_manifest(directory: Path, name: str, edit: object) -> None:
-    """Rewrite `name`'s manifest with `edit(manifest)` and append a matching COMMIT (the WAL is CRC only)."""
-    path = directory / name / "manifest.pb"
-    manifest = CheckpointManifest()
-    manifest.ParseFromString(path.read_bytes())
-    edit(manifest)  # type: ignore[operator]
-    manifest.txn_id = 50  # a forger commits it as a newer transaction
-    data = manifest.SerializeToString(deterministic=True)
-    path.write_bytes(data)
-    commit = json.dumps({"checkpoint": name, "manifest_sha256": sha256_hex(data)}).encode()
-    _append(directory, RecordType.COMMIT, manifest.txn_id, commit)
-
-
 def test_a_forged_wal_commit_naming_a_path_outside_is_ignored_and_deletes_nothing(run: Path) -> None:
     forged = json.dumps({"checkpoint": "../../victim", "manifest_sha256": "0" * 64}).encode()
     _append(run, RecordType.COMMIT, 99, forged)
@@ -69,7 +55,7 @@ def test_a_manifest_listing_a_path_is_refused_naming_the_file(run: Path, bad_nam
     def add(manifest: CheckpointManifest) -> None:
         manifest.files.append(CheckpointFile(name=bad_name, size_bytes=1, crc32c=0))
 
-    _forge_manifest(run, NEWEST, add)
+    forge_manifest(run / NEWEST, add)
     result = recover(run, clean=False)
     assert result.checkpoint is not None and result.checkpoint.name == PREVIOUS
     assert result.events == [f"{NEWEST}/manifest.pb lists the file name {bad_name!r}, which is not a checkpoint "
@@ -125,7 +111,7 @@ def test_a_manifest_declaring_a_file_over_the_cap_is_refused_before_reading(
     def grow(manifest: CheckpointManifest) -> None:
         manifest.files[0].size_bytes = 2**30
 
-    _forge_manifest(run, NEWEST, grow)
+    forge_manifest(run / NEWEST, grow)
     with open(run / NEWEST / manifest_first_file(run), "r+b") as f:
         f.truncate(2**30)
     result = recover(run, clean=False)

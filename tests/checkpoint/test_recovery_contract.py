@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from ckpt_helpers import assert_state_equal, make_snapshot, make_state
+from ckpt_helpers import assert_state_equal, forge_manifest, make_snapshot, make_state
 
 from esper.leyline import SEED_OP_GERMINATE, AdaptationCommand, CheckpointFile, CheckpointManifest, parse, seed_command
 from esper.tolaria.checkpoint import BEST, BestScore, CheckpointStore, WriteAheadLog, recover
@@ -113,15 +113,7 @@ def test_with_every_committed_checkpoint_gone_each_is_reported_missing(three: Pa
 
 def test_a_file_whose_checksum_matches_but_does_not_load_is_passed_over(three: Path) -> None:
     newest = three / checkpoint_name(30)
-    garbage = b"not a tensor archive"
-    (newest / MODEL_FILE).write_bytes(garbage)
-
-    def match(manifest: CheckpointManifest) -> None:
-        for f in manifest.files:
-            if f.name == MODEL_FILE:
-                f.size_bytes, f.crc32c = len(garbage), crc32c_of(garbage)
-
-    _recommit(newest, match)
+    _unloadable_model(newest)
     result = recover(three, clean=False)
     assert _loaded(result).step == 20
     assert any(e.startswith(f"{newest.name}/{MODEL_FILE} does not load") for e in result.events), result.events
@@ -160,7 +152,7 @@ def test_asking_for_a_checkpoint_by_name_where_there_is_none_says_none(tmp_path:
 
 def test_a_refused_file_name_is_quoted_cut_to_80_characters(three: Path) -> None:
     newest = three / checkpoint_name(30)
-    _recommit(newest, lambda m: m.files.append(CheckpointFile(name="../" + "x" * 200, size_bytes=1, crc32c=0)))
+    forge_manifest(newest, lambda m: m.files.append(CheckpointFile(name="../" + "x" * 200, size_bytes=1, crc32c=0)))
     result = recover(three, clean=False)
     assert _loaded(result).step == 20
     assert any(repr("../" + "x" * 77) + ", which is not" in e for e in result.events), result.events
@@ -172,7 +164,7 @@ def test_a_file_declared_at_exactly_the_size_cap_is_checked_against_its_size_not
             if f.name == MODEL_FILE:
                 f.size_bytes = MAX_DATA_FILE_BYTES
 
-    _recommit(three / checkpoint_name(30), at_cap)
+    forge_manifest(three / checkpoint_name(30), at_cap)
     result = recover(three, clean=False)
     assert _loaded(result).step == 20
     problem = next(e for e in result.events if e.startswith(checkpoint_name(30)))
@@ -184,33 +176,11 @@ def _loaded(result: RecoveryResult) -> LoadedCheckpoint:
     return result.checkpoint
 
 
-def _recommit(checkpoint: Path, edit: Callable[[CheckpointManifest], None]) -> None:
-    """Rewrite the checkpoint's manifest with `edit` and commit it as a newer transaction, as a
-    forger with write access could (the WAL is CRC only)."""
-    manifest = CheckpointManifest()
-    manifest.ParseFromString((checkpoint / "manifest.pb").read_bytes())
-    edit(manifest)
-    manifest.txn_id = 50
-    data = manifest.SerializeToString(deterministic=True)
-    (checkpoint / "manifest.pb").write_bytes(data)
-    wal = WriteAheadLog(checkpoint.parent, fsync=False)
-    wal.append(RecordType.COMMIT, manifest.txn_id, 0, 0,
-               json.dumps({"checkpoint": checkpoint.name, "manifest_sha256": sha256_hex(data)}).encode())
-    wal.close()
-
-
 # ------------------------------------------------------------------ one checkpoint's verdict, exactly
 
 
 def _entry(directory: Path, name: str) -> CommitEntry:
     return next(e for e in committed_index(replay(directory).records) if e.name == name)
-
-
-def _write_manifest(checkpoint: Path, edit: Callable[[CheckpointManifest], None]) -> None:
-    manifest = CheckpointManifest()
-    manifest.ParseFromString((checkpoint / "manifest.pb").read_bytes())
-    edit(manifest)
-    (checkpoint / "manifest.pb").write_bytes(manifest.SerializeToString(deterministic=True))
 
 
 def test_a_sound_checkpoint_verifies_with_its_manifest_and_no_problem(three: Path) -> None:
@@ -223,7 +193,8 @@ def test_a_sound_checkpoint_verifies_with_its_manifest_and_no_problem(three: Pat
 def test_a_zero_byte_file_listed_at_zero_bytes_verifies(three: Path) -> None:
     checkpoint = three / checkpoint_name(30)
     (checkpoint / "empty.bin").write_bytes(b"")
-    _write_manifest(checkpoint, lambda m: m.files.append(CheckpointFile(name="empty.bin", size_bytes=0, crc32c=0)))
+    empty = CheckpointFile(name="empty.bin", size_bytes=0, crc32c=0)
+    forge_manifest(checkpoint, lambda m: m.files.append(empty), commit=False)
     verdict = verify_checkpoint(checkpoint)
     assert (verdict.ok, verdict.problem) == (True, "")
 
@@ -242,7 +213,8 @@ def _garbage_manifest(c: Path) -> None:
 
 
 def _listed_twice(c: Path) -> None:
-    _write_manifest(c, lambda m: m.files.append(CheckpointFile(name=MODEL_FILE, size_bytes=1, crc32c=0)))
+    again = CheckpointFile(name=MODEL_FILE, size_bytes=1, crc32c=0)
+    forge_manifest(c, lambda m: m.files.append(again), commit=False)
 
 
 def _state_unlisted(c: Path) -> None:
@@ -250,7 +222,7 @@ def _state_unlisted(c: Path) -> None:
         kept = [f for f in m.files if f.name != STATE_FILE]
         del m.files[:]
         m.files.extend(kept)
-    _write_manifest(c, drop)
+    forge_manifest(c, drop, commit=False)
 
 
 @pytest.mark.parametrize(("damage", "with_commit", "problem", "has_manifest"), [
@@ -283,15 +255,7 @@ def test_a_manifest_of_another_transaction_than_its_commit_fails_naming_both(thr
 
 def test_a_checksummed_file_that_does_not_load_fails_with_its_manifest(three: Path) -> None:
     name = checkpoint_name(30)
-    garbage = b"not a tensor archive"
-    (three / name / MODEL_FILE).write_bytes(garbage)
-
-    def match(manifest: CheckpointManifest) -> None:
-        for f in manifest.files:
-            if f.name == MODEL_FILE:
-                f.size_bytes, f.crc32c = len(garbage), crc32c_of(garbage)
-
-    _write_manifest(three / name, match)
+    _unloadable_model(three / name, commit=False)
     verdict = verify_and_load(three / name, dataclasses.replace(_entry(three, name), manifest_sha256=sha256_hex(
         (three / name / "manifest.pb").read_bytes())))
     assert isinstance(verdict, Verification)
@@ -344,3 +308,16 @@ def test_when_no_best_checkpoint_verifies_the_error_lists_each_failure(tmp_path:
     assert str(caught.value) == (f"--from best: no best checkpoint verifies: best checkpoint "
                                  f"{checkpoint_name(10)}/manifest.pb missing; best checkpoint "
                                  f"{checkpoint_name(20)}/manifest.pb missing")
+
+
+def _unloadable_model(checkpoint: Path, *, commit: bool = True) -> None:
+    """model.pt replaced by bytes that are no tensor archive, its manifest entry made to match them."""
+    garbage = b"not a tensor archive"
+    (checkpoint / MODEL_FILE).write_bytes(garbage)
+
+    def match(manifest: CheckpointManifest) -> None:
+        for f in manifest.files:
+            if f.name == MODEL_FILE:
+                f.size_bytes, f.crc32c = len(garbage), crc32c_of(garbage)
+
+    forge_manifest(checkpoint, match, commit=commit)
