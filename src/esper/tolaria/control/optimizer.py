@@ -32,8 +32,14 @@ parameter's device in its dtype, `step` as float32 on that device for a fused or
 group and as a CPU scalar otherwise (torch's own placement).
 
 Reshape rule (`resize_state_tensor`): the overlapping leading region is kept; new entries are 0
-(zero moments, zero momentum); contracting slices. State tensors that are not per-element
-(Adam's scalar `step`) are kept as they are.
+(zero moments, zero momentum); contracting slices. A state tensor is resized along the axes it
+follows (`follows_axes`: per-element moments, or a factored second moment such as Adafactor's
+row and column variances, whose size-1 axes stay 1). Scalar state (Adam's `step`) is kept as it
+is; any other layout cannot be resized, and the rebuild fails naming it.
+
+Loading checks each parameter's saved shape (`param_shapes` in `state_dict`) against the
+parameter's, so state of any layout loads; a snapshot without shapes (written before they were
+recorded) falls back to checking that each state tensor follows the parameter's axes.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from esper.tolaria.control.lr import HOST_GROUP, BasePolicy, UnifiedLRController
+from esper.tolaria.control.lr import HOST_GROUP, BasePolicy, UnifiedLRController, parse_policy
 
 SEED_PREFIX = "kasmina_seeds."
 _STRUCTURAL_KEYS = ("params", "param_names", "name")
@@ -101,6 +107,13 @@ def resize_state_tensor(old: torch.Tensor, new_shape: Sequence[int]) -> torch.Te
     return out
 
 
+def follows_axes(state_shape: Sequence[int], param_shape: Sequence[int]) -> bool:
+    """State laid out along the parameter's axes: its number of dimensions, each size the
+    parameter's or 1 (per-element state, or state factored over some axes)."""
+    return len(state_shape) == len(param_shape) and all(s in (p, 1) for s, p in zip(state_shape, param_shape,
+                                                                                       strict=True))
+
+
 class DynamicOptimizerManager:
     """Owns the optimizer for a growing model (see module docstring)."""
 
@@ -125,10 +138,11 @@ class DynamicOptimizerManager:
         groups = _collect_groups(model)
         optimizer = factory(_group_dicts(groups, {}))
         _check_partition(optimizer, groups)
+        policies = self._policies_for(set(groups))
         self._optimizer = optimizer
         self._shapes = _shapes(groups)
         # No refresh here: the controller's optimizer provider may not reach this manager yet.
-        self._sync_lr_groups(set(groups), set(), refresh=False)
+        self._sync_lr_groups(policies, set(), refresh=False)
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
@@ -158,6 +172,7 @@ class DynamicOptimizerManager:
         old_groups = set(self.group_names())
         try:
             optimizer, groups, carried = self._prepare(added, removed, reshaped, frozen)
+            policies = self._policies_for(set(groups) - old_groups)  # a bad seed policy fails here, not half-swapped
         except (RebuildError, RuntimeError, ValueError, TypeError, KeyError, IndexError) as exc:
             self.failed_rebuilds += 1
             return RebuildResult(
@@ -169,7 +184,7 @@ class DynamicOptimizerManager:
         self._shapes = _shapes(groups)
         self.rebuilds += 1
         new_groups = set(groups)
-        self._sync_lr_groups(new_groups - old_groups, old_groups - new_groups)
+        self._sync_lr_groups(policies, old_groups - new_groups)
         return RebuildResult(
             ok=True,
             reason="rebuilt",
@@ -196,21 +211,27 @@ class DynamicOptimizerManager:
             if not state:
                 continue
             if name in reshaped_set:
-                state = _resize_state(state, self._shapes[name], param.shape)
+                state = _resize_state(name, state, self._shapes[name], param.shape)
             optimizer.state[param] = dict(state)  # a new dict; the tensors move by reference
             carried += 1
-        _check_state(optimizer, old_state, current)
         return optimizer, groups, carried
 
-    def _sync_lr_groups(self, added: set[str], removed: set[str], *, refresh: bool = True) -> None:
+    def _policies_for(self, names: set[str]) -> dict[str, BasePolicy]:
+        """The LR policy of each new group, validated before anything is swapped in."""
+        registered = self._lr.groups()
+        policies = {}
+        for name in sorted(names - set(registered)):
+            spec = self._host_policy if name == HOST_GROUP else self._seed_policy_factory(name)
+            policies[name] = spec if isinstance(spec, BasePolicy) else parse_policy(spec)
+        return policies
+
+    def _sync_lr_groups(self, added: Mapping[str, BasePolicy], removed: set[str], *, refresh: bool = True) -> None:
         registered = self._lr.groups()
         for name in sorted(removed):
             if name in registered:
                 self._lr.unregister_group(name)
-        for name in sorted(added):
-            if name not in registered:
-                policy = self._host_policy if name == HOST_GROUP else self._seed_policy_factory(name)
-                self._lr.register_group(name, policy)
+        for name, policy in added.items():
+            self._lr.register_group(name, policy)
         if refresh:
             self._lr.refresh()
 
@@ -221,7 +242,8 @@ class DynamicOptimizerManager:
         groups = []
         for g in self._optimizer.param_groups:
             hyper = {k: v for k, v in g.items() if k not in _STRUCTURAL_KEYS and k != "lr"}
-            groups.append({"name": g["name"], "param_names": list(g["param_names"]), "hyper": hyper})
+            groups.append({"name": g["name"], "param_names": list(g["param_names"]),
+                           "param_shapes": [list(p.shape) for p in g["params"]], "hyper": hyper})
         state = {name: dict(s) for name, s in _state_by_name(self._optimizer).items()}
         return {"groups": groups, "state": state}
 
@@ -246,13 +268,16 @@ class DynamicOptimizerManager:
         optimizer = self._factory(_group_dicts(groups, hyper))
         _check_partition(optimizer, groups)
         on_device = _steps_on_device(optimizer)
+        saved_shapes = _saved_shapes(state["groups"])
         for name, entry in saved_state.items():
             param = current[name]
-            optimizer.state[param] = _load_entry(name, entry, param, step_on_device=id(param) in on_device)
+            _check_saved_shape(name, entry, saved_shapes.get(name), param)
+            optimizer.state[param] = _load_entry(entry, param, step_on_device=id(param) in on_device)
         old_groups = set(self.group_names())
+        policies = self._policies_for(set(groups) - old_groups)
         self._optimizer = optimizer
         self._shapes = _shapes(groups)
-        self._sync_lr_groups(set(groups) - old_groups, old_groups - set(groups))
+        self._sync_lr_groups(policies, old_groups - set(groups))
 
 
 # -- helpers ------------------------------------------------------------------------------------
@@ -358,29 +383,24 @@ def _check_partition(optimizer: torch.optim.Optimizer, groups: Mapping[str, list
         raise RebuildError(f"trainable parameters missing from the optimizer: {lost[:5]}")
 
 
-def _resize_state(state: Mapping[str, Any], old_shape: torch.Size, new_shape: torch.Size) -> dict[str, Any]:
-    return {
-        k: resize_state_tensor(v, new_shape) if isinstance(v, torch.Tensor) and v.shape == old_shape else v
-        for k, v in state.items()
-    }
-
-
-def _check_state(
-    optimizer: torch.optim.Optimizer, old_state: Mapping[str, Mapping[str, Any]], current: Mapping[str, nn.Parameter]
-) -> None:
-    """No kept parameter lost state; per-element state matches its parameter's shape."""
-    for name, state in old_state.items():
-        param = current.get(name)
-        if param is None:
-            continue  # removed or frozen: its state leaves with it
-        new = optimizer.state.get(param)
-        if new is None or set(new) != set(state):
-            raise RebuildError(f"optimizer state of {name!r} was not carried over (keys {sorted(state)})")
-        for key, value in new.items():
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != param.shape:
-                raise RebuildError(
-                    f"state {key!r} of {name!r} has shape {tuple(value.shape)}, parameter has {tuple(param.shape)}"
-                )
+def _resize_state(name: str, state: Mapping[str, Any], old_shape: torch.Size,
+                  new_shape: torch.Size) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor) or value.dim() == 0:
+            out[key] = value
+        elif follows_axes(value.shape, old_shape):
+            # per-element state takes the new shape; a factored axis (size 1) stays 1
+            target = new_shape if value.shape == old_shape else [
+                n if s == o else s for s, o, n in zip(value.shape, old_shape, new_shape, strict=True)]
+            out[key] = resize_state_tensor(value, target)
+        else:
+            raise RebuildError(
+                f"state {key!r} of {name!r} has shape {tuple(value.shape)}, which does not follow the parameter's "
+                f"axes {tuple(old_shape)}, so it cannot be resized with it; remove the parameter and add it anew "
+                "instead of reshaping it"
+            )
+    return out
 
 
 def _steps_on_device(optimizer: torch.optim.Optimizer) -> set[int]:
@@ -388,7 +408,29 @@ def _steps_on_device(optimizer: torch.optim.Optimizer) -> set[int]:
     return {id(p) for g in optimizer.param_groups if g.get("fused") or g.get("capturable") for p in g["params"]}
 
 
-def _load_entry(name: str, entry: Mapping[str, Any], param: nn.Parameter, *, step_on_device: bool) -> dict[str, Any]:
+def _saved_shapes(groups: Sequence[Mapping[str, Any]]) -> dict[str, tuple[int, ...]]:
+    """Each parameter's shape when its state was saved (none from a snapshot written before shapes were kept)."""
+    return {n: tuple(s) for g in groups for n, s in zip(g["param_names"], g.get("param_shapes", ()), strict=False)}
+
+
+def _check_saved_shape(name: str, entry: Mapping[str, Any], saved: tuple[int, ...] | None,
+                       param: nn.Parameter) -> None:
+    """State saved for another shape of the parameter would fail (or silently misapply) at the next step."""
+    if saved is not None:
+        if saved != tuple(param.shape):
+            raise ValueError(_shape_error(repr(name), saved, param))
+        return
+    for key, value in entry.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and not follows_axes(value.shape, param.shape):
+            raise ValueError(_shape_error(f"{name!r} ({key!r})", tuple(value.shape), param))
+
+
+def _shape_error(what: str, shape: tuple[int, ...], param: nn.Parameter) -> str:
+    return (f"saved optimizer state of {what} has shape {shape}, the parameter {tuple(param.shape)}; restore the "
+            "model's structure (Kasmina manifest) before loading optimizer state")
+
+
+def _load_entry(entry: Mapping[str, Any], param: nn.Parameter, *, step_on_device: bool) -> dict[str, Any]:
     """One parameter's saved state as its optimizer expects it, in new tensors (the saved ones, a
     snapshot's host copies, are never aliased): per-element state on the parameter's device in its
     dtype, `step` where torch keeps it."""
@@ -399,11 +441,6 @@ def _load_entry(name: str, entry: Mapping[str, Any], param: nn.Parameter, *, ste
         elif key == "step":
             out[key] = _step_tensor(value, param, on_device=step_on_device)
         else:
-            if value.dim() > 0 and value.shape != param.shape:
-                raise ValueError(
-                    f"saved optimizer state {key!r} of {name!r} has shape {tuple(value.shape)}, the parameter "
-                    f"{tuple(param.shape)}; restore the model's structure before loading optimizer state"
-                )
             dtype = param.dtype if value.is_floating_point() else value.dtype
             out[key] = value.detach().to(device=param.device, dtype=dtype, copy=True)
     return out
